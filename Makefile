@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` (the main job) and `make test`.
+# Both create the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= demo
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+# torch/torchvision pinned: this pair installs CPU-usable wheels without a resolver pulling a
+# multi-GB CUDA stack, and timm needs a torchvision that matches torch.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/wsi-pipeline demo-cohort $(DEMO_DIR)/cohort --n 8
+	$(VENV)/bin/wsi-pipeline tile --manifest $(DEMO_DIR)/cohort/manifest.csv \
+		--config configs/default.yaml --out $(DEMO_DIR)/run
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) benchmarks/bench_tiling.py
+	$(PY) benchmarks/bench_scan.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,98 @@
+"""Stage 1 — tile: slide → tissue mask → patch grid at target µm/px → coords.h5 (+ GeoJSON, QC PNG).
+
+Outputs per slide in RUN/tiles/: {id}.tissue.geojson and {id}.qc.png first, {id}.coords.h5 last;
+all atomic, and coords.h5 is the completion marker a rerun checks (with the config hash).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from wsi_pipeline import tissue
+from wsi_pipeline.config import Config
+from wsi_pipeline.coords_h5 import coords_h5_is_valid, write_coords_h5
+from wsi_pipeline.errors import SlideError
+from wsi_pipeline.io import atomic_path, remove_stale_temps, write_text_atomic
+from wsi_pipeline.manifest import Manifest, SlideRecord
+from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.slides import open_slide
+from wsi_pipeline.tiling import plan_geometry, tile_tissue
+
+from .batch import BatchReport, run_batch
+
+STAGE = "tile"
+
+
+def tile_config_hash(cfg: Config, record: SlideRecord) -> str:
+    """What a coords.h5 depends on: tissue + tiling settings and the manifest's mpp override."""
+    return f"{cfg.section_hash('tissue', 'tiling')}-mpp{record.mpp if record.mpp else 'file'}"
+
+
+def tile_slide(record: SlideRecord, cfg: Config, run: RunFolder, *, force: bool = False) -> str:
+    """Tile one slide; returns "done", or "skipped" when a valid coords.h5 for this config exists."""
+    out = run.coords_h5(record.slide_id)
+    config_hash = tile_config_hash(cfg, record)
+    if not force and coords_h5_is_valid(out, config_hash) and run.tissue_geojson(record.slide_id).is_file():
+        return "skipped"
+    if not record.path.is_file():
+        raise SlideError(record.slide_id, f"file not found: {record.path}")
+
+    with open_slide(record.path, slide_id=record.slide_id, backend=cfg.slides.backend,
+                    mpp_override=record.mpp) as slide:
+        t = cfg.tissue
+        image, _ = slide.read_at_mpp(t.mask_mpp)
+        w0, h0 = slide.dimensions
+        scale_xy = (w0 / image.shape[1], h0 / image.shape[0])   # level-0 px per mask px
+        mask_mpp = slide.mpp * scale_xy[0]
+        mask = tissue.detect_tissue(
+            image, mask_mpp, saturation_threshold=t.saturation_threshold,
+            min_saturation=t.min_saturation, median_kernel_um=t.median_kernel_um,
+            closing_um=t.closing_um, min_tissue_area_um2=t.min_tissue_area_um2,
+            min_hole_area_um2=t.min_hole_area_um2, keep_holes=t.keep_holes)
+        polygons = [[ring * np.asarray(scale_xy) for ring in poly]
+                    for poly in tissue.mask_to_polygons(mask, scale=1.0)]
+        geometry = plan_geometry(slide.mpp, slide.level_downsamples, cfg.tiling.target_mpp,
+                                 cfg.tiling.patch_size_px, cfg.tiling.overlap_px, cfg.tiling.mpp_tolerance)
+        grid = tile_tissue(slide.dimensions, geometry, mask, scale_xy, cfg.tiling.min_tissue_fraction)
+
+        run.tiles_dir.mkdir(parents=True, exist_ok=True)
+        geojson = tissue.tissue_geojson(polygons)
+        write_text_atomic(run.tissue_geojson(record.slide_id), json.dumps(geojson))
+        qc = tissue.render_qc(image, polygons, scale_xy[0])
+        qc = _draw_patches(qc, grid.coords, geometry.patch_size_level0, scale_xy)
+        with atomic_path(run.qc_png(record.slide_id)) as tmp:
+            Image.fromarray(qc).save(tmp)
+        if len(grid.coords) == 0:
+            tissue_um2 = float(mask.sum()) * mask_mpp ** 2
+            raise SlideError(record.slide_id,
+                             f"no patches with tissue fraction >= {cfg.tiling.min_tissue_fraction} "
+                             f"(tissue found: {tissue_um2 / 1e6:.3f} mm²); see {run.qc_png(record.slide_id)}")
+        write_coords_h5(out, grid, slide_id=record.slide_id, level0_wh=slide.dimensions,
+                        mpp_source=slide.mpp_source, config_hash=config_hash)
+    return "done"
+
+
+def _draw_patches(rgb: np.ndarray, coords: np.ndarray, size_level0: int,
+                  scale_xy: tuple[float, float]) -> np.ndarray:
+    """Outline kept patches on the QC thumbnail (thin, yellow) so the grid can be checked by eye."""
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    sx, sy = scale_xy
+    for x, y in coords:
+        draw.rectangle([x / sx, y / sy, (x + size_level0) / sx - 1, (y + size_level0) / sy - 1],
+                       outline=(230, 200, 0))
+    return np.asarray(image)
+
+
+def run_tile(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: bool = False,
+             progress: bool = True) -> BatchReport:
+    """Tile every slide in `manifest` into `run_dir`; failures are recorded, the batch goes on."""
+    run = RunFolder(run_dir)
+    run.tiles_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run.tiles_dir)
+    return run_batch(STAGE, manifest, run, lambda r: tile_slide(r, cfg, run, force=force),
+                     progress=progress)

@@ -1,0 +1,107 @@
+"""`wsi-pipeline` command line. Wiring only: parse, load config/manifest, call a stage.
+
+Exit codes: 0 all slides fine; 1 some slides failed (see RUN/failures.csv); 2 bad usage, config or
+manifest (nothing was run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import PipelineError
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", required=True, help="slide manifest CSV (see manifests/README.md)")
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--slides", default=None, help="comma-separated slide_ids to process (default: all)")
+    p.add_argument("--force", action="store_true", help="redo slides whose outputs are complete")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsi-pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-cohort", help="write a synthetic H&E cohort with ground truth + manifest")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=8, help="number of slides (default 8)")
+    p.add_argument("--width", type=int, default=6144, help="level-0 width px (default 6144)")
+    p.add_argument("--height", type=int, default=4096, help="level-0 height px (default 4096)")
+    p.add_argument("--mpp", type=float, default=0.5, help="µm per level-0 pixel (default 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cohorts", default="demo", help="comma-separated cohort names (default demo)")
+
+    p = sub.add_parser("tile", help="stage 1: tissue detection and µm-exact patch coordinates")
+    _add_run_args(p)
+
+    p = sub.add_parser("validate-manifest", help="check a manifest and report every problem")
+    p.add_argument("manifest")
+    p.add_argument("--require-labels", action="store_true")
+    p.add_argument("--no-check-files", action="store_true", help="do not check that slide files exist")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return _dispatch(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.command == "demo-cohort":
+        from .demo import make_demo_cohort
+
+        cohorts = tuple(c.strip() for c in args.cohorts.split(",") if c.strip())
+        manifest = make_demo_cohort(args.out, args.n, width_px=args.width, height_px=args.height,
+                                    mpp=args.mpp, seed=args.seed, cohorts=cohorts, progress=True)
+        print(f"demo cohort: {args.n} slides; manifest {manifest}")
+        return 0
+
+    if args.command == "validate-manifest":
+        from .manifest import load_manifest
+
+        m = load_manifest(args.manifest, require_labels=args.require_labels,
+                          check_files=not args.no_check_files)
+        print(f"{args.manifest}: {len(m)} slides, "
+              f"{len({r.patient_id for r in m})} patients, cohorts: {sorted({r.cohort for r in m})} — OK")
+        return 0
+
+    if args.command == "tile":
+        from stages.tile import run_tile
+
+        cfg, manifest = _load_inputs(args)
+        report = run_tile(manifest, cfg, args.out, force=args.force, progress=not args.no_progress)
+        return _finish(report, args.out)
+    raise AssertionError(args.command)
+
+
+def _load_inputs(args):
+    from .config import load_config, save_resolved_config
+    from .manifest import load_manifest
+
+    cfg = load_config(args.config)
+    manifest = load_manifest(args.manifest)
+    if args.slides:
+        manifest = manifest.select(s.strip() for s in args.slides.split(",") if s.strip())
+    save_resolved_config(cfg, args.out)
+    return cfg, manifest
+
+
+def _finish(report, run_dir) -> int:
+    print(report.summary())
+    if report.failed:
+        print(f"failed slides are listed in {run_dir}/failures.csv", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""One YAML config, validated into plain dataclasses. Unknown keys and wrong types are errors.
+
+Deep code takes arguments, not this object: stages unpack the section they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SlideConfig:
+    # "auto": OpenSlide first, tiffslide where OpenSlide cannot open the file.
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in ("auto", "openslide", "tiffslide"):
+            raise ConfigError(f"slides.backend: must be auto, openslide or tiffslide, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class TissueConfig:
+    # Resolution of the image tissue is detected on (the pyramid level nearest to it, resized).
+    mask_mpp: float = 8.0
+    # None: Otsu on HSV saturation; a number in (0, 1) fixes the threshold.
+    saturation_threshold: float | None = None
+    # Otsu is floored here so a glass-only slide (saturation noise) yields no tissue.
+    min_saturation: float = 0.05
+    median_kernel_um: float = 64.0
+    closing_um: float = 32.0
+    min_tissue_area_um2: float = 50_000.0
+    keep_holes: bool = False
+    # With keep_holes, holes smaller than this are still filled.
+    min_hole_area_um2: float = 20_000.0
+
+    def __post_init__(self):
+        _positive("tissue.mask_mpp", self.mask_mpp)
+        if self.saturation_threshold is not None and not 0 < self.saturation_threshold < 1:
+            raise ConfigError("tissue.saturation_threshold: must be null or in (0, 1)")
+        for name in ("median_kernel_um", "closing_um", "min_tissue_area_um2", "min_hole_area_um2"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"tissue.{name}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    # Physical resolution of the patches, µm per pixel: patches are read at the nearest finer
+    # pyramid level and resized, so every slide's patches cover the same tissue area.
+    target_mpp: float = 0.5
+    patch_size_px: int = 224
+    # Overlap between neighbouring patches, in target pixels (stride = patch_size_px - overlap_px).
+    overlap_px: int = 0
+    # Keep a patch when at least this fraction of its area is tissue.
+    min_tissue_fraction: float = 0.25
+    # A level counts as "at" the target mpp within this relative tolerance (scanner rounding).
+    mpp_tolerance: float = 0.02
+
+    def __post_init__(self):
+        _positive("tiling.target_mpp", self.target_mpp)
+        if self.patch_size_px < 8:
+            raise ConfigError("tiling.patch_size_px: must be >= 8")
+        if not 0 <= self.overlap_px < self.patch_size_px:
+            raise ConfigError("tiling.overlap_px: must be in [0, patch_size_px)")
+        if not 0 <= self.min_tissue_fraction <= 1:
+            raise ConfigError("tiling.min_tissue_fraction: must be in [0, 1]")
+        if not 0 <= self.mpp_tolerance < 0.5:
+            raise ConfigError("tiling.mpp_tolerance: must be in [0, 0.5)")
+
+
+@dataclass(frozen=True)
+class Config:
+    slides: SlideConfig = field(default_factory=SlideConfig)
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Hash of the named sections: outputs record it, and a rerun redoes them when it changes."""
+        payload = {s: dataclasses.asdict(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name}: must be > 0, got {value!r}")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read YAML at `path` (None: all defaults) into a validated `Config`."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return config_from_dict(raw or {}, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    return _build(Config, raw, prefix="", source=source)
+
+
+def _build(cls, raw, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'top level'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)} "
+                          f"(known in {where}: {', '.join(sorted(known))})")
+    kwargs = {}
+    for key, value in raw.items():
+        kwargs[key] = _coerce(hints[key], value, prefix + key, source)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str, source: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, source)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def save_resolved_config(cfg: Config, run_dir: str | Path) -> Path:
+    """Write the config actually used to RUN/config.yaml (with its hash), atomically."""
+    from .io import write_text_atomic  # local: io is a leaf module, config stays import-light
+
+    payload = cfg.to_dict()
+    full_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    text = f"# resolved wsi-pipeline config; hash {full_hash}\n" + yaml.safe_dump(payload, sort_keys=False)
+    path = Path(run_dir) / "config.yaml"
+    write_text_atomic(path, text)
+    return path

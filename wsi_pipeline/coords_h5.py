@@ -1,0 +1,85 @@
+"""`coords.h5`: a slide's patch coordinates, the contract between tiling and feature extraction.
+
+Layout (CLAM/TRIDENT-compatible: their readers take `f["coords"]` and its attrs):
+  coords           (N, 2) int64   level-0 top-left (x, y)
+  tissue_fraction  (N,)   float32 area fraction of tissue under each patch
+  attrs on coords: patch_size (px at target_mpp), patch_size_level0, patch_level, downsample,
+                   read_size_px, stride_level0, overlap_px, target_mpp, slide_mpp, mpp_source,
+                   level0_width, level0_height, slide_id, name, config_hash, n_patches, format_version
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .io import atomic_path
+from .tiling import TileGrid
+
+FORMAT_VERSION = 1
+
+
+def write_coords_h5(path: str | Path, grid: TileGrid, *, slide_id: str, level0_wh: tuple[int, int],
+                    mpp_source: str, config_hash: str) -> None:
+    g = grid.geometry
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=grid.coords.astype(np.int64))
+            f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+            attrs = {
+                "patch_size": g.patch_size_px,
+                "patch_size_level0": g.patch_size_level0,
+                "patch_level": g.patch_level,
+                "downsample": g.level_downsample,
+                "read_size_px": g.read_size_px,
+                "stride_level0": g.stride_level0,
+                "overlap_px": g.overlap_px,
+                "target_mpp": g.target_mpp,
+                "slide_mpp": g.slide_mpp,
+                "mpp_source": mpp_source,
+                "level0_width": int(level0_wh[0]),
+                "level0_height": int(level0_wh[1]),
+                "slide_id": slide_id,
+                "name": slide_id,  # CLAM's name for it
+                "config_hash": config_hash,
+                "n_patches": int(len(grid.coords)),
+                "n_grid_positions": int(grid.n_grid),
+                "format_version": FORMAT_VERSION,
+            }
+            for key, value in attrs.items():
+                ds.attrs[key] = value
+
+
+def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict]:
+    """(coords (N, 2) int64, attrs dict)."""
+    with h5py.File(path, "r") as f:
+        ds = f["coords"]
+        return ds[()].astype(np.int64), {k: _plain(v) for k, v in ds.attrs.items()}
+
+
+def coords_h5_is_valid(path: str | Path, config_hash: str | None = None) -> bool:
+    """True if `path` is a complete coords.h5 (readable, consistent counts, same config hash)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f["coords"]
+            ok = (ds.ndim == 2 and ds.shape[1] == 2 and ds.shape[0] == int(ds.attrs["n_patches"])
+                  and f["tissue_fraction"].shape == (ds.shape[0],)
+                  and int(ds.attrs.get("format_version", 0)) == FORMAT_VERSION)
+            if config_hash is not None:
+                ok = ok and ds.attrs.get("config_hash") == config_hash
+            return bool(ok)
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,127 @@
+"""Slide manifests: CSV rows `slide_id, path, patient_id, label, cohort` (+ optional `mpp`).
+
+Validation collects every problem (row and field named) and raises them together, so a user fixes a
+manifest in one pass. Missing slide files are reported here by `validate`, but batch stages treat
+them as per-slide failures so one absent file does not stop a cohort.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ManifestError
+
+REQUIRED_COLUMNS = ("slide_id", "path", "patient_id", "label", "cohort")
+OPTIONAL_COLUMNS = ("mpp",)
+# slide_id becomes a file name and a Snakemake wildcard: no path separators or whitespace.
+_SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    slide_id: str
+    path: Path          # absolute; relative manifest paths resolve against the manifest's folder
+    patient_id: str
+    label: str          # "" where unlabelled (allowed unless labels are required)
+    cohort: str
+    mpp: float | None   # manifest override of the file's resolution, µm/px
+    row: int            # 1-based data row number (header is row 0), for messages
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    records: tuple[SlideRecord, ...]
+
+    def __iter__(self):
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def by_id(self) -> dict[str, SlideRecord]:
+        return {r.slide_id: r for r in self.records}
+
+    def select(self, slide_ids) -> "Manifest":
+        wanted = set(slide_ids)
+        unknown = wanted - {r.slide_id for r in self.records}
+        if unknown:
+            raise ManifestError(self.path, [f"slide_id {s!r} not in manifest" for s in sorted(unknown)])
+        return Manifest(self.path, tuple(r for r in self.records if r.slide_id in wanted))
+
+
+def load_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = False) -> Manifest:
+    """Parse and validate a manifest. Raises `ManifestError` listing every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, [f"file not found: {path}"])
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            raw_rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else v
+                         for k, v in row.items()} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(path, [f"not a readable CSV: {exc}"]) from None
+
+    problems = []
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ManifestError(path, [f"missing column(s): {', '.join(missing)} "
+                                   f"(required: {', '.join(REQUIRED_COLUMNS)})"])
+    extra = [c for c in header if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if extra:
+        problems.append(f"unknown column(s): {', '.join(extra)} (allowed optional: {', '.join(OPTIONAL_COLUMNS)})")
+    if not raw_rows:
+        problems.append("no slide rows")
+
+    records, seen_ids, patient_cohort = [], {}, {}
+    for i, row in enumerate(raw_rows, start=1):
+        where = f"row {i}"
+        if None in row:  # DictReader puts surplus cells under the key None
+            problems.append(f"{where}: more cells than columns")
+        slide_id = row.get("slide_id", "")
+        if slide_id:
+            where = f"row {i} (slide_id {slide_id!r})"
+        for col in ("slide_id", "path", "patient_id", "cohort"):
+            if not row.get(col):
+                problems.append(f"{where}: empty {col}")
+        if slide_id and not _SLIDE_ID_RE.match(slide_id):
+            problems.append(f"{where}: slide_id may hold only letters, digits, '.', '_' and '-'")
+        if slide_id in seen_ids:
+            problems.append(f"{where}: duplicate slide_id (first at row {seen_ids[slide_id]})")
+        elif slide_id:
+            seen_ids[slide_id] = i
+        label = row.get("label", "")
+        if require_labels and not label:
+            problems.append(f"{where}: empty label (training needs one for every slide)")
+        mpp = None
+        mpp_text = row.get("mpp", "") or ""
+        if mpp_text:
+            try:
+                mpp = float(mpp_text)
+                if not (math.isfinite(mpp) and mpp > 0):
+                    raise ValueError
+            except ValueError:
+                problems.append(f"{where}: mpp must be a positive number of µm per pixel, got {mpp_text!r}")
+                mpp = None
+        patient, cohort = row.get("patient_id", ""), row.get("cohort", "")
+        if patient and cohort:
+            first = patient_cohort.setdefault(patient, (cohort, i))
+            if first[0] != cohort:
+                problems.append(f"{where}: patient {patient!r} is in cohort {cohort!r} here and in "
+                                f"{first[0]!r} at row {first[1]} (a patient belongs to one cohort)")
+        slide_path = Path(row.get("path", "") or ".")
+        if not slide_path.is_absolute():
+            slide_path = (path.parent / slide_path).resolve()
+        if check_files and row.get("path") and not slide_path.is_file():
+            problems.append(f"{where}: slide file not found: {slide_path}")
+        records.append(SlideRecord(slide_id, slide_path, patient, label, cohort, mpp, i))
+
+    if problems:
+        raise ManifestError(path, problems)
+    return Manifest(path, tuple(records))

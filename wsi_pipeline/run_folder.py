@@ -1,0 +1,58 @@
+"""The run folder layout and its failure register.
+
+Failures are one small file per (stage, slide) under RUN/failures/, written atomically, so parallel
+per-slide jobs (Snakemake) never race on one CSV; `RUN/failures.csv` is rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .io import write_csv_atomic, write_json_atomic
+
+
+class RunFolder:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # -- tiling outputs ---------------------------------------------------------------------
+    @property
+    def tiles_dir(self) -> Path:
+        return self.root / "tiles"
+
+    def coords_h5(self, slide_id: str) -> Path:
+        return self.tiles_dir / f"{slide_id}.coords.h5"
+
+    def tissue_geojson(self, slide_id: str) -> Path:
+        return self.tiles_dir / f"{slide_id}.tissue.geojson"
+
+    def qc_png(self, slide_id: str) -> Path:
+        return self.tiles_dir / f"{slide_id}.qc.png"
+
+    # -- failures ---------------------------------------------------------------------------
+    def _failure_file(self, stage: str, slide_id: str) -> Path:
+        return self.root / "failures" / stage / f"{slide_id}.json"
+
+    def record_failure(self, stage: str, slide_id: str, error: str) -> None:
+        write_json_atomic(self._failure_file(stage, slide_id),
+                          {"slide_id": slide_id, "stage": stage, "error": error})
+
+    def clear_failure(self, stage: str, slide_id: str) -> None:
+        self._failure_file(stage, slide_id).unlink(missing_ok=True)
+
+    def failures(self) -> list[dict]:
+        rows = []
+        for f in sorted((self.root / "failures").glob("*/*.json")):
+            try:
+                rows.append(json.loads(f.read_text(encoding="utf-8")))
+            except (OSError, json.JSONDecodeError):
+                continue
+        return rows
+
+    def write_failures_csv(self) -> Path:
+        """Rebuild RUN/failures.csv (slide_id, stage, error) from the per-slide records."""
+        path = self.root / "failures.csv"
+        rows = [[r["slide_id"], r["stage"], r["error"]] for r in self.failures()]
+        write_csv_atomic(path, ["slide_id", "stage", "error"], rows)
+        return path

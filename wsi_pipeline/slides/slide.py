@@ -1,0 +1,215 @@
+"""`Slide`: one interface over OpenSlide and tiffslide, with a resolution it can vouch for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import SlideError
+from .backends import BACKENDS
+
+# Plausible microscope resolutions, µm/px. TIFF resolution tags outside this range are editor
+# defaults (72 dpi ≈ 353 µm/px) rather than a scanner's calibration, and are not trusted.
+_MPP_RANGE = (0.01, 50.0)
+
+
+class Slide:
+    """A whole-slide image. Coordinates are level-0 pixels (x, y) unless a name says otherwise.
+
+    Open with `open_slide`. `mpp` is µm per level-0 pixel; `mpp_source` says where it came from.
+    """
+
+    def __init__(self, backend, path: Path, slide_id: str, mpp_override: float | None = None):
+        self._backend = backend
+        self.path = path
+        self.slide_id = slide_id
+        self.backend_name = backend.name
+        self.vendor = backend.vendor
+        self.properties = backend.properties
+        self.level_dimensions: tuple[tuple[int, int], ...] = backend.level_dimensions
+        self.level_downsamples: tuple[float, ...] = backend.level_downsamples
+        self.mpp, self.mpp_source = self._resolve_mpp(mpp_override)
+
+    # -- geometry ---------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0 in pixels."""
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.level_downsamples[level]
+
+    def best_level_for_mpp(self, target_mpp: float, tolerance: float = 0.02) -> int:
+        """Coarsest level whose mpp is ≤ target (within `tolerance`, relative): reading there and
+        downsampling never upsamples, and reads as few pixels as possible."""
+        self._check_level_args(target_mpp=target_mpp)
+        best = 0
+        for level in range(self.level_count):
+            if self.level_mpp(level) <= target_mpp * (1 + tolerance):
+                best = level
+        return best
+
+    # -- pixels -----------------------------------------------------------------------------
+    def read_region(self, level0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Pixels of `size` = (width, height) at `level`, top-left at level-0 `level0_xy`.
+
+        Returns (H, W, 3) uint8 RGB; transparent areas (outside the scan) are composited on white.
+        """
+        self._check_level_args(level=level)
+        w, h = int(size[0]), int(size[1])
+        if w <= 0 or h <= 0:
+            raise SlideError(self.slide_id, f"read_region size must be positive, got {size}")
+        try:
+            rgba = self._backend.read_rgba((int(level0_xy[0]), int(level0_xy[1])), level, (w, h))
+        except Exception as exc:  # a reader's own error on a corrupt tile: name the slide
+            raise SlideError(self.slide_id, f"cannot read region {tuple(level0_xy)} level {level} "
+                                            f"size {size}: {type(exc).__name__}: {exc}") from exc
+        return _to_rgb_on_white(rgba)
+
+    def read_level(self, level: int) -> np.ndarray:
+        """A whole level as (H, W, 3) uint8 RGB (only sensible for small, low-resolution levels)."""
+        self._check_level_args(level=level)
+        return self.read_region((0, 0), level, self.level_dimensions[level])
+
+    def read_at_mpp(self, mpp: float) -> tuple[np.ndarray, float]:
+        """The whole slide resampled to about `mpp` µm/px, from the best level.
+
+        Returns (image (H, W, 3) uint8, exact mpp of the returned image along x).
+        """
+        level = self.best_level_for_mpp(mpp)
+        image = self.read_level(level)
+        w0, h0 = self.dimensions
+        out_w = max(1, int(round(w0 * self.mpp / mpp)))
+        out_h = max(1, int(round(h0 * self.mpp / mpp)))
+        if (out_w, out_h) != (image.shape[1], image.shape[0]):
+            image = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BOX))
+        return image, self.mpp * w0 / out_w
+
+    def thumbnail(self, max_size_px: int = 1024) -> np.ndarray:
+        """(H, W, 3) uint8 RGB whose longer side is at most `max_size_px`."""
+        w0, h0 = self.dimensions
+        scale = max(w0, h0) / max_size_px
+        level = max((lv for lv in range(self.level_count) if self.level_downsamples[lv] <= scale),
+                    default=0)
+        image = self.read_level(level)
+        out = (max(1, round(w0 / max(scale, 1))), max(1, round(h0 / max(scale, 1))))
+        if out != (image.shape[1], image.shape[0]):
+            image = np.asarray(Image.fromarray(image).resize(out, Image.Resampling.BOX))
+        return image
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Slide({self.slide_id!r}, backend={self.backend_name}, vendor={self.vendor}, "
+                f"dims={self.dimensions}, levels={self.level_count}, mpp={self.mpp:.4f})")
+
+    # -- internals --------------------------------------------------------------------------
+    def _check_level_args(self, level: int | None = None, target_mpp: float | None = None) -> None:
+        if level is not None and not 0 <= level < self.level_count:
+            raise SlideError(self.slide_id, f"level {level} out of range (slide has {self.level_count})")
+        if target_mpp is not None and not target_mpp > 0:
+            raise SlideError(self.slide_id, f"target mpp must be > 0, got {target_mpp}")
+
+    def _resolve_mpp(self, override: float | None) -> tuple[float, str]:
+        if override is not None:
+            if not _MPP_RANGE[0] <= override <= _MPP_RANGE[1]:
+                raise SlideError(self.slide_id, f"manifest mpp {override} outside plausible range {_MPP_RANGE}")
+            return float(override), "manifest"
+        found = mpp_from_properties(self.properties)
+        if found is None:
+            raise SlideError(
+                self.slide_id,
+                "no resolution (µm/px) in the file (checked openslide.mpp-x, aperio.MPP and TIFF "
+                "resolution tags); add an 'mpp' column for this slide in the manifest")
+        return found
+
+
+def mpp_from_properties(props: dict) -> tuple[float, str] | None:
+    """(mpp, source key) from a slide's properties, or None. Order: openslide.mpp-x (vendor
+    metadata as OpenSlide normalises it), aperio.MPP, then TIFF resolution tags in cm or inch."""
+    for key in ("openslide.mpp-x", "aperio.MPP"):
+        value = _as_float(props.get(key))
+        if value is not None and _MPP_RANGE[0] <= value <= _MPP_RANGE[1]:
+            return value, key
+    res = _as_float(props.get("tiff.XResolution"))
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    um_per_unit = {"centimeter": 1e4, "inch": 25_400.0}.get(unit)
+    if res and res > 0 and um_per_unit:
+        value = um_per_unit / res
+        if _MPP_RANGE[0] <= value <= _MPP_RANGE[1]:
+            return value, "tiff.XResolution"
+    return None
+
+
+def _as_float(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
+
+
+def _to_rgb_on_white(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ValueError(f"expected (H, W, 3|4) pixels, got {pixels.shape}")
+    if pixels.shape[2] == 3:
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+    rgb = pixels[..., :3].astype(np.float32)
+    alpha = pixels[..., 3:4].astype(np.float32) / 255.0
+    if np.all(alpha == 1.0):
+        return np.ascontiguousarray(pixels[..., :3])
+    # Both readers hand back straight (non-premultiplied) alpha; outside the scan is glass: white.
+    out = rgb * alpha + 255.0 * (1.0 - alpha)
+    return (out + 0.5).astype(np.uint8)
+
+
+def open_slide(path: str | os.PathLike, *, slide_id: str | None = None, backend: str = "auto",
+               mpp_override: float | None = None) -> Slide:
+    """Open a slide with `backend` ("auto": OpenSlide, then tiffslide where OpenSlide fails).
+
+    Every failure is a `SlideError` naming the slide and what each backend said.
+    """
+    path = Path(path)
+    slide_id = slide_id or path.stem
+    if not path.exists():
+        raise SlideError(slide_id, f"file not found: {path}")
+    if not path.is_file():
+        raise SlideError(slide_id, f"not a file: {path}")
+    if backend == "auto":
+        order = ["openslide", "tiffslide"]
+    elif backend in BACKENDS:
+        order = [backend]
+    else:
+        raise SlideError(slide_id, f"unknown backend {backend!r} (auto, openslide, tiffslide)")
+    errors = []
+    for name in order:
+        try:
+            reader = BACKENDS[name](str(path))
+        except Exception as exc:  # each library raises its own types for unreadable files
+            errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip() or 'cannot open'}")
+            continue
+        if not reader.level_dimensions or min(reader.level_dimensions[0]) <= 0:
+            reader.close()
+            errors.append(f"{name}: no image levels")
+            continue
+        try:
+            return Slide(reader, path, slide_id, mpp_override)
+        except SlideError:
+            reader.close()
+            raise
+    raise SlideError(slide_id, f"cannot open {path} as a slide ({'; '.join(errors)})")
