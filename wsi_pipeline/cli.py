@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tile", help="stage 1: tissue detection and µm-exact patch coordinates")
     _add_run_args(p)
 
+    p = sub.add_parser("extract", help="stage 2: patch features with a pretrained encoder")
+    _add_run_args(p)
+    p.add_argument("--encoder", default=None, help="override extract.encoder")
+    p.add_argument("--checkpoint", default=None, help="override extract.checkpoint (file, hf-hub:id, random)")
+
+    p = sub.add_parser("encoders", help="list registered encoders")
+
     p = sub.add_parser("validate-manifest", help="check a manifest and report every problem")
     p.add_argument("manifest")
     p.add_argument("--require-labels", action="store_true")
@@ -80,14 +87,37 @@ def _dispatch(args) -> int:
         cfg, manifest = _load_inputs(args)
         report = run_tile(manifest, cfg, args.out, force=args.force, progress=not args.no_progress)
         return _finish(report, args.out)
+    if args.command == "extract":
+        from stages.extract import run_extract
+
+        overrides = {k: v for k, v in (("encoder", args.encoder), ("checkpoint", args.checkpoint)) if v}
+        cfg, manifest = _load_inputs(args, extract=overrides)
+        report = run_extract(manifest, cfg, args.out, force=args.force, progress=not args.no_progress)
+        return _finish(report, args.out)
+
+    if args.command == "encoders":
+        from .encoders import get_spec, list_encoders
+
+        for name in list_encoders():
+            spec = get_spec(name)
+            print(f"{name:20s} dim {spec.out_dim:5d}  input {spec.input_size_px}px  "
+                  f"native mpp {spec.native_mpp or '-'}  {spec.notes}")
+        print("(any timm architecture name works too)")
+        return 0
     raise AssertionError(args.command)
 
 
-def _load_inputs(args):
+def _load_inputs(args, **section_overrides):
+    """Config (with CLI overrides per section), manifest (optionally a subset); saves the config."""
+    import dataclasses
+
     from .config import load_config, save_resolved_config
     from .manifest import load_manifest
 
     cfg = load_config(args.config)
+    for section, values in section_overrides.items():
+        if values:
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
     manifest = load_manifest(args.manifest)
     if args.slides:
         manifest = manifest.select(s.strip() for s in args.slides.split(",") if s.strip())

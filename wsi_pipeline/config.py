@@ -78,10 +78,42 @@ class TilingConfig:
 
 
 @dataclass(frozen=True)
+class ExtractConfig:
+    # A registered encoder (resnet50_trunc, vit_small_patch16, vit_base_patch16, vit_large_patch16,
+    # uni_vit_l16) or any timm architecture name.
+    encoder: str = "resnet50_trunc"
+    # Weights: a local .safetensors/.pth/.bin file, an "hf-hub:org/name" id, or "random"
+    # (explicitly random weights; recorded as such in every features.h5).
+    checkpoint: str | None = None
+    # auto: cuda if available, else cpu.
+    device: str = "auto"
+    # auto: bf16 autocast on GPU, fp32 on CPU; or fp32, bf16, fp16.
+    precision: str = "auto"
+    batch_size: int = 32
+    # DataLoader reader processes; null: 1 on CPU (the encoder needs the cores), cores-2 (≤ 8) on GPU.
+    num_workers: int | None = None
+    # Stored feature dtype: float32, or float16 to halve disk use.
+    features_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError("extract.precision: must be auto, fp32, bf16 or fp16")
+        if self.features_dtype not in ("float32", "float16"):
+            raise ConfigError("extract.features_dtype: must be float32 or float16")
+        if self.batch_size < 1:
+            raise ConfigError("extract.batch_size: must be >= 1")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError("extract.num_workers: must be >= 0 or null")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError("extract.device: must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
 class Config:
     slides: SlideConfig = field(default_factory=SlideConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

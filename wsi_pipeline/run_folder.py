@@ -30,6 +30,13 @@ class RunFolder:
     def qc_png(self, slide_id: str) -> Path:
         return self.tiles_dir / f"{slide_id}.qc.png"
 
+    # -- feature outputs --------------------------------------------------------------------
+    def features_dir(self, encoder: str) -> Path:
+        return self.root / "features" / encoder
+
+    def features_h5(self, encoder: str, slide_id: str) -> Path:
+        return self.features_dir(encoder) / f"{slide_id}.h5"
+
     # -- failures ---------------------------------------------------------------------------
     def _failure_file(self, stage: str, slide_id: str) -> Path:
         return self.root / "failures" / stage / f"{slide_id}.json"

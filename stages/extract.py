@@ -1,0 +1,135 @@
+"""Stage 2 — extract: coords.h5 → patches → encoder → RUN/features/{encoder}/{slide_id}.h5.
+
+The encoder is built once per batch and only if some slide needs it, so a rerun over a finished
+run loads no model. A features.h5 is trusted when it is complete, its coords equal the current
+coords.h5, and its config hash (encoder, weights sha256, precision, dtype, tiling) matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from wsi_pipeline.config import Config
+from wsi_pipeline.coords_h5 import coords_h5_is_valid, read_coords_h5
+from wsi_pipeline.encoders import create_encoder
+from wsi_pipeline.errors import PipelineError, SlideError
+from wsi_pipeline.extraction import PatchSource, extract_features, resolve_device
+from wsi_pipeline.features_h5 import features_h5_is_valid, write_features_h5
+from wsi_pipeline.io import remove_stale_temps, sha256_file
+from wsi_pipeline.manifest import Manifest, SlideRecord
+from wsi_pipeline.run_folder import RunFolder
+
+from .batch import BatchReport, run_batch
+
+STAGE = "extract"
+
+
+def weights_identity(checkpoint: str | None) -> str:
+    """What identifies the weights without loading them: file sha256, hub id, or "random"."""
+    if checkpoint is None:
+        raise PipelineError("extract.checkpoint is not set: give a weights file, an 'hf-hub:' id, "
+                            "or 'random' to extract with random weights on purpose")
+    if checkpoint == "random" or checkpoint.startswith("hf-hub:"):
+        return checkpoint
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise PipelineError(f"extract.checkpoint: file not found: {path}")
+    return sha256_file(path)
+
+
+class Extractor:
+    """Holds the (lazily built) encoder and the settings for one batch."""
+
+    def __init__(self, cfg: Config, run: RunFolder, progress: bool = True):
+        self.cfg = cfg
+        self.run = run
+        self.progress = progress
+        self.weights_id = weights_identity(cfg.extract.checkpoint)
+        self._encoder = None
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            e = self.cfg.extract
+            self._encoder = create_encoder(e.encoder, e.checkpoint, device=resolve_device(e.device))
+        return self._encoder
+
+    def config_hash(self, tiling_hash: str) -> str:
+        e = self.cfg.extract
+        payload = [e.encoder, self.weights_id, e.precision, e.features_dtype, tiling_hash]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+    def __call__(self, record: SlideRecord, force: bool = False) -> str:
+        e = self.cfg.extract
+        coords_path = self.run.coords_h5(record.slide_id)
+        if not coords_h5_is_valid(coords_path):
+            raise SlideError(record.slide_id, f"no complete coords.h5 at {coords_path}: run the tile stage first")
+        coords, cattrs = read_coords_h5(coords_path)
+        out = self.run.features_h5(e.encoder, record.slide_id)
+        config_hash = self.config_hash(str(cattrs["config_hash"]))
+        if not force and features_h5_is_valid(out, config_hash, coords):
+            return "skipped"
+        encoder = self.encoder
+        source = PatchSource(
+            slide_path=str(record.path), slide_id=record.slide_id, backend=self.cfg.slides.backend,
+            mpp_override=record.mpp, coords=coords, patch_level=int(cattrs["patch_level"]),
+            # Patches go in at their own size (patch_size px at target_mpp): resizing to an encoder's
+            # nominal input would change the physical resolution. CNNs and timm ViTs with
+            # dynamic_img_size take any size; choose patch_size_px to match the encoder's training.
+            read_size_px=int(cattrs["read_size_px"]), out_size_px=int(cattrs["patch_size"]))
+        with tqdm(total=len(coords), desc=record.slide_id, unit="patch", leave=False,
+                  disable=not self.progress, dynamic_ncols=True) as bar:
+            features = extract_features(encoder, source, batch_size=e.batch_size,
+                                        num_workers=e.num_workers, precision=e.precision,
+                                        on_batch=bar.update)
+        if not np.isfinite(features).all():
+            bad = int((~np.isfinite(features).all(axis=1)).sum())
+            raise SlideError(record.slide_id, f"encoder produced non-finite features for {bad} patches "
+                                              f"(try precision: fp32)")
+        attrs = {
+            "encoder": e.encoder,
+            "weights_source": str(e.checkpoint),
+            "weights_sha256": encoder.weights_sha256,
+            "random_weights": encoder.weights_sha256 == "random",
+            "out_dim": encoder.out_dim,
+            "input_size_px": int(cattrs["patch_size"]),
+            "encoder_native_input_px": encoder.input_size_px,
+            "mean": np.asarray(encoder.spec.mean, dtype=np.float64),
+            "std": np.asarray(encoder.spec.std, dtype=np.float64),
+            "precision": e.precision,
+            "config_hash": config_hash,
+            "slide_id": record.slide_id,
+            "versions": json.dumps(_versions()),
+        }
+        for key, value in cattrs.items():
+            attrs[key if key not in attrs else f"coords_{key}"] = value
+        attrs["tiling_config_hash"] = cattrs["config_hash"]
+        attrs["config_hash"] = config_hash
+        write_features_h5(out, features, coords, attrs, dtype=e.features_dtype)
+        return "done"
+
+
+def _versions() -> dict:
+    import h5py
+    import timm
+    import torch
+
+    from wsi_pipeline import __version__
+
+    return {"wsi_pipeline": __version__, "torch": torch.__version__, "timm": timm.__version__,
+            "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def run_extract(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: bool = False,
+                progress: bool = True) -> BatchReport:
+    run = RunFolder(run_dir)
+    extractor = Extractor(cfg, run, progress=progress)
+    run.features_dir(cfg.extract.encoder).mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run.features_dir(cfg.extract.encoder))
+    return run_batch(STAGE, manifest, run, lambda r: extractor(r, force=force), progress=progress)

@@ -1,0 +1,144 @@
+"""Encoder registry (timm-style): `create_encoder(name, checkpoint=...)`.
+
+Each entry carries what preprocessing needs (input size, mean/std, native µm/px, output dim).
+Any timm architecture name works too; registered entries add the pathology-specific ones
+(CLAM's truncated ResNet-50, UNI-style ViT-L/16).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import PipelineError
+from .weights import EncoderWeightsError, load_into, read_state_dict
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    build: Callable[[], nn.Module]        # architecture with random init, no head
+    out_dim: int
+    input_size_px: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    native_mpp: float | None = None       # resolution the weights were trained at, if known
+    ignore_prefixes: tuple[str, ...] = ()  # checkpoint keys of parts this encoder removes
+    notes: str = ""
+
+
+_REGISTRY: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(spec: EncoderSpec) -> EncoderSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"encoder {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_encoders() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> EncoderSpec:
+    """A registered spec, or one derived from any timm architecture name."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    import timm
+
+    if not timm.is_model(name):
+        raise PipelineError(f"unknown encoder {name!r}: not registered ({', '.join(list_encoders())}) "
+                            f"and not a timm architecture")
+    probe = timm.create_model(name, pretrained=False, num_classes=0)
+    cfg = probe.pretrained_cfg
+    return EncoderSpec(name=name, build=lambda: timm.create_model(name, pretrained=False, num_classes=0),
+                       out_dim=int(probe.num_features), input_size_px=int(cfg.get("input_size", (3, 224))[-1]),
+                       mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)))
+
+
+class Encoder(nn.Module):
+    """A patch encoder that takes uint8 RGB batches (B, 3, H, W) and returns features (B, D).
+
+    Normalisation happens here, on the model's device, so data loaders ship compact uint8.
+    """
+
+    def __init__(self, model: nn.Module, spec: EncoderSpec, weights_source: str, weights_sha256: str):
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.weights_source = weights_source
+        self.weights_sha256 = weights_sha256
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.spec.out_dim
+
+    @property
+    def input_size_px(self) -> int:
+        return self.spec.input_size_px
+
+    def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return (images_uint8.float() - self.mean) / self.std
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalise(images_uint8))
+
+
+def create_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Encoder:
+    """Build encoder `name` with weights from `checkpoint`:
+
+    - a local file (`.safetensors`, or `.pth`/`.bin`/`.pt` loaded with `weights_only=True`);
+    - `"hf-hub:org/repo"`: timm downloads it (needs a reachable hub; air-gapped sites pass a file);
+    - `"random"`: random init, only when asked — recorded as `weights_sha256 = "random"`.
+    """
+    if checkpoint is None:
+        raise EncoderWeightsError(
+            f"encoder {name!r}: no weights given; pass a checkpoint file, an 'hf-hub:' id, or "
+            f"'random' to run with random weights on purpose")
+    checkpoint = str(checkpoint)
+    if checkpoint.startswith("hf-hub:"):
+        model, spec = _from_hub(name, checkpoint)
+        sha = "hf-hub:" + hashlib.sha256(checkpoint.encode()).hexdigest()
+    else:
+        spec = get_spec(name)
+        model = spec.build()
+        if checkpoint == "random":
+            sha = "random"
+        else:
+            from ..io import sha256_file
+
+            path = Path(checkpoint)
+            load_into(model, read_state_dict(path), source=str(path), ignore_prefixes=spec.ignore_prefixes)
+            sha = sha256_file(path)
+    encoder = Encoder(model.eval(), spec, weights_source=checkpoint, weights_sha256=sha)
+    return encoder.to(device)
+
+
+def _from_hub(name: str, hub_id: str):
+    import timm
+
+    base = _REGISTRY.get(name)
+    try:
+        model = timm.create_model(hub_id, pretrained=True, num_classes=0,
+                                  **({"init_values": 1e-5} if name.startswith("uni") else {}))
+    except Exception as exc:  # offline, gated repo, no token
+        raise EncoderWeightsError(
+            f"cannot fetch {hub_id} ({type(exc).__name__}: {exc}); on machines without hub access, "
+            f"download the weights elsewhere and pass the local file as the checkpoint") from None
+    cfg = model.pretrained_cfg
+    spec = EncoderSpec(name=name, build=lambda: model, out_dim=int(model.num_features),
+                       input_size_px=int(cfg.get("input_size", (3, 224))[-1]),
+                       mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
+                       native_mpp=base.native_mpp if base else None)
+    return model, spec

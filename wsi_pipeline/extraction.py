@@ -1,0 +1,123 @@
+"""Patch features for one slide: coords.h5 → patches → encoder → (N, D) features.
+
+I/O is kept off the encoder's critical path: DataLoader workers each open the slide once, read
+every patch at its pyramid level, resize it to the encoder's input size and ship uint8 tensors
+(4× smaller than float); normalisation, AMP and channels_last happen on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .encoders import Encoder
+from .slides import open_slide
+
+
+@dataclass(frozen=True)
+class PatchSource:
+    """Everything a worker needs to read one slide's patches (picklable, no open handles)."""
+    slide_path: str
+    slide_id: str
+    backend: str
+    mpp_override: float | None
+    coords: np.ndarray          # (N, 2) int64 level-0 top-left
+    patch_level: int
+    read_size_px: int           # side read at patch_level
+    out_size_px: int            # side the encoder gets
+
+
+class PatchDataset(Dataset):
+    """Items: uint8 tensor (3, S, S). The slide is opened lazily, once per worker process."""
+
+    def __init__(self, source: PatchSource):
+        self.source = source
+        self._slide = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.source.coords)
+
+    def _open(self):
+        # A handle opened in the parent must not be shared across fork: reopen per process.
+        if self._slide is None or self._pid != os.getpid():
+            s = self.source
+            self._slide = open_slide(s.slide_path, slide_id=s.slide_id, backend=s.backend,
+                                     mpp_override=s.mpp_override)
+            self._pid = os.getpid()
+        return self._slide
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        s = self.source
+        x, y = s.coords[index]
+        patch = self._open().read_region((int(x), int(y)), s.patch_level, (s.read_size_px, s.read_size_px))
+        if s.read_size_px != s.out_size_px:
+            # PIL's resize filters scale their support when shrinking: antialiased, like a BOX/area.
+            patch = np.asarray(Image.fromarray(patch).resize((s.out_size_px, s.out_size_px),
+                                                             Image.Resampling.BILINEAR))
+        return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """AMP context: bf16/fp16 on GPU when asked ("auto" → bf16 on GPU, fp32 on CPU)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    # On CPU the encoder itself needs the cores; one reader process hides decoding behind it.
+    return min(8, max(1, cores - 2)) if device.type == "cuda" else 1
+
+
+def make_loader(source: PatchSource, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(PatchDataset(source), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+
+
+@torch.inference_mode()
+def extract_features(encoder: Encoder, source: PatchSource, *, batch_size: int = 32,
+                     num_workers: int | None = None, precision: str = "auto",
+                     on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    """(N, D) float32 features of `source`'s patches, in coords order."""
+    device = next(encoder.parameters()).device
+    workers = default_workers(device) if num_workers is None else num_workers
+    loader = make_loader(source, batch_size, workers, pin_memory=device.type == "cuda")
+    out = np.empty((len(source.coords), encoder.out_dim), dtype=np.float32)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        encoder.to(memory_format=torch.channels_last)
+    start = 0
+    with autocast_for(device, precision):
+        for batch in loader:
+            batch = batch.to(device, non_blocking=True)
+            if channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            feats = encoder(batch).float()
+            n = feats.shape[0]
+            out[start:start + n] = feats.cpu().numpy()
+            start += n
+            if on_batch is not None:
+                on_batch(n)
+    if start != len(out):
+        raise RuntimeError(f"loader yielded {start} patches, expected {len(out)}")
+    return out

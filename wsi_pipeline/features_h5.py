@@ -1,0 +1,64 @@
+"""`features.h5`: a slide's patch features, the contract between extraction and MIL.
+
+Layout (CLAM/TRIDENT names, so their readers work):
+  features  (N, D) float32 (or float16 if configured)
+  coords    (N, 2) int64, identical to coords.h5 (level-0 top-left x, y)
+  attrs (file): encoder, weights_source, weights_sha256 ("random" when random on purpose),
+                out_dim, input_size_px, mean, std, target_mpp, patch_size, patch_size_level0, ...
+                (every coords.h5 attr, prefixed "coords_" where names clash), library versions,
+                config_hash, n_patches, format_version
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .io import atomic_path
+
+FORMAT_VERSION = 1
+
+
+def write_features_h5(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: dict,
+                      dtype: str = "float32") -> None:
+    if features.shape[0] != coords.shape[0]:
+        raise ValueError(f"{features.shape[0]} features for {coords.shape[0]} coords")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=features.astype(dtype))
+            f.create_dataset("coords", data=coords.astype(np.int64))
+            for key, value in {**attrs, "n_patches": int(len(coords)),
+                               "format_version": FORMAT_VERSION}.items():
+                f.attrs[key] = value
+
+
+def read_features_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(features (N, D) float32, coords (N, 2) int64, attrs)."""
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
+                 for k, v in f.attrs.items()}
+        return f["features"][()].astype(np.float32), f["coords"][()].astype(np.int64), attrs
+
+
+def features_h5_is_valid(path: str | Path, config_hash: str | None = None,
+                         coords: np.ndarray | None = None) -> bool:
+    """True if `path` is complete, made with `config_hash`, and (if given) matches `coords`."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            feats, c = f["features"], f["coords"]
+            ok = (feats.ndim == 2 and c.shape == (feats.shape[0], 2)
+                  and feats.shape[0] == int(f.attrs["n_patches"])
+                  and feats.shape[1] == int(f.attrs["out_dim"])
+                  and int(f.attrs.get("format_version", 0)) == FORMAT_VERSION)
+            if ok and config_hash is not None:
+                ok = f.attrs.get("config_hash") == config_hash
+            if ok and coords is not None:
+                ok = c.shape[0] == len(coords) and np.array_equal(c[()], coords)
+            return bool(ok)
+    except (OSError, KeyError, ValueError):
+        return False
