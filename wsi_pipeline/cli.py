@@ -7,6 +7,8 @@ manifest (nothing was run).
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import logging
 import sys
 
@@ -43,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default=None, help="override extract.encoder")
     p.add_argument("--checkpoint", default=None, help="override extract.checkpoint (file, hf-hub:id, random)")
 
+    # Later stages own their arguments: each stages/<name>.py has add_arguments(p) and cli(args) -> int.
+    # Their modules import torch lazily, inside cli(), so `wsi-pipeline --help` stays fast.
+    for name, help_text in _STAGE_COMMANDS.items():
+        if importlib.util.find_spec(f"stages.{name}") is None:
+            continue  # stage not part of this installation
+        p = sub.add_parser(name, help=help_text)
+        _stage_module(name).add_arguments(p)
+
     p = sub.add_parser("encoders", help="list registered encoders")
 
     p = sub.add_parser("validate-manifest", help="check a manifest and report every problem")
@@ -50,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-labels", action="store_true")
     p.add_argument("--no-check-files", action="store_true", help="do not check that slide files exist")
     return parser
+
+
+_STAGE_COMMANDS = {
+    "train": "stage 3: cross-validated MIL training per cohort (features -> fold models, predictions, metrics)",
+    "predict": "apply a trained fold ensemble to slides with features",
+    "heatmap": "stage 4: per-patch score heatmaps (PNG overlay, pyramidal TIFF, QuPath GeoJSON, top-k patches)",
+    "segment": "stage 4b: weakly supervised lesion segmentation from CAMs (FMaMIL stage 2)",
+    "run": "the whole workflow (Snakemake): tile -> extract -> train -> heatmap",
+}
+
+
+def _stage_module(name: str):
+    return importlib.import_module(f"stages.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +117,9 @@ def _dispatch(args) -> int:
         cfg, manifest = _load_inputs(args, extract=overrides)
         report = run_extract(manifest, cfg, args.out, force=args.force, progress=not args.no_progress)
         return _finish(report, args.out)
+
+    if args.command in _STAGE_COMMANDS:
+        return _stage_module(args.command).cli(args)
 
     if args.command == "encoders":
         from .encoders import get_spec, list_encoders

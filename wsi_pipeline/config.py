@@ -108,12 +108,101 @@ class ExtractConfig:
             raise ConfigError("extract.device: must be auto, cpu, cuda or cuda:N")
 
 
+# The sections below are owned by the stages that read them (train, heatmap, segment); each
+# stage's module documents its keys in configs/default.yaml.
+@dataclass(frozen=True)
+class TrainConfig:
+    # Registered aggregator: mambamil, bimamba_mil, mamba_mil, gmmamba, fmamil, abmil, transmil, mean, max.
+    model: str = "mambamil"
+    # Extra keyword arguments for the aggregator (e.g. {rate: 10, d_model: 512}).
+    model_args: dict = field(default_factory=dict)
+    # Ordered class names; empty: sorted distinct labels of the manifest.
+    classes: list = field(default_factory=list)
+    folds: int = 5
+    # Fraction of each training fold's patients held out for early stopping.
+    val_fraction: float = 0.2
+    epochs: int = 20
+    patience: int = 5
+    lr: float = 2.0e-4
+    weight_decay: float = 1.0e-2
+    # Bags per optimizer step (bags differ in length, so each bag is its own forward pass).
+    grad_accumulation: int = 1
+    # class_weights (weighted loss), sampler (weighted sampling) or none.
+    balance: str = "class_weights"
+    seed: int = 0
+    # Fully deterministic torch algorithms (slower).
+    deterministic: bool = False
+    device: str = "auto"
+    # Bootstrap resamples for the 95% CIs in metrics.json.
+    bootstrap: int = 1000
+
+    def __post_init__(self):
+        if self.folds < 2:
+            raise ConfigError("train.folds: must be >= 2")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError("train.val_fraction: must be in (0, 1)")
+        if self.balance not in ("class_weights", "sampler", "none"):
+            raise ConfigError("train.balance: must be class_weights, sampler or none")
+        for name in ("epochs", "patience", "grad_accumulation"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1")
+        _positive("train.lr", self.lr)
+
+
+@dataclass(frozen=True)
+class HeatmapConfig:
+    # Score normalisation: rank (percentile of the slide's own patches), minmax, or raw.
+    normalize: str = "rank"
+    # Gaussian smoothing sigma in µm (0: none).
+    smooth_um: float = 0.0
+    # Matplotlib-free colormap name known to wsi_pipeline.exports (e.g. jet, viridis, inferno).
+    colormap: str = "jet"
+    # Overlay opacity on the thumbnail.
+    alpha: float = 0.5
+    # Longest side of the PNG overlay in pixels.
+    png_max_px: int = 2048
+    # Patch images exported for the top/bottom-scoring k patches.
+    top_k: int = 8
+    # Which exports to write: png, tif, geojson, topk.
+    exports: list = field(default_factory=lambda: ["png", "tif", "geojson", "topk"])
+
+    def __post_init__(self):
+        if self.normalize not in ("rank", "minmax", "raw"):
+            raise ConfigError("heatmap.normalize: must be rank, minmax or raw")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError("heatmap.alpha: must be in [0, 1]")
+        unknown = sorted(set(self.exports) - {"png", "tif", "geojson", "topk"})
+        if unknown:
+            raise ConfigError(f"heatmap.exports: unknown export(s) {unknown}; known: png, tif, geojson, topk")
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    # Resolution (µm/px) of the lesion mask written per slide.
+    mask_mpp: float = 8.0
+    # CAM thresholds for pseudo-labels: above high -> lesion, below low -> background, between -> soft.
+    cam_high: float = 0.7
+    cam_low: float = 0.3
+    epochs: int = 10
+    lr: float = 1.0e-3
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _positive("segment.mask_mpp", self.mask_mpp)
+        if not 0 <= self.cam_low <= self.cam_high <= 1:
+            raise ConfigError("segment: need 0 <= cam_low <= cam_high <= 1")
+
+
 @dataclass(frozen=True)
 class Config:
     slides: SlideConfig = field(default_factory=SlideConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -185,6 +274,14 @@ def _coerce(hint, value, key: str, source: str):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
         return float(value)
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return list(value)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: {key} must be a string, got {value!r}")

@@ -37,6 +37,18 @@ class RunFolder:
     def features_h5(self, encoder: str, slide_id: str) -> Path:
         return self.features_dir(encoder) / f"{slide_id}.h5"
 
+    # -- MIL, heatmaps, segmentation --------------------------------------------------------
+    def mil_dir(self, model: str, cohort: str) -> Path:
+        """RUN/mil/{model}/{cohort}/: splits.json, fold_{k}/, predictions.csv, metrics.json."""
+        return self.root / "mil" / model / cohort
+
+    def heatmaps_dir(self, model: str) -> Path:
+        return self.root / "heatmaps" / model
+
+    @property
+    def segment_dir(self) -> Path:
+        return self.root / "segment"
+
     # -- failures ---------------------------------------------------------------------------
     def _failure_file(self, stage: str, slide_id: str) -> Path:
         return self.root / "failures" / stage / f"{slide_id}.json"

@@ -1,0 +1,175 @@
+"""selective_scan: native vs reference (outputs and gradients), mamba-ssm's oracle and kernel when present."""
+
+import pytest
+import torch
+
+from wsi_pipeline.ssm import scan
+from wsi_pipeline.ssm.scan import selective_scan, selective_scan_native, selective_scan_ref
+
+# mamba-ssm's own test tolerance for fp32 selective_scan.
+RTOL, ATOL = 6e-4, 2e-3
+
+
+def make_inputs(batch, dim, seqlen, dstate, variable_B, variable_C, has_D, has_z, has_delta_bias,
+                dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=device).requires_grad_()
+
+    A = (-0.5 * torch.rand(dim, dstate, generator=gen)).to(dtype=dtype, device=device).requires_grad_()
+    return dict(
+        u=rand(batch, dim, seqlen),
+        delta=(0.5 * torch.rand(batch, dim, seqlen, generator=gen)).to(dtype=dtype, device=device).requires_grad_(),
+        A=A,
+        B=rand(batch, dstate, seqlen) if variable_B else rand(dim, dstate),
+        C=rand(batch, dstate, seqlen) if variable_C else rand(dim, dstate),
+        D=rand(dim) if has_D else None,
+        z=rand(batch, dim, seqlen) if has_z else None,
+        delta_bias=(0.5 * torch.rand(dim, generator=gen)).to(dtype=dtype, device=device).requires_grad_()
+        if has_delta_bias
+        else None,
+    )
+
+
+def run_with_grads(fn, inputs, delta_softplus, seed=1):
+    """Output, last state and gradients of a fixed random projection of both."""
+    out, last_state = fn(**inputs, delta_softplus=delta_softplus, return_last_state=True)
+    gen = torch.Generator().manual_seed(seed)
+    g_out = torch.randn(out.shape, generator=gen).to(out)
+    g_last = torch.randn(last_state.shape, generator=gen).to(last_state)
+    leaves = [v for v in inputs.values() if v is not None]
+    grads = torch.autograd.grad([out, last_state], leaves, [g_out, g_last])
+    return out, last_state, dict(zip([k for k, v in inputs.items() if v is not None], grads))
+
+
+@pytest.fixture(params=[7, scan.MAX_CHUNK_STEPS], ids=["multi_chunk", "one_chunk"])
+def max_chunk_steps(request, monkeypatch):
+    # Short chunks make small test sequences cross several chunk boundaries.
+    monkeypatch.setattr(scan, "MIN_CHUNK_STEPS", min(scan.MIN_CHUNK_STEPS, request.param))
+    monkeypatch.setattr(scan, "MAX_CHUNK_STEPS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("variable_B,variable_C", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("has_D,has_z,has_delta_bias,delta_softplus", [
+    (True, True, True, True),
+    (False, False, False, False),
+    (True, False, True, False),
+    (False, True, False, True),
+])
+def test_native_matches_ref_outputs_and_grads(max_chunk_steps, variable_B, variable_C, has_D, has_z,
+                                              has_delta_bias, delta_softplus):
+    seed = hash((variable_B, variable_C, has_D, has_z, has_delta_bias, max_chunk_steps)) % 1000
+    shape = dict(batch=2, dim=6, seqlen=37 + seed % 13, dstate=4 + seed % 5)
+    flags = dict(variable_B=variable_B, variable_C=variable_C, has_D=has_D, has_z=has_z,
+                 has_delta_bias=has_delta_bias, seed=seed)
+    native = run_with_grads(selective_scan_native, make_inputs(**shape, **flags), delta_softplus)
+    ref = run_with_grads(selective_scan_ref, make_inputs(**shape, **flags), delta_softplus)
+    torch.testing.assert_close(native[0], ref[0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(native[1], ref[1], rtol=RTOL, atol=ATOL)
+    assert native[2].keys() == ref[2].keys()
+    for name in ref[2]:
+        torch.testing.assert_close(native[2][name], ref[2][name], rtol=RTOL, atol=ATOL, msg=f"grad of {name}")
+
+
+def test_native_gradcheck_fp64(max_chunk_steps):
+    inputs = make_inputs(1, 3, 20, 2, True, True, True, True, True, dtype=torch.float64)
+    names = list(inputs)
+
+    def fn(*args):
+        return selective_scan_native(**dict(zip(names, args)), delta_softplus=True, return_last_state=True)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()))
+
+
+def test_native_is_exact_in_fp64():
+    inputs = make_inputs(2, 5, 300, 3, True, False, True, True, True, dtype=torch.float64)
+    native = selective_scan_native(**inputs, delta_softplus=True)
+    ref = selective_scan_ref(**inputs, delta_softplus=True)
+    torch.testing.assert_close(native, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_low_precision_inputs_keep_dtype_and_accumulate_in_fp32():
+    inputs = make_inputs(1, 4, 50, 3, True, True, True, True, True, dtype=torch.bfloat16)
+    out, last_state = selective_scan_native(**inputs, delta_softplus=True, return_last_state=True)
+    assert out.dtype == torch.bfloat16 and last_state.dtype == torch.float32
+    torch.testing.assert_close(out, selective_scan_ref(**inputs, delta_softplus=True), rtol=1e-2, atol=1e-2)
+    out.float().sum().backward()
+    assert inputs["u"].grad.dtype == torch.bfloat16
+
+
+def test_no_grad_needed_keeps_no_boundary_states():
+    inputs = {k: v.detach() if v is not None else None
+              for k, v in make_inputs(1, 4, 40, 3, True, True, True, True, True).items()}
+    out = selective_scan_native(**inputs)
+    assert out.grad_fn is None
+
+
+def test_complex_A_is_a_clear_error():
+    inputs = make_inputs(1, 4, 10, 3, True, True, False, False, False)
+    inputs["A"] = torch.complex(inputs["A"].detach(), torch.ones(4, 3))
+    for fn in (selective_scan_native, selective_scan_ref):
+        with pytest.raises(NotImplementedError, match="complex A"):
+            fn(**inputs)
+
+
+def test_bad_shapes_name_the_argument():
+    inputs = make_inputs(1, 4, 10, 3, True, True, True, False, False)
+    inputs["B"] = torch.randn(1, 3, 9)
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan_native(**inputs)
+
+
+def test_public_entry_point_dispatches_on_backend():
+    inputs = make_inputs(1, 4, 30, 3, True, True, True, True, True)
+    via_native = selective_scan(**inputs, delta_softplus=True, backend="native")
+    via_ref = selective_scan(**inputs, delta_softplus=True, backend="ref")
+    torch.testing.assert_close(via_native, via_ref, rtol=RTOL, atol=ATOL)
+
+
+def _mamba_ref_or_skip():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref as mamba_ref
+    except Exception as exc:  # mamba-ssm can fail with non-ImportErrors where CUDA is missing
+        pytest.skip(f"mamba-ssm not importable: {exc}")
+    return mamba_ref
+
+
+@pytest.mark.parametrize("variable_B,has_z", [(True, True), (False, False)])
+def test_native_matches_mamba_ssm_reference(variable_B, has_z):
+    mamba_ref = _mamba_ref_or_skip()
+    inputs = make_inputs(2, 6, 64, 4, variable_B, True, True, has_z, True)
+    ours = run_with_grads(selective_scan_native, inputs, True)
+    theirs = run_with_grads(mamba_ref, inputs, True)
+    for a, b in zip(ours[:2], theirs[:2]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    for name in theirs[2]:
+        torch.testing.assert_close(ours[2][name], theirs[2][name], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variable_B,has_z", [(True, True), (False, False)])
+def test_cuda_backend_matches_native_on_gpu(variable_B, has_z):
+    from wsi_pipeline.ssm.backend import mamba_kernel_available
+
+    if not mamba_kernel_available():
+        pytest.skip("mamba-ssm kernel not installed")
+    inputs = make_inputs(2, 64, 500, 16, variable_B, True, True, has_z, True, device="cuda")
+    cuda = run_with_grads(lambda **kw: selective_scan(**kw, backend="cuda"), inputs, True)
+    native = run_with_grads(lambda **kw: selective_scan(**kw, backend="native"), inputs, True)
+    for a, b in zip(cuda[:2], native[:2]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    for name in native[2]:
+        torch.testing.assert_close(cuda[2][name], native[2][name], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_native_matches_ref_on_a_long_wide_sequence():
+    inputs = make_inputs(1, 64, 3000, 16, True, True, True, True, True)
+    native = run_with_grads(selective_scan_native, inputs, True)
+    ref = run_with_grads(selective_scan_ref, inputs, True)
+    torch.testing.assert_close(native[0], ref[0], rtol=RTOL, atol=ATOL)
+    for name in ref[2]:
+        torch.testing.assert_close(native[2][name], ref[2][name], rtol=RTOL, atol=ATOL)

@@ -1,0 +1,24 @@
+"""Causal depthwise conv1d, as in Mamba's short convolution before the scan."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from wsi_pipeline.ssm.backend import causal_conv1d_kernel_available, load_causal_conv1d_fn, resolve_backend
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, backend=None):
+    """Depthwise causal convolution: ``out[:, d, t]`` sees ``x[:, d, t-K+1 : t+1]`` only.
+
+    x: (B, D, L); weight: (D, K); bias: (D,) or None; activation: None or ``"silu"``.
+    Returns (B, D, L). Uses the causal-conv1d kernel when the SSM backend resolves to ``"cuda"`` for
+    ``x``'s device and that kernel is installed; ``torch.nn.functional.conv1d`` otherwise.
+    """
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    if resolve_backend(backend, x.device) == "cuda" and causal_conv1d_kernel_available():
+        return load_causal_conv1d_fn()(x, weight, bias, activation)
+    seqlen, kernel = x.shape[-1], weight.shape[-1]
+    # Padding K-1 on both sides and keeping the first L outputs is the causal (left-padded) conv.
+    out = F.conv1d(x, weight.unsqueeze(1), bias, padding=kernel - 1, groups=x.shape[1])[..., :seqlen]
+    return F.silu(out) if activation == "silu" else out
