@@ -18,10 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# The main job: a 16-slide synthetic cohort (12 patients, 2 of them with two slides) through the
+# whole Snakemake workflow on CPU: tiles, features, 5-fold CV of MambaMIL, heatmaps.
 demo: venv
-	$(VENV)/bin/wsi-pipeline demo-cohort $(DEMO_DIR)/cohort --n 8
-	$(VENV)/bin/wsi-pipeline tile --manifest $(DEMO_DIR)/cohort/manifest.csv \
-		--config configs/default.yaml --out $(DEMO_DIR)/run
+	@test -f $(DEMO_DIR)/cohort/manifest.csv || \
+		$(VENV)/bin/wsi-pipeline demo-cohort $(DEMO_DIR)/cohort --n 16
+	$(VENV)/bin/wsi-pipeline run --manifest $(DEMO_DIR)/cohort/manifest.csv \
+		--config configs/demo.yaml --out $(DEMO_DIR)/run
 
 test: venv
 	$(PY) -m pytest -q tests
@@ -29,6 +32,8 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench_tiling.py
 	$(PY) benchmarks/bench_scan.py
+	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_mil.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

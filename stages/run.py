@@ -1,0 +1,139 @@
+"""`wsi-pipeline run`: the whole workflow over a manifest, through Snakemake.
+
+Wraps `snakemake -s workflow/Snakefile --directory RUN` with the defaults a user wants: the local
+profile (or the one given), keep going past failed slides, rerun incomplete jobs. At the end it
+rebuilds RUN/failures.csv and prints where the results are and each cohort's CV AUC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SNAKEFILE = REPO_ROOT / "workflow" / "Snakefile"
+PROFILES = REPO_ROOT / "workflow" / "profiles"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--manifest", required=True, help="slide manifest CSV (see manifests/README.md)")
+    p.add_argument("--config", default=None, help="pipeline YAML config (default: built-in defaults)")
+    p.add_argument("--out", required=True, help="run folder (Snakemake's working directory)")
+    p.add_argument("--profile", default="local",
+                   help="Snakemake profile: a name under workflow/profiles (local, slurm) or a folder")
+    p.add_argument("--model", default=None, help="MIL aggregator to train (default: train.model)")
+    p.add_argument("--cores", default=None, help="cores for local runs (default: the profile's, all)")
+    p.add_argument("--gpu", action="store_true", help="request a GPU for extract/train/heatmap jobs")
+    p.add_argument("--no-train", action="store_true", help="stop after feature extraction")
+    p.add_argument("--no-heatmaps", action="store_true", help="train but write no heatmaps")
+    p.add_argument("--dry-run", "-n", action="store_true", help="show the jobs that would run")
+    p.add_argument("snakemake_args", nargs="*",
+                   help="extra Snakemake arguments, after `--` (e.g. -- --forceall)")
+
+
+def profile_dir(profile: str) -> Path:
+    candidate = Path(profile)
+    if candidate.is_dir():
+        return candidate.resolve()
+    named = PROFILES / profile
+    if named.is_dir():
+        return named
+    from wsi_pipeline.errors import PipelineError
+
+    known = ", ".join(sorted(p.name for p in PROFILES.iterdir() if p.is_dir()))
+    raise PipelineError(f"--profile {profile!r}: not a folder and not one of {known}")
+
+
+def snakemake_command(args) -> list[str]:
+    """The snakemake command line `wsi-pipeline run` executes (also printed for the user)."""
+    from wsi_pipeline.errors import PipelineError
+
+    manifest = Path(args.manifest).resolve()
+    if not manifest.is_file():
+        raise PipelineError(f"manifest not found: {manifest}")
+    pipeline_config = Path(args.config).resolve() if args.config else None
+    if pipeline_config is not None and not pipeline_config.is_file():
+        raise PipelineError(f"config file not found: {pipeline_config}")
+    cli = f"{shlex.quote(sys.executable)} -m wsi_pipeline.cli"
+    config = [f"manifest={manifest}", f"cli={cli}"]
+    if pipeline_config is not None:
+        config.append(f"pipeline_config={pipeline_config}")
+    if args.model:
+        config.append(f"model={args.model}")
+    if args.gpu:
+        config.append("gpu=True")
+    if args.no_train:
+        config.append("train=False")
+    if args.no_heatmaps:
+        config.append("heatmaps=False")
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
+           "--directory", str(Path(args.out).resolve()), "--profile", str(profile_dir(args.profile)),
+           "--config", *config]
+    if args.cores:
+        cmd += ["--cores", str(args.cores)]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    cmd += list(args.snakemake_args)
+    return cmd
+
+
+def cli(args) -> int:
+    from wsi_pipeline.config import load_config
+    from wsi_pipeline.run_folder import RunFolder
+
+    cmd = snakemake_command(args)
+    run_dir = Path(args.out).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print("running:", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    # The jobs import stages/ from this checkout, whatever the caller's working directory.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    code = subprocess.call(cmd, env=env)
+    if args.dry_run:
+        return code
+
+    run = RunFolder(run_dir)
+    run.write_failures_csv()
+    failures = run.failures()
+    cfg = load_config(args.config)
+    model = args.model or cfg.train.model
+    print(f"\nrun folder: {run_dir}")
+    print(f"  tiles:    {run.tiles_dir}")
+    print(f"  features: {run.features_dir(cfg.extract.encoder)}")
+    for metrics_file in sorted((run_dir / "mil" / model).glob("*/metrics.json")):
+        print(f"  {model} / {metrics_file.parent.name}: {summarise_metrics(metrics_file)}")
+        print(f"            {metrics_file.parent}")
+    if (run_dir / "heatmaps" / model).is_dir():
+        print(f"  heatmaps: {run.heatmaps_dir(model)}")
+    if failures:
+        print(f"\n{len(failures)} failure(s), listed in {run_dir / 'failures.csv'}:")
+        for row in failures:
+            print(f"  [{row['stage']}] {row['error']}")
+    if code != 0:
+        print(f"\nsnakemake exited with {code}; job logs are under {run_dir / 'logs' / 'snakemake'}",
+              file=sys.stderr)
+    return code
+
+
+def summarise_metrics(path: Path) -> str:
+    """'CV AUC 0.93 [0.81, 1.00] over 16 slides' from a metrics.json (pooled out-of-fold)."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "metrics.json unreadable"
+    pooled = metrics.get("pooled", metrics)
+    auc = pooled.get("auc")
+    if isinstance(auc, dict):
+        value, ci = auc.get("value"), auc.get("ci95") or auc.get("ci")
+    else:
+        value, ci = auc, pooled.get("auc_ci95")
+    if value is None:
+        return "no AUC in metrics.json"
+    text = f"CV AUC {value:.3f}"
+    if ci and len(ci) == 2 and None not in ci:
+        text += f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]"
+    n = pooled.get("n_slides") or pooled.get("n")
+    return text + (f" over {n} slides" if n else "")

@@ -1,0 +1,128 @@
+"""The real Snakemake workflow on a tiny generated cohort: full run, no-op rerun, per-slide resume,
+bad slides reported while the others finish, and the SLURM profile's plan (dry run)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wsi_pipeline.cli import main
+
+# The workflow chains every stage; it is tested once they are all part of the checkout.
+pytest.importorskip("stages.train")
+pytest.importorskip("stages.heatmap")
+
+TINY_CONFIG = """
+tiling:
+  target_mpp: 2.0
+  patch_size_px: 32
+extract:
+  encoder: resnet18
+  checkpoint: random
+  batch_size: 64
+train:
+  model: abmil
+  folds: 2
+  epochs: 2
+  patience: 2
+  bootstrap: 50
+heatmap:
+  exports: [png, geojson]
+  top_k: 2
+"""
+
+
+def _outputs(run: Path) -> dict[str, float]:
+    """mtime of every stage output in the run folder (what a rerun must not touch)."""
+    patterns = ["tiles/*.coords.h5", "features/*/*.h5", "mil/*/*/metrics.json", "heatmaps/*/*.done.json"]
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for pat in patterns for p in run.glob(pat)}
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory):
+    from wsi_pipeline.demo import make_demo_cohort
+
+    root = tmp_path_factory.mktemp("workflow")
+    manifest = make_demo_cohort(root / "cohort", 6, width_px=1024, height_px=768, mpp=0.5, seed=3)
+    config = root / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    run = root / "run"
+    args = ["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run), "--cores", "2"]
+    code = main(args)
+    return {"root": root, "manifest": manifest, "config": config, "run": run, "args": args, "code": code}
+
+
+def test_full_run_produces_every_stage_output(workflow_run, capsys):
+    run = workflow_run["run"]
+    assert workflow_run["code"] == 0, (run / "logs").glob("**/*.log")
+    slides = [r["slide_id"] for r in csv.DictReader(open(workflow_run["manifest"]))]
+    for slide in slides:
+        assert (run / "tiles" / f"{slide}.coords.h5").is_file()
+        assert (run / "features" / "resnet18" / f"{slide}.h5").is_file()
+        assert (run / "heatmaps" / "abmil" / f"{slide}.done.json").is_file()
+    assert (run / "mil" / "abmil" / "demo" / "metrics.json").is_file()
+    predictions = list(csv.DictReader(open(run / "mil" / "abmil" / "demo" / "predictions.csv")))
+    assert sorted(r["slide_id"] for r in predictions) == sorted(slides)
+    # Per-rule benchmarks are recorded.
+    assert len(list((run / "benchmarks" / "extract").glob("*.tsv"))) == len(slides)
+
+
+def test_second_run_does_nothing(workflow_run):
+    run = workflow_run["run"]
+    before = _outputs(run)
+    assert main(workflow_run["args"]) == 0
+    assert _outputs(run) == before
+
+
+def test_deleting_one_slides_features_reruns_only_its_chain(workflow_run):
+    run = workflow_run["run"]
+    before = _outputs(run)
+    target = run / "features" / "resnet18" / "DEMO-002.h5"
+    target.unlink()
+    assert main(workflow_run["args"]) == 0
+    after = _outputs(run)
+    assert target.is_file()
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert "features/resnet18/DEMO-002.h5" in changed
+    # No other slide was tiled or extracted again.
+    assert not any(k.startswith("tiles/") for k in changed)
+    assert [k for k in changed if k.startswith("features/")] == ["features/resnet18/DEMO-002.h5"]
+
+
+def test_bad_slides_are_reported_and_the_others_finish(workflow_run, capsys):
+    root, run = workflow_run["root"], workflow_run["run"]
+    cohort = root / "cohort"
+    (cohort / "slides" / "BAD-001.svs").write_bytes(b"II*\x00" + bytes(5000))  # a truncated TIFF
+    bad_manifest = cohort / "manifest_bad.csv"
+    rows = Path(workflow_run["manifest"]).read_text().rstrip("\n").splitlines()
+    rows += ["BAD-001,slides/BAD-001.svs,P900,tumor,other", "MISS-001,slides/missing.svs,P901,normal,other"]
+    bad_manifest.write_text("\n".join(rows) + "\n")
+    # One good slide has lost its features too: it must still be redone despite the bad ones.
+    (run / "features" / "resnet18" / "DEMO-000.h5").unlink()
+
+    args = list(workflow_run["args"])
+    args[args.index("--manifest") + 1] = str(bad_manifest)
+    assert main(args) != 0
+    assert (run / "features" / "resnet18" / "DEMO-000.h5").is_file()
+    failures = {r["slide_id"]: r for r in csv.DictReader(open(run / "failures.csv"))}
+    assert set(failures) == {"BAD-001", "MISS-001"}
+    assert "cannot open" in failures["BAD-001"]["error"]
+    assert "not found" in failures["MISS-001"]["error"]
+    out = capsys.readouterr().out
+    assert "BAD-001" in out and "MISS-001" in out
+
+
+def test_slurm_profile_dry_run_plans_gpu_jobs(workflow_run, tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    cmd = [sys.executable, "-m", "wsi_pipeline.cli", "run", "--manifest", str(workflow_run["manifest"]),
+           "--config", str(workflow_run["config"]), "--out", str(tmp_path / "run"),
+           "--profile", "slurm", "--dry-run"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout + result.stderr
+    assert "slurm_partition=gpu" in text and "rule extract" in text
+    assert "Job stats" in text

@@ -1,0 +1,78 @@
+"""Manifest, pipeline config and target lists. Parsing is done by the library, not re-implemented."""
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+
+from wsi_pipeline.config import load_config
+from wsi_pipeline.manifest import load_manifest
+
+MANIFEST_PATH = os.path.abspath(config["manifest"])
+PIPELINE_CONFIG = os.path.abspath(config["pipeline_config"]) if config.get("pipeline_config") else ""
+
+# Each manifest row against the published row schema, then the library's full validation
+# (duplicates, patients in two cohorts, ...): both fail before any job starts, naming the row.
+_ROW_SCHEMA = os.path.join(workflow.basedir, "..", "manifests", "schema.json")
+with open(MANIFEST_PATH, newline="", encoding="utf-8") as _fh:
+    for _row in csv.DictReader(_fh):
+        # An empty optional mpp means "read it from the file": not a value to validate.
+        validate({k: v for k, v in _row.items() if k is not None and not (k == "mpp" and v == "")},
+                 _ROW_SCHEMA)
+
+MANIFEST = load_manifest(MANIFEST_PATH)
+CFG = load_config(PIPELINE_CONFIG or None)
+SLIDES = {r.slide_id: r for r in MANIFEST}
+COHORTS = sorted({r.cohort for r in MANIFEST})
+ENCODER = CFG.extract.encoder
+MODEL = config.get("model") or CFG.train.model
+GPU = 1 if config.get("gpu") else 0
+
+CLI = config.get("cli", "wsi-pipeline")
+_CFG_ARG = f"--config {shlex.quote(PIPELINE_CONFIG)}" if PIPELINE_CONFIG else ""
+# Arguments every stage command shares. Rules use it as a global in `shell:`, not as a param:
+# pointing at another manifest (e.g. one more slide) must not rerun the finished slides. What a
+# job depends on is in its params instead: the slide's own row, the config sections it reads.
+COMMON = f"--manifest {shlex.quote(MANIFEST_PATH)} {_CFG_ARG}"
+
+
+def section_hash(*sections):
+    """Params that make Snakemake rerun a rule exactly when the config sections it reads change."""
+    return CFG.section_hash(*sections)
+
+
+def slide_row_hash(slide):
+    r = SLIDES[slide]
+    return hashlib.sha256(f"{r.path}|{r.mpp}".encode()).hexdigest()[:16]
+
+
+def cohort_slides(cohort):
+    return [r.slide_id for r in MANIFEST if r.cohort == cohort]
+
+
+def cohort_rows_hash(cohort):
+    rows = [[r.slide_id, r.patient_id, r.label] for r in MANIFEST if r.cohort == cohort]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def trainable():
+    return bool(config.get("train", True)) and all(r.label for r in MANIFEST)
+
+
+def features_path(slide):
+    return f"features/{ENCODER}/{slide}.h5"
+
+
+def metrics_path(cohort):
+    return f"mil/{MODEL}/{cohort}/metrics.json"
+
+
+def all_targets():
+    targets = [features_path(s) for s in SLIDES]
+    if trainable():
+        targets += [metrics_path(c) for c in COHORTS]
+        if config.get("heatmaps", True):
+            targets += [heatmap_done_path(s) for s in SLIDES]
+    return targets

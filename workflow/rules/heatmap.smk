@@ -1,0 +1,27 @@
+def heatmap_done_path(slide):
+    # Written last by the heatmap stage: the PNG/TIFF/GeoJSON/top-k outputs are complete.
+    return f"heatmaps/{MODEL}/{slide}.done.json"
+
+
+rule heatmap:
+    """Fold-ensemble per-patch scores -> PNG overlay, pyramidal TIFF, QuPath GeoJSON, top-k patches."""
+    input:
+        features=lambda wc: features_path(wc.slide),
+        metrics=lambda wc: metrics_path(SLIDES[wc.slide].cohort),
+    output:
+        f"heatmaps/{MODEL}/{{slide}}.done.json",
+    params:
+        model=MODEL,
+        config_hash=section_hash("heatmap"),
+    log:
+        f"logs/snakemake/heatmap/{MODEL}/{{slide}}.log",
+    benchmark:
+        f"benchmarks/heatmap/{MODEL}/{{slide}}.tsv"
+    threads: 1
+    resources:
+        gpu=GPU,
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    shell:
+        "OMP_NUM_THREADS={threads} {CLI} heatmap {COMMON} --run . --model {params.model} "
+        "--slides {wildcards.slide:q} --no-progress > {log} 2>&1"

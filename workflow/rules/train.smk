@@ -1,0 +1,23 @@
+rule train:
+    """Patient-level k-fold CV of one MIL aggregator on one cohort -> mil/{model}/{cohort}/."""
+    input:
+        lambda wc: [features_path(s) for s in cohort_slides(wc.cohort)],
+    output:
+        f"mil/{MODEL}/{{cohort}}/metrics.json",
+        f"mil/{MODEL}/{{cohort}}/predictions.csv",
+    params:
+        model=MODEL,
+        config_hash=section_hash("extract", "train"),
+        rows_hash=lambda wc: cohort_rows_hash(wc.cohort),
+    log:
+        f"logs/snakemake/train/{MODEL}/{{cohort}}.log",
+    benchmark:
+        f"benchmarks/train/{MODEL}/{{cohort}}.tsv"
+    threads: workflow.cores
+    resources:
+        gpu=GPU,
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 600 * attempt,
+    shell:
+        "OMP_NUM_THREADS={threads} {CLI} train {COMMON} --features . --model {params.model} "
+        "--cohort {wildcards.cohort:q} --no-progress > {log} 2>&1"
