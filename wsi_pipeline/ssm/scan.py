@@ -27,7 +27,8 @@ from wsi_pipeline.ssm.backend import load_mamba_selective_scan_fn, resolve_backe
 
 # Elements of one (T, B, D, N) chunk tensor. About 1M floats (4 MB) keeps the handful of chunk-sized
 # temporaries of backward cache-friendly while making each vectorised op large enough to use all cores;
-# measured on 2 cores, see BENCHMARKS.md. The step count per chunk is clamped to [MIN, MAX]_CHUNK_STEPS.
+# measured on 2 cores, see benchmarks/results/ssm.md. The step count per chunk is clamped to
+# [MIN, MAX]_CHUNK_STEPS.
 CHUNK_ELEMENTS = 1 << 20
 MIN_CHUNK_STEPS = 16
 MAX_CHUNK_STEPS = 256
@@ -162,19 +163,30 @@ class _Chunk:
         self.z = steps_first(z) if z is not None else None
 
 
-def _chunk_states(chunk: _Chunk, A, h0):
+def _chunk_states(chunk: _Chunk, A, h0, workspace):
     """States of every step of a chunk, started from ``h0`` (B, D, N).
 
-    Returns ``(H, decay)``, both (T, B, D, N): ``H[t] = h_t`` and ``decay[t] = exp(delta_t * A)``.
+    Returns ``(H, decay)``, both (T, B, D, N) views of ``workspace[0]`` and ``workspace[1]``:
+    ``H[t] = h_t`` and ``decay[t] = exp(delta_t * A)``.
     """
-    decay = torch.exp(chunk.delta.unsqueeze(-1) * A)
-    states = (chunk.delta * chunk.u).unsqueeze(-1) * chunk.B
+    steps = chunk.u.shape[0]
+    decay = torch.mul(chunk.delta.unsqueeze(-1), A, out=workspace[1, :steps]).exp_()
+    states = torch.mul((chunk.delta * chunk.u).unsqueeze(-1), chunk.B, out=workspace[0, :steps])
     # unbind once: per-step indexing would add three view constructions to every iteration.
     h, a = states.unbind(0), decay.unbind(0)
     h[0].addcmul_(a[0], h0)
     for t in range(1, len(h)):
         h[t].addcmul_(a[t], h[t - 1])
     return states, decay
+
+
+def _workspace(count: int, steps: int, state):
+    """``count`` (T, B, D, N) chunk buffers shaped like ``state`` (B, D, N), reused by every chunk.
+
+    Fresh chunk-sized tensors per chunk cost more than the arithmetic on them: glibc hands blocks of a
+    few MB back to the OS when freed, so every new one page-faults (measured: exp of a product 3-6 ms
+    allocated vs 0.5 ms in place, for 1M floats on one core)."""
+    return state.new_empty((count, steps, *state.shape))
 
 
 def _readout(states, C):
@@ -193,6 +205,16 @@ def _reduce_over_d(weights, states):
     return out.view(steps, batch, dstate)
 
 
+def _contract_state(values, A):
+    """sum_n values[t, b, d, n] * A[d, n] -> (T, B, D), as one matmul batched over d.
+
+    Same result as ``(values * A).sum(-1)`` without writing a chunk-sized product; the transposed view
+    is a valid strided GEMM operand, so no copy is made (about 2x faster on CPU, measured)."""
+    steps, batch, dim, dstate = values.shape
+    out = torch.bmm(values.view(steps * batch, dim, dstate).transpose(0, 1), A.unsqueeze(-1))  # (D, T*B, 1)
+    return out.view(dim, steps * batch).t().reshape(steps, batch, dim)
+
+
 class _SelectiveScanNative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -206,13 +228,14 @@ class _SelectiveScanNative(torch.autograd.Function):
         boundaries = u.new_empty((len(starts), batch, dim, A.shape[1]), dtype=dtype) if keep_boundaries else None
         out = u.new_empty(u.shape)
         h = u.new_zeros((batch, dim, A.shape[1]), dtype=dtype)
+        workspace = _workspace(2, steps, h)
         for index, start in enumerate(starts):
             stop = min(start + steps, seqlen)
             if keep_boundaries:
                 boundaries[index] = h
             chunk = _Chunk(u, delta, B, C, z, delta_bias, delta_softplus, start, stop, dtype)
-            states, _ = _chunk_states(chunk, A_c, h)
-            h = states[-1].clone()  # clone so the whole chunk tensor can be freed
+            states, _ = _chunk_states(chunk, A_c, h, workspace)
+            h = states[-1].clone()  # the workspace is overwritten by the next chunk
             y = _readout(states, chunk.C)
             if D_c is not None:
                 y = y + chunk.u * D_c
@@ -234,12 +257,14 @@ class _SelectiveScanNative(torch.autograd.Function):
         D_c = D.to(dtype) if D is not None else None
         variable_B, variable_C = B.dim() == 3, C.dim() == 3
 
-        du = torch.empty_like(u, dtype=dtype)
-        ddelta = torch.empty_like(delta, dtype=dtype)
-        dz = torch.empty_like(z, dtype=dtype) if z is not None else None
+        # Sequence-long gradients are written chunk by chunk straight into the inputs' dtype, so bf16/fp16
+        # inputs never get a whole-sequence fp32 gradient copy; reductions accumulate in ``dtype``.
+        du = torch.empty_like(u)
+        ddelta = torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
         dA = torch.zeros_like(A, dtype=dtype)
-        dB = torch.empty_like(B, dtype=dtype) if variable_B else torch.zeros_like(B, dtype=dtype)
-        dC = torch.empty_like(C, dtype=dtype) if variable_C else torch.zeros_like(C, dtype=dtype)
+        dB = torch.empty_like(B) if variable_B else torch.zeros_like(B, dtype=dtype)
+        dC = torch.empty_like(C) if variable_C else torch.zeros_like(C, dtype=dtype)
         dD = torch.zeros_like(D, dtype=dtype) if D is not None else None
         ddelta_bias = torch.zeros_like(delta_bias, dtype=dtype) if delta_bias is not None else None
 
@@ -250,12 +275,13 @@ class _SelectiveScanNative(torch.autograd.Function):
         else:
             adjoint_in = u.new_zeros((batch, dim, A.shape[1]), dtype=dtype)
         starts = range(0, seqlen, ctx.steps)
+        workspace = _workspace(3, ctx.steps, adjoint_in)
         for index in reversed(range(len(starts))):
             start = starts[index]
             stop = min(start + ctx.steps, seqlen)
             chunk = _Chunk(u, delta, B, C, z, delta_bias, ctx.delta_softplus, start, stop, dtype)
             h0 = boundaries[index]
-            states, decay = _chunk_states(chunk, A_c, h0)
+            states, decay = _chunk_states(chunk, A_c, h0, workspace)
 
             if grad_out is not None:
                 grad = grad_out[:, :, start:stop].permute(2, 0, 1).to(dtype).contiguous()
@@ -278,7 +304,7 @@ class _SelectiveScanNative(torch.autograd.Function):
                 dC += (states * grad.unsqueeze(-1)).sum((0, 1))
 
             # Adjoint recurrence, backwards in time: adj_t = grad_t * C_t + decay_{t+1} * adj_{t+1}.
-            adjoint = grad.unsqueeze(-1) * chunk.C
+            adjoint = torch.mul(grad.unsqueeze(-1), chunk.C, out=workspace[2, : stop - start])
             adj, a = adjoint.unbind(0), decay.unbind(0)
             adj[-1].add_(adjoint_in)
             for t in range(len(adj) - 2, -1, -1):
@@ -286,12 +312,13 @@ class _SelectiveScanNative(torch.autograd.Function):
             adjoint_in = a[0] * adj[0]
 
             # d(delta_t * A): adj_t * decay_t * h_{t-1}, with h_{-1} the boundary state.
-            d_log_decay = adjoint * decay
+            # decay is not needed after this, so it becomes d_log_decay in place (one chunk tensor fewer).
+            d_log_decay = decay.mul_(adjoint)
             d_log_decay[1:] *= states[:-1]
             d_log_decay[0] *= h0
             del states, decay
-            d_delta = (d_log_decay * A_c).sum(-1)
-            dA += (d_log_decay * chunk.delta.unsqueeze(-1)).sum((0, 1))
+            d_delta = _contract_state(d_log_decay, A_c)
+            dA += d_log_decay.mul_(chunk.delta.unsqueeze(-1)).sum((0, 1))
             del d_log_decay
 
             # Input term delta_t * u_t * B_t: w = sum_n adj_t * B_t feeds delta and u.
