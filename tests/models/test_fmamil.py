@@ -1,0 +1,95 @@
+"""FMaMIL stage 1: patch-grid placement, the spectral filter, CAM outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsi_pipeline.models.mil.fmamil import FrequencyEncoding, SpectralFilter2d
+from wsi_pipeline.models.mil.patch_grid import (
+    gather_from_grid,
+    grid_from_coords,
+    infer_step,
+    raster_grid,
+    scatter_to_grid,
+)
+
+from .small_models import grid_coords, make_small
+
+
+def test_step_is_the_most_common_gap_and_grid_follows_coords():
+    # Patches every 512 px with a few tissue gaps, offset from the origin.
+    columns = torch.tensor([0, 1, 2, 5, 6, 9])
+    rows = torch.tensor([0, 0, 3, 3, 4, 1])
+    coords = torch.stack([columns * 512 + 1000, rows * 512 + 300], dim=1)
+    assert infer_step(coords[:, 0]) == 512.0
+    grid = grid_from_coords(coords)
+    assert (grid.height, grid.width) == (5, 10)
+    assert grid.cells.tolist() == (rows * 10 + columns).tolist()
+    assert infer_step(torch.tensor([7.0, 7.0])) == 1.0       # one column: no gap to infer
+
+
+@pytest.mark.parametrize("length, side", [(1, 1), (7, 3), (300, 40)])
+def test_scatter_then_gather_returns_the_features(length, side):
+    generator = torch.Generator().manual_seed(0)
+    coords = grid_coords(length, side, generator, step_px=224)
+    x = torch.randn(length, 5)
+    for grid in (grid_from_coords(coords), raster_grid(length)):
+        torch.testing.assert_close(gather_from_grid(scatter_to_grid(x, grid), grid), x, rtol=0, atol=0)
+        assert scatter_to_grid(x, grid).shape == (5, grid.height, grid.width)
+    assert (raster_grid(7).height, raster_grid(7).width) == (3, 3)
+
+
+def test_shared_cells_average_and_sparse_grids_are_coarsened():
+    coords = torch.tensor([[0, 0], [0, 0], [256, 0]])
+    x = torch.tensor([[1.0], [3.0], [5.0]])
+    grid = grid_from_coords(coords)
+    assert gather_from_grid(scatter_to_grid(x, grid), grid).flatten().tolist() == [2.0, 2.0, 5.0]
+    far = torch.tensor([[0, 0], [256, 0], [256 * 999, 256 * 999]])
+    coarse = grid_from_coords(far, max_cells=100)
+    assert coarse.n_cells <= 100 and len(set(coarse.cells.tolist())) == 2
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (3, 3), (5, 8), (17, 4)])
+def test_identity_filter_leaves_features_unchanged(height, width):
+    torch.manual_seed(0)
+    encoding = FrequencyEncoding(6, filter_size=8, filter_init="identity")
+    length = height * width
+    coords = torch.stack(torch.meshgrid(torch.arange(width), torch.arange(height), indexing="xy"), -1)
+    coords = coords.reshape(-1, 2)[torch.randperm(length)] * 256
+    x = torch.randn(length, 6)
+    grid = grid_from_coords(coords)
+    assert (grid.height, grid.width) == (height, width)
+    torch.testing.assert_close(encoding.spectral(x, grid), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(encoding(x, grid), 2 * x, rtol=1e-5, atol=1e-5)
+
+
+def test_learned_filter_mixes_neighbours_and_is_trainable():
+    torch.manual_seed(0)
+    spectral = SpectralFilter2d(4, filter_size=8)
+    grid_values = torch.zeros(4, 9, 9)
+    grid_values[:, 4, 4] = 1.0                              # an impulse spreads to other cells
+    out = spectral(grid_values)
+    assert out.shape == grid_values.shape
+    assert (out[:, 4, 4] != 0).any() and (out.abs().sum() - out[:, 4, 4].abs().sum()) > 0
+    out.square().sum().backward()
+    assert spectral.weight.grad.abs().sum() > 0
+    assert spectral.complex_weight(9, 5).shape == (4, 9, 5)
+
+
+def test_cams_and_instance_scores():
+    torch.manual_seed(0)
+    model = make_small("fmamil", 12, 3).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model(torch.randn(1, 50, 12), grid_coords(50, 9, generator)[None])
+        single = model(torch.randn(1, 1, 12))
+    cam = out.instance_logits[..., -1]
+    expected = (cam - cam.min()) / (cam.max() - cam.min())
+    torch.testing.assert_close(out.instance_scores, expected)
+    assert out.instance_scores.min() == 0 and out.instance_scores.max() == 1
+    # Slide logits are an attention-weighted mean of the CAMs: inside their per-class range.
+    assert (out.logits >= out.instance_logits.amin(1) - 1e-6).all()
+    assert (out.logits <= out.instance_logits.amax(1) + 1e-6).all()
+    torch.testing.assert_close(single.logits, single.instance_logits[:, 0])
+    assert single.instance_scores.tolist() == [[0.0]]

@@ -1,0 +1,76 @@
+"""MambaMIL (Yang et al., MICCAI 2024; github isyangshu/MambaMIL): Mamba layers over the bag.
+
+    h  = dropout(GELU(Linear(in_dim → d_model)))(x)           (B, L, d_model)
+    h  = h + mixer(LayerNorm(h))                               × n_layers
+    h  = LayerNorm(h)
+    A  = softmax_i(w · tanh(V h_i))                            (B, L)  attention, d_model → 128 → 1
+    logits = Linear(Σ_i A_i h_i)                               (B, C)
+
+Registered mixers (one in_proj/out_proj per layer, separate SSM parameters per scan branch):
+- ``"mambamil"``: SRMamba = forward scan + a scan of the sequence re-ordered with stride ``rate``
+  (zero-padded to a multiple of ``rate``), branch outputs put back in order and summed.
+- ``"bimamba_mil"``: forward + reversed scan.
+- ``"mamba_mil"``: one forward scan (a plain Mamba block).
+
+As in the reference, the attention pooling is ungated (Linear, Tanh, Linear), dropout is applied
+only after the input projection, and there is no positional information other than the order of
+the sequence.
+
+Order-dependent: the scans read instances in the order given, so a shuffled bag gives different
+logits. The reference feeds patches in their features-file order (no sorting); our features.h5
+order is the tiling order, so train and infer with the same order. ``coords`` are ignored.
+``instance_scores`` is the attention A (rows sum to 1). B > 1 works for bags of equal length.
+
+``init``: ``"mamba"`` (default) keeps Mamba's own init; ``"reference"`` reproduces the reference
+repo (Xavier-normal weights and zero biases on every Linear, dt_proj included); see
+:func:`~wsi_pipeline.models.mil.mil_layers.init_weights`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mil_layers import PreNormResidual, TanhAttentionPool, build_mixer, init_weights
+from .registry import MILOutput, register_aggregator
+
+
+class MambaMIL(nn.Module):
+    def __init__(self, in_dim: int, n_classes: int, mixer: str = "srmamba", d_model: int = 512,
+                 n_layers: int = 2, rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2,
+                 dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba"):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
+        self.layers = nn.ModuleList(
+            PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand))
+            for _ in range(n_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.attention = TanhAttentionPool(d_model, attention_dim)
+        self.head = nn.Linear(d_model, n_classes)
+        init_weights(self, init)
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
+        """features (B, L, D) → logits (B, C); instance_scores (B, L) attention. coords ignored."""
+        h = self.embed(features)
+        for layer in self.layers:
+            h = layer(h)
+        bag_embedding, attention = self.attention(self.norm(h))
+        return MILOutput(logits=self.head(bag_embedding), instance_scores=attention)
+
+
+@register_aggregator("mambamil")
+def mambamil(in_dim: int, n_classes: int, **cfg) -> MambaMIL:
+    return MambaMIL(in_dim, n_classes, mixer="srmamba", **cfg)
+
+
+@register_aggregator("bimamba_mil")
+def bimamba_mil(in_dim: int, n_classes: int, **cfg) -> MambaMIL:
+    return MambaMIL(in_dim, n_classes, mixer="bimamba", **cfg)
+
+
+@register_aggregator("mamba_mil")
+def mamba_mil(in_dim: int, n_classes: int, **cfg) -> MambaMIL:
+    return MambaMIL(in_dim, n_classes, mixer="mamba", **cfg)

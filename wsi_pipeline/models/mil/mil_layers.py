@@ -1,0 +1,89 @@
+"""Building blocks shared by the Mamba MIL aggregators (MambaMIL, GMMamba, FMaMIL).
+
+- :func:`build_mixer`: the sequence mixer of one layer — ``"srmamba"`` (forward + stride-reordered
+  branch, MambaMIL's SRMamba), ``"bimamba"`` (forward + reversed branch) or ``"mamba"`` (one scan).
+- :class:`PreNormResidual`: ``x + mixer(LayerNorm(x))``, the layer MambaMIL stacks.
+- :class:`TanhAttentionPool`: ABMIL's ungated attention, ``w · tanh(V h)``, softmax over instances.
+- :func:`init_weights`: the two initialisation schemes the Mamba MIL models offer (see there).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wsi_pipeline.ssm import BranchedMambaBlock, Identity, MambaBlock, Reverse, Stride
+
+MIXERS = ("srmamba", "bimamba", "mamba")
+INIT_SCHEMES = ("mamba", "reference")
+
+
+def build_mixer(kind: str, d_model: int, rate: int = 10, d_state: int = 16, d_conv: int = 4,
+                expand: float = 2) -> nn.Module:
+    """(B, L, d_model) → (B, L, d_model) mixer; ``rate`` is used by ``"srmamba"`` only.
+
+    SRMamba and BiMamba have one in_proj/out_proj and separate SSM parameters (conv, x_proj,
+    dt_proj, A, D) per scan order, summed before out_proj, as in MambaMIL's reference code.
+    """
+    if kind == "srmamba":
+        return BranchedMambaBlock(d_model, [Identity(), Stride(rate)], d_state=d_state, d_conv=d_conv,
+                                  expand=expand)
+    if kind == "bimamba":
+        return BranchedMambaBlock(d_model, [Identity(), Reverse()], d_state=d_state, d_conv=d_conv,
+                                  expand=expand)
+    if kind == "mamba":
+        return MambaBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+    raise ValueError(f"mixer must be one of {MIXERS}, got {kind!r}")
+
+
+class PreNormResidual(nn.Module):
+    """``x + mixer(LayerNorm(x))``: (B, L, d_model) → (B, L, d_model)."""
+
+    def __init__(self, d_model: int, mixer: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.mixer = mixer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mixer(self.norm(x))
+
+
+class TanhAttentionPool(nn.Module):
+    """Attention pooling ``A = softmax_i(w · tanh(V h_i))`` (Linear d→hidden, Tanh, Linear hidden→1).
+
+    forward(h (B, L, d)) → (pooled (B, d), attention (B, L)); attention rows sum to 1.
+    """
+
+    def __init__(self, d_model: int, hidden_dim: int = 128):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(d_model, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = torch.softmax(self.score(h).squeeze(-1), dim=1)        # (B, L)
+        return torch.einsum("bl,bld->bd", attention, h), attention
+
+
+def init_weights(module: nn.Module, scheme: str) -> None:
+    """Re-initialise ``module``'s nn.Linear layers in place.
+
+    - ``"reference"``: what MambaMIL's (and GMMamba's) reference code does with
+      ``self.apply(initialize_weights)``: every nn.Linear gets ``xavier_normal_`` weights and a zero
+      bias, *including* the SSM's ``x_proj``/``dt_proj`` and the ``dt_proj`` bias. The reference
+      ignores mamba-ssm's ``_no_reinit`` flag, so after this all initial step sizes are
+      softplus(0) = ln 2 ≈ 0.69 instead of Mamba's log-uniform [0.001, 0.1]. Reproduced on purpose.
+      LayerNorms are (1, 0) as constructed; convolutions, A_log and D keep Mamba's init.
+    - ``"mamba"``: mamba-ssm's convention: weights keep their construction init (PyTorch default for
+      the MIL layers, Mamba's own init inside the SSM blocks) and Linear biases are zeroed, except
+      those flagged ``_no_reinit`` (the dt_proj bias, Mamba's inverse-softplus dt init).
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init must be one of {INIT_SCHEMES}, got {scheme!r}")
+    for layer in module.modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        if scheme == "reference":
+            nn.init.xavier_normal_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+        elif layer.bias is not None and not getattr(layer.bias, "_no_reinit", False):
+            nn.init.zeros_(layer.bias)
