@@ -133,7 +133,7 @@ class TrainConfig:
     # Fully deterministic torch algorithms (slower).
     deterministic: bool = False
     device: str = "auto"
-    # Bootstrap resamples for the 95% CIs in metrics.json.
+    # Bootstrap resamples (over patients) for the 95% CIs in metrics.json; 0: no CIs.
     bootstrap: int = 1000
 
     def __post_init__(self):
@@ -147,6 +147,18 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1")
         _positive("train.lr", self.lr)
+        if self.weight_decay < 0:
+            raise ConfigError("train.weight_decay: must be >= 0")
+        if self.bootstrap < 0:
+            raise ConfigError("train.bootstrap: must be >= 0 (0: no confidence intervals)")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError("train.device: must be auto, cpu, cuda or cuda:N")
+        if self.classes:
+            names = [str(c) for c in self.classes]
+            if len(names) < 2 or len(set(names)) != len(names):
+                raise ConfigError(f"train.classes: need >= 2 distinct class names, got {self.classes!r}")
+        if any(not isinstance(k, str) for k in self.model_args):
+            raise ConfigError("train.model_args: keys must be argument names (strings)")
 
 
 @dataclass(frozen=True)
@@ -155,7 +167,7 @@ class HeatmapConfig:
     normalize: str = "rank"
     # Gaussian smoothing sigma in µm (0: none).
     smooth_um: float = 0.0
-    # Matplotlib-free colormap name known to wsi_pipeline.exports (e.g. jet, viridis, inferno).
+    # Colormap (wsi_pipeline.exports.colormaps): jet, viridis, magma, inferno, plasma, gray.
     colormap: str = "jet"
     # Overlay opacity on the thumbnail.
     alpha: float = 0.5
@@ -165,12 +177,33 @@ class HeatmapConfig:
     top_k: int = 8
     # Which exports to write: png, tif, geojson, topk.
     exports: list = field(default_factory=lambda: ["png", "tif", "geojson", "topk"])
+    # What is mapped: "instance" (the ensemble's per-patch score) or a class name (per-patch
+    # softmax probability of that class, for models with instance logits).
+    score: str = "instance"
+    # QuPath object type of the GeoJSON patches: tile or detection.
+    object_type: str = "tile"
+    # Normalised-score bounds of the GeoJSON classes: low < [0] <= medium < [1] <= high.
+    class_thresholds: list = field(default_factory=lambda: [0.5, 0.8])
 
     def __post_init__(self):
         if self.normalize not in ("rank", "minmax", "raw"):
             raise ConfigError("heatmap.normalize: must be rank, minmax or raw")
         if not 0 <= self.alpha <= 1:
             raise ConfigError("heatmap.alpha: must be in [0, 1]")
+        if self.smooth_um < 0:
+            raise ConfigError("heatmap.smooth_um: must be >= 0")
+        if self.png_max_px < 64:
+            raise ConfigError("heatmap.png_max_px: must be >= 64")
+        if self.top_k < 0:
+            raise ConfigError("heatmap.top_k: must be >= 0")
+        if not self.score:
+            raise ConfigError("heatmap.score: must be 'instance' or a class name")
+        if self.object_type not in ("tile", "detection"):
+            raise ConfigError("heatmap.object_type: must be tile or detection")
+        t = self.class_thresholds
+        if (len(t) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in t)
+                or not 0 <= t[0] <= t[1] <= 1):
+            raise ConfigError("heatmap.class_thresholds: must be two numbers 0 <= low <= high <= 1")
         unknown = sorted(set(self.exports) - {"png", "tif", "geojson", "topk"})
         if unknown:
             raise ConfigError(f"heatmap.exports: unknown export(s) {unknown}; known: png, tif, geojson, topk")
@@ -178,20 +211,69 @@ class HeatmapConfig:
 
 @dataclass(frozen=True)
 class SegmentConfig:
+    # Registered segmenter (wsi_pipeline.models.seg): vmunet_tiny (CPU), vmunet_small (GPU).
+    model: str = "vmunet_tiny"
+    # Extra keyword arguments for the segmenter (e.g. {dims: [16, 32, 64], patch_size: 4}).
+    model_args: dict = field(default_factory=dict)
+    # Resolution (µm/px) the segmenter trains and predicts at (rounded to an integer downsample).
+    work_mpp: float = 8.0
     # Resolution (µm/px) of the lesion mask written per slide.
     mask_mpp: float = 8.0
     # CAM thresholds for pseudo-labels: above high -> lesion, below low -> background, between -> soft.
     cam_high: float = 0.7
     cam_low: float = 0.3
+    # Loss weight of soft (between-threshold) pseudo-labels; confident ones weigh 1.
+    soft_weight: float = 0.3
+    # Class whose CAM is the lesion; "" = the model's last class.
+    lesion_class: str = ""
+    # Slides labelled (manifest) with another class are all background for training.
+    negatives_background: bool = True
     epochs: int = 10
+    steps_per_epoch: int = 20
+    batch_size: int = 8
+    # Training crop side in working pixels.
+    crop_px: int = 64
     lr: float = 1.0e-3
+    # Self-correction after each epoch from this one on (1-based); 0: never.
+    correct_from_epoch: int = 5
+    correct_confidence: float = 0.9
+    correct_blend: float = 0.5
+    # Sliding-window inference: window side (working px) and overlap fraction.
+    window_px: int = 128
+    overlap: float = 0.5
+    # Probability threshold of the mask, and the smallest lesion piece kept (µm²).
+    threshold: float = 0.5
+    min_lesion_area_um2: float = 2_000.0
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
+        _positive("segment.work_mpp", self.work_mpp)
         _positive("segment.mask_mpp", self.mask_mpp)
+        _positive("segment.lr", self.lr)
         if not 0 <= self.cam_low <= self.cam_high <= 1:
             raise ConfigError("segment: need 0 <= cam_low <= cam_high <= 1")
+        if self.soft_weight < 0:
+            raise ConfigError("segment.soft_weight: must be >= 0")
+        for name in ("epochs", "steps_per_epoch", "batch_size", "crop_px", "window_px"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"segment.{name}: must be >= 1")
+        if self.correct_from_epoch < 0:
+            raise ConfigError("segment.correct_from_epoch: must be >= 0 (0: no self-correction)")
+        if not 0.5 < self.correct_confidence < 1:
+            raise ConfigError("segment.correct_confidence: must be in (0.5, 1)")
+        if not 0 < self.correct_blend <= 1:
+            raise ConfigError("segment.correct_blend: must be in (0, 1]")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError("segment.overlap: must be in [0, 1)")
+        if not 0 < self.threshold < 1:
+            raise ConfigError("segment.threshold: must be in (0, 1)")
+        if self.min_lesion_area_um2 < 0:
+            raise ConfigError("segment.min_lesion_area_um2: must be >= 0")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError("segment.device: must be auto, cpu, cuda or cuda:N")
+        if any(not isinstance(k, str) for k in self.model_args):
+            raise ConfigError("segment.model_args: keys must be argument names (strings)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,394 @@
+"""Stage 3 — train: features.h5 bags → patient-level k-fold CV of one MIL aggregator per cohort.
+
+Reads RUN/features/{encoder}/{slide_id}.h5 and the manifest's labels; writes, per cohort,
+RUN/mil/{model}/{cohort}/:
+  splits.json                 the folds (reused on rerun while the cohort's rows and split settings
+                              are unchanged, else recomputed with a warning: training/splits.py)
+  fold_{k}/model.safetensors  best-epoch weights (safetensors, no pickle)
+  fold_{k}/config.json        model, in_dim, n_classes, classes, model_args, encoder, fold, the
+                              train/val/test slide ids, best epoch, loss history, config hash, versions
+  predictions.csv             out-of-fold test predictions: slide_id, patient_id, cohort, fold, label,
+                              prob_<class>...
+  metrics.json                per fold and pooled: AUC, balanced accuracy, macro F1 with patient-level
+                              bootstrap 95% CIs, n slides
+All files are written atomically. A rerun skips every fold whose checkpoint and config.json exist
+with a matching config hash (model, model_args, classes, encoder, train settings, the fold's slide
+split and each slide's features hash), then rebuilds predictions.csv and metrics.json — so a killed
+run resumes at the fold it was in.
+
+Every input problem (unknown model, bad model_args, labels outside the classes, a cohort too small for
+k folds, missing or non-finite features) is a `PipelineError` raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import sys
+import traceback
+from collections import defaultdict
+from pathlib import Path
+
+from wsi_pipeline.config import Config
+from wsi_pipeline.errors import PipelineError, SlideError
+from wsi_pipeline.manifest import Manifest, SlideRecord
+from wsi_pipeline.run_folder import RunFolder
+
+STAGE = "train"
+FOLD_FORMAT_VERSION = 1
+log = logging.getLogger("wsi_pipeline")
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--manifest", required=True, help="slide manifest CSV; every slide needs a label")
+    p.add_argument("--features", required=True, metavar="RUN",
+                   help="run folder holding features/{encoder}/ (mil/ is written here unless --out)")
+    p.add_argument("--out", default=None, metavar="RUN", help="run folder to write mil/ into (default: --features)")
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--model", default=None, help="MIL aggregator (default: train.model)")
+    p.add_argument("--cohort", default=None, help="comma-separated cohorts to train (default: all)")
+    p.add_argument("--folds", type=int, default=None, help="override train.folds")
+    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    p.add_argument("--device", default=None, help="override train.device (auto, cpu, cuda, cuda:N)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cli(args) -> int:
+    import dataclasses
+
+    from wsi_pipeline.config import load_config
+    from wsi_pipeline.manifest import load_manifest
+
+    run_dir = Path(args.out or args.features)
+    try:
+        cfg = load_config(args.config)
+        overrides = {k: v for k, v in (("model", args.model), ("folds", args.folds),
+                                       ("epochs", args.epochs), ("device", args.device)) if v is not None}
+        if overrides:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
+        manifest = load_manifest(args.manifest, require_labels=True)
+        cohorts = [c.strip() for c in args.cohort.split(",") if c.strip()] if args.cohort else None
+        results = run_train(manifest, cfg, run_dir, cohorts=cohorts, progress=not args.no_progress,
+                            features_run_dir=args.features)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = 0
+    for cohort, result in results.items():
+        if result["status"] != "done":
+            failed += 1
+            print(f"{cfg.train.model} / {cohort}: FAILED: {result['error']}", file=sys.stderr)
+            continue
+        print(f"{cfg.train.model} / {cohort}: {format_pooled(result['metrics'])} "
+              f"({len(result['folds_trained'])} fold(s) trained, {len(result['folds_skipped'])} reused)")
+        print(f"    {result['model_dir']}")
+    return 1 if failed else 0
+
+
+def format_pooled(pooled: dict) -> str:
+    """'pooled CV AUC 0.930 [95% CI 0.810, 1.000] over 16 slides'."""
+    auc = pooled["auc"]
+    if auc["value"] is None:
+        text = "pooled CV AUC undefined (one class only)"
+    else:
+        text = f"pooled CV AUC {auc['value']:.3f}"
+        if auc["ci95"]:
+            text += f" [95% CI {auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]"
+    return f"{text} over {pooled['n_slides']} slides"
+
+
+# -- stage -------------------------------------------------------------------------------------
+def run_train(manifest: Manifest, cfg: Config, run_dir: str | Path, *, model: str | None = None,
+              cohorts: list[str] | None = None, progress: bool = True,
+              features_run_dir: str | Path | None = None) -> dict:
+    """Cross-validate aggregator `model` (default cfg.train.model) on each cohort.
+
+    Features are read from `features_run_dir` (default `run_dir`)/features/{cfg.extract.encoder}/;
+    outputs go to run_dir/mil/{model}/{cohort}/. Input problems raise `PipelineError` before any
+    training. Returns {cohort: result}; result["status"] is "done" (with model_dir, splits,
+    folds_trained, folds_skipped, metrics (pooled), predictions, metrics_path) or "failed" (error):
+    a cohort failing during training does not stop the others.
+    """
+    train = cfg.train
+    model_name = model or train.model
+    run = RunFolder(run_dir)
+    features_run = RunFolder(features_run_dir if features_run_dir is not None else run_dir)
+    plans = _preflight(manifest, cfg, model_name, cohorts, features_run)
+
+    results = {}
+    for plan in plans:
+        try:
+            results[plan["cohort"]] = _train_cohort(plan, cfg, model_name, run, features_run, progress)
+        except PipelineError as exc:
+            log.error("train %s / %s failed: %s", model_name, plan["cohort"], exc)
+            results[plan["cohort"]] = {"status": "failed", "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 — other cohorts still train; keep the traceback
+            log_path = run.root / "logs" / f"{STAGE}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(f"--- {model_name} / cohort {plan['cohort']}\n{traceback.format_exc()}\n")
+            message = f"unexpected {type(exc).__name__}: {exc} (traceback in {log_path})"
+            log.error("train %s / %s failed: %s", model_name, plan["cohort"], message)
+            results[plan["cohort"]] = {"status": "failed", "error": message}
+        finally:
+            plan["bags"] = None  # free the cohort's features before the next one
+    return results
+
+
+def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, features_run: RunFolder) -> list[dict]:
+    """Check every input of every requested cohort; returns one plan per cohort or raises."""
+    from wsi_pipeline.models.mil import create_aggregator, list_aggregators
+    from wsi_pipeline.training.splits import check_cohort_size
+
+    train = cfg.train
+    if model_name not in list_aggregators():
+        raise PipelineError(f"unknown model {model_name!r}; registered aggregators: {', '.join(list_aggregators())}")
+    known = sorted({r.cohort for r in manifest})
+    wanted = known if cohorts is None else list(dict.fromkeys(cohorts))
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise PipelineError(f"cohort(s) {', '.join(map(repr, unknown))} not in the manifest; "
+                            f"its cohorts: {', '.join(known)}")
+
+    # Cheap checks first (labels, classes, sizes, files), all reported together.
+    problems, plans = [], []
+    encoder = cfg.extract.encoder
+    for cohort in wanted:
+        records = sorted((r for r in manifest if r.cohort == cohort), key=lambda r: r.slide_id)
+        unlabelled = [r.slide_id for r in records if not r.label]
+        if unlabelled:
+            problems.append(f"cohort {cohort!r}: slide(s) without a label: {', '.join(unlabelled)}")
+            continue
+        classes = [str(c) for c in train.classes] or sorted({r.label for r in records})
+        outside = [r for r in records if r.label not in classes]
+        for r in outside:
+            problems.append(f"slide {r.slide_id!r} (cohort {cohort!r}): label {r.label!r} is not one of "
+                            f"the classes {classes}")
+        if outside:
+            continue
+        if len(classes) < 2:
+            problems.append(f"cohort {cohort!r}: only one class ({classes[0]!r}); training needs >= 2 "
+                            f"(set train.classes or add slides of another class)")
+            continue
+        try:
+            check_cohort_size(records, classes, train.folds, cohort)
+        except PipelineError as exc:
+            problems.append(str(exc))
+        missing = [r for r in records if not features_run.features_h5(encoder, r.slide_id).is_file()]
+        if missing:
+            folder = features_run.features_dir(encoder)
+            hint = "" if folder.is_dir() else f"; the folder {folder} does not exist"
+            problems.append(f"cohort {cohort!r}: {len(missing)} slide(s) without features in {folder} "
+                            f"(run the extract stage with encoder {encoder!r}{hint}): "
+                            f"{', '.join(r.slide_id for r in missing)}")
+        plans.append({"cohort": cohort, "records": records, "classes": classes, "bags": None})
+    _raise_problems(problems)
+
+    # Then the features' contents. One cohort (the Snakemake job) keeps its bags from this scan;
+    # with several, each cohort is re-read when it trains so only one is in memory at a time.
+    for plan in plans:
+        bags, dims, bag_problems = _load_bags(plan["records"], plan["classes"], encoder, features_run)
+        problems += bag_problems
+        if len(dims) > 1:
+            by_dim = sorted(dims.items(), key=lambda kv: -len(kv[1]))
+            problems.append(f"cohort {plan['cohort']!r}: features of different dimensions: " + "; ".join(
+                f"D={d}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}" for d, ids in by_dim))
+        plan["in_dim"] = next(iter(dims)) if len(dims) == 1 else None
+        plan["bags"] = bags if len(plans) == 1 else None
+    _raise_problems(problems)
+
+    for plan in plans:
+        try:
+            create_aggregator(model_name, plan["in_dim"], len(plan["classes"]), **train.model_args)
+        except TypeError as exc:
+            raise PipelineError(f"train.model_args {train.model_args!r} do not fit aggregator "
+                                f"{model_name!r}: {exc}") from None
+        except ValueError as exc:
+            raise PipelineError(f"aggregator {model_name!r} rejects its settings "
+                                f"(train.model_args {train.model_args!r}): {exc}") from None
+    return plans
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise PipelineError(f"train: {len(problems)} problem(s), nothing was trained\n{lines}")
+
+
+def _load_bags(records: list[SlideRecord], classes: list[str], encoder: str, features_run: RunFolder):
+    """Load every slide's bag → ({slide_id: Bag}, {dim: [slide_ids]}, problems)."""
+    from wsi_pipeline.training.bags import Bag, load_bag
+
+    class_index = {c: i for i, c in enumerate(classes)}
+    bags, dims, problems = {}, defaultdict(list), []
+    for r in records:
+        try:
+            features, coords, attrs = load_bag(features_run.features_h5(encoder, r.slide_id), r.slide_id)
+        except SlideError as exc:
+            problems.append(str(exc))
+            continue
+        dims[features.shape[1]].append(r.slide_id)
+        bags[r.slide_id] = Bag(r.slide_id, r.patient_id, class_index[r.label], features, coords,
+                               str(attrs.get("config_hash", "")))
+    return bags, dict(dims), problems
+
+
+def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str, in_dim: int,
+                     train, fold) -> dict:
+    """What a fold's checkpoint depends on; hashed into config.json's config_hash."""
+    return {
+        "model": model_name, "model_args": model_args, "classes": list(classes), "encoder": encoder,
+        "in_dim": in_dim, "lr": train.lr, "weight_decay": train.weight_decay, "epochs": train.epochs,
+        "patience": train.patience, "balance": train.balance, "grad_accumulation": train.grad_accumulation,
+        "seed": train.seed, "deterministic": train.deterministic, "fold": fold.fold,
+        "train": list(fold.train), "val": list(fold.val), "test": list(fold.test),
+    }
+
+
+def _hash(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, features_run: RunFolder,
+                  progress: bool) -> dict:
+    import numpy as np
+
+    from wsi_pipeline.io import remove_stale_temps, write_csv_atomic, write_json_atomic
+    from wsi_pipeline.models.mil import create_aggregator
+    from wsi_pipeline.training.checkpoints import (fold_dirs, fold_is_complete, load_fold_model,
+                                                   read_fold_meta, save_fold_model)
+    from wsi_pipeline.training.metrics import classification_metrics
+    from wsi_pipeline.training.splits import load_or_make_splits
+    from wsi_pipeline.training.trainer import (deterministic_algorithms, predict_probs, resolve_device,
+                                               seed_everything, train_fold)
+
+    train, encoder = cfg.train, cfg.extract.encoder
+    cohort, records, classes = plan["cohort"], plan["records"], plan["classes"]
+    out_dir = run.mil_dir(model_name, cohort)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    device = resolve_device(train.device)
+
+    splits, split_status = load_or_make_splits(out_dir / "splits.json", records, classes, train.folds,
+                                               train.val_fraction, train.seed, cohort)
+    log.info("train %s / %s: %d slides, classes %s, %d folds (splits %s)", model_name, cohort,
+             len(records), classes, train.folds, split_status)
+    for stale in fold_dirs(out_dir):  # a previous run with more folds
+        if int(stale.name.split("_")[1]) >= splits.n_folds:
+            log.warning("removing %s: not a fold of the current %d-fold split", stale, splits.n_folds)
+            shutil.rmtree(stale)
+
+    bags = plan["bags"]
+    if bags is None:
+        bags, _, problems = _load_bags(records, classes, encoder, features_run)
+        _raise_problems(problems)
+    in_dim = plan["in_dim"]
+    by_id = {r.slide_id: r for r in records}
+
+    rows, fold_metrics, trained, skipped = [], [], [], []
+    for fold in splits.folds:
+        fold_dir = out_dir / f"fold_{fold.fold}"
+        remove_stale_temps(fold_dir)
+        payload = fold_config_hash(model_name=model_name, model_args=train.model_args, classes=classes,
+                                   encoder=encoder, in_dim=in_dim, train=train, fold=fold)
+        payload["features"] = {sid: bags[sid].features_hash for sid in fold.train + fold.val + fold.test}
+        config_hash = _hash(payload)
+        test_bags = [bags[s] for s in fold.test]
+        desc = f"{cohort} fold {fold.fold}"
+        if fold_is_complete(fold_dir) and _meta_hash(fold_dir, read_fold_meta) == config_hash:
+            model, meta = load_fold_model(fold_dir, device=device)
+            skipped.append(fold.fold)
+            log.info("%s: checkpoint complete and current, not retrained", desc)
+        else:
+            seed_everything(train.seed + fold.fold)
+            with deterministic_algorithms(train.deterministic):
+                model = create_aggregator(model_name, in_dim, len(classes), **train.model_args)
+                result = train_fold(
+                    model, [bags[s] for s in fold.train], [bags[s] for s in fold.val],
+                    n_classes=len(classes), lr=train.lr, weight_decay=train.weight_decay,
+                    epochs=train.epochs, patience=train.patience, balance=train.balance,
+                    grad_accumulation=train.grad_accumulation, seed=train.seed + fold.fold,
+                    device=device, progress=progress, desc=desc)
+            meta = {
+                "format_version": FOLD_FORMAT_VERSION,
+                "model": model_name, "in_dim": in_dim, "n_classes": len(classes), "classes": classes,
+                "model_args": train.model_args, "encoder": encoder, "cohort": cohort,
+                "fold": fold.fold, "n_folds": splits.n_folds,
+                "train_slide_ids": list(fold.train), "val_slide_ids": list(fold.val),
+                "test_slide_ids": list(fold.test),
+                "best_epoch": result.best_epoch, "best_monitored_loss": result.best_val_loss,
+                "monitored": result.monitored, "epochs_run": result.epochs_run,
+                "stopped_early": result.stopped_early, "history": result.history,
+                "config_hash": config_hash, "train_config": _jsonable(train), "device": str(device),
+                "versions": _versions(),
+            }
+            save_fold_model(model, fold_dir, meta)
+            trained.append(fold.fold)
+            log.info("%s: best epoch %d of %d (%s %.4f)", desc, result.best_epoch, result.epochs_run,
+                     result.monitored, result.best_val_loss)
+        probs = predict_probs(model, test_bags, device)
+        for bag, p in zip(test_bags, probs):
+            r = by_id[bag.slide_id]
+            rows.append([r.slide_id, r.patient_id, cohort, fold.fold, r.label, *[float(x) for x in p]])
+        y = np.array([b.label for b in test_bags])
+        fold_metrics.append({"fold": fold.fold, "best_epoch": meta["best_epoch"],
+                             **classification_metrics(y, probs, n_bootstrap=train.bootstrap, seed=train.seed,
+                                                      groups=[b.patient_id for b in test_bags])})
+        del model
+
+    rows.sort(key=lambda row: row[0])
+    header = ["slide_id", "patient_id", "cohort", "fold", "label", *[f"prob_{c}" for c in classes]]
+    predictions_path = out_dir / "predictions.csv"
+    write_csv_atomic(predictions_path, header, rows)
+
+    class_index = {c: i for i, c in enumerate(classes)}
+    y_all = np.array([class_index[row[4]] for row in rows])
+    probs_all = np.array([row[5:] for row in rows], dtype=np.float64)
+    pooled = classification_metrics(y_all, probs_all, n_bootstrap=train.bootstrap, seed=train.seed,
+                                     groups=[row[1] for row in rows])
+    pooled["n_patients"] = len({row[1] for row in rows})
+    metrics = {
+        "model": model_name, "cohort": cohort, "encoder": encoder, "classes": classes,
+        "n_folds": splits.n_folds,
+        "auc": ("ROC AUC of prob_" + classes[-1] if len(classes) == 2 else "one-vs-rest macro ROC AUC"),
+        "ci": (f"95% percentile bootstrap over patients, {train.bootstrap} resamples, seed {train.seed}; "
+               f"resamples where a metric is undefined are skipped"),
+        "pooled": pooled,
+        "folds": fold_metrics,
+    }
+    metrics_path = out_dir / "metrics.json"
+    write_json_atomic(metrics_path, metrics)
+    return {"status": "done", "model_dir": str(out_dir), "splits": split_status, "folds_trained": trained,
+            "folds_skipped": skipped, "metrics": pooled, "predictions": str(predictions_path),
+            "metrics_path": str(metrics_path)}
+
+
+def _meta_hash(fold_dir: Path, read_fold_meta) -> str | None:
+    try:
+        return read_fold_meta(fold_dir).get("config_hash")
+    except PipelineError:
+        return None
+
+
+def _jsonable(section) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(section), default=str))
+
+
+def _versions() -> dict:
+    import h5py
+    import numpy as np
+    import safetensors
+    import sklearn
+    import torch
+
+    from wsi_pipeline import __version__
+
+    return {"wsi_pipeline": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "scikit_learn": sklearn.__version__, "safetensors": safetensors.__version__,
+            "h5py": h5py.__version__, "python": platform.python_version()}

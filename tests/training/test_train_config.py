@@ -1,0 +1,28 @@
+"""The train: section of the config: validation of the keys the train stage relies on."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsi_pipeline.config import ConfigError, TrainConfig, config_from_dict
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"folds": 1}, "train.folds: must be >= 2"),
+    ({"bootstrap": -1}, "train.bootstrap: must be >= 0"),
+    ({"device": "tpu"}, "train.device: must be auto, cpu, cuda or cuda:N"),
+    ({"classes": ["a"]}, "train.classes: need >= 2 distinct"),
+    ({"classes": ["a", "a"]}, "train.classes: need >= 2 distinct"),
+    ({"balance": "oversample"}, "train.balance: must be class_weights, sampler or none"),
+    ({"weight_decay": -0.1}, "train.weight_decay: must be >= 0"),
+])
+def test_bad_train_settings(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"train": bad})
+
+
+def test_good_train_settings():
+    cfg = config_from_dict({"train": {"model": "abmil", "classes": ["neg", "pos"], "device": "cuda:1",
+                                      "bootstrap": 0, "model_args": {"hidden_dim": 64}}})
+    assert cfg.train == TrainConfig(model="abmil", classes=["neg", "pos"], device="cuda:1", bootstrap=0,
+                                    model_args={"hidden_dim": 64})

@@ -1,0 +1,116 @@
+"""Fold checkpoints: `fold_{k}/model.safetensors` (weights) + `fold_{k}/config.json` (how to rebuild).
+
+Weights are safetensors only — never a pickle, so loading a checkpoint runs no code. config.json
+holds what `create_aggregator` needs (model, in_dim, n_classes, model_args) plus the classes, the
+fold's slides and provenance. It is written after the weights, so a fold folder with a config.json
+is complete (both files are written atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..errors import PipelineError
+from ..io import atomic_path, write_json_atomic
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "config.json"
+_REQUIRED_META = ("model", "in_dim", "n_classes", "classes", "model_args")
+_FOLD_DIR_RE = re.compile(r"^fold_(\d+)$")
+
+
+def fold_is_complete(fold_dir: str | Path) -> bool:
+    fold_dir = Path(fold_dir)
+    return (fold_dir / WEIGHTS_FILE).is_file() and (fold_dir / META_FILE).is_file()
+
+
+def save_fold_model(model, fold_dir: str | Path, meta: dict) -> None:
+    """Write the model's weights (safetensors) then `meta` (config.json) into `fold_dir`.
+
+    `meta` must hold model, in_dim, n_classes, classes and model_args (JSON-serialisable).
+    """
+    from safetensors.torch import save_model
+
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"fold meta lacks {missing}")
+    fold_dir = Path(fold_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    (fold_dir / META_FILE).unlink(missing_ok=True)  # the folder is incomplete until meta is back
+    with atomic_path(fold_dir / WEIGHTS_FILE) as tmp:
+        # save_model (not save_file) de-duplicates tied weights, which save_file refuses.
+        save_model(model, str(tmp), metadata={"format": "pt", "model": str(meta["model"])})
+    write_json_atomic(fold_dir / META_FILE, meta)
+
+
+def read_fold_meta(fold_dir: str | Path) -> dict:
+    fold_dir = Path(fold_dir)
+    path = fold_dir / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{fold_dir}: no {META_FILE} (incomplete fold; rerun training)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PipelineError(f"{path}: unreadable ({exc})") from None
+    missing = [k for k in _REQUIRED_META if k not in meta]
+    if missing:
+        raise PipelineError(f"{path}: missing key(s) {', '.join(missing)}")
+    return meta
+
+
+def load_fold_model(fold_dir: str | Path, device="cpu"):
+    """Rebuild a fold's aggregator from config.json + model.safetensors → (model in eval mode, meta)."""
+    from safetensors.torch import load_model
+
+    from ..models.mil import create_aggregator, list_aggregators
+
+    fold_dir = Path(fold_dir)
+    meta = read_fold_meta(fold_dir)
+    weights = fold_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise PipelineError(f"{fold_dir}: no {WEIGHTS_FILE} (incomplete fold; rerun training)")
+    try:
+        model = create_aggregator(meta["model"], int(meta["in_dim"]), int(meta["n_classes"]),
+                                  **meta["model_args"])
+    except KeyError:
+        raise PipelineError(f"{fold_dir}: aggregator {meta['model']!r} is not registered in this "
+                            f"installation; registered: {', '.join(list_aggregators())}") from None
+    except TypeError as exc:
+        raise PipelineError(f"{fold_dir}: cannot rebuild {meta['model']!r} from its model_args: {exc}") from None
+    try:
+        load_model(model, weights, strict=True, device=str(device))
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise PipelineError(f"{weights}: weights do not fit aggregator {meta['model']!r}: {exc}") from None
+    return model.to(device).eval(), meta
+
+
+def fold_dirs(model_dir: str | Path) -> list[Path]:
+    """`model_dir/fold_*/` folders, sorted by fold number (fold_10 after fold_9)."""
+    model_dir = Path(model_dir)
+    found = [(int(m.group(1)), p) for p in model_dir.glob("fold_*")
+             if p.is_dir() and (m := _FOLD_DIR_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_ensemble(model_dir: str | Path, device="cpu") -> list:
+    """All fold models of a trained cohort → [(model in eval mode, meta), ...] sorted by fold.
+
+    Raises `PipelineError` if there is no fold, a fold is incomplete, or folds disagree on the
+    classes, the model or the input dimension.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise PipelineError(f"model folder not found: {model_dir} (expected RUN/mil/{{model}}/{{cohort}})")
+    dirs = fold_dirs(model_dir)
+    if not dirs:
+        raise PipelineError(f"{model_dir}: no fold_*/ checkpoints (train this model and cohort first)")
+    ensemble = [load_fold_model(d, device=device) for d in dirs]
+    first = ensemble[0][1]
+    for d, (_, meta) in zip(dirs, ensemble):
+        for key in ("model", "in_dim", "classes"):
+            if meta[key] != first[key]:
+                raise PipelineError(f"{model_dir}: {d.name} has {key} {meta[key]!r} but {dirs[0].name} "
+                                    f"has {first[key]!r} (mixed trainings in one folder)")
+    return ensemble

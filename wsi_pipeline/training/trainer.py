@@ -1,0 +1,194 @@
+"""Training one fold of a MIL aggregator: AdamW, cross-entropy, early stopping on validation loss.
+
+One bag per forward pass (bags differ in length); `grad_accumulation` bags per optimizer step.
+Class balance:
+- class_weights: each bag's loss is scaled by n / (C * n_c) of its class (computed on the training
+  bags). The loss is applied per bag, not as a batch-weighted mean, which for one bag per batch
+  would cancel the weight. The validation loss is the class-weighted mean, so early stopping
+  follows the same objective.
+- sampler: each epoch draws len(train) bags with replacement, with probability ∝ 1 / n_c.
+- none: plain cross-entropy, each bag once per epoch in a shuffled order.
+The model's `aux_loss`, when it returns one, is added to each bag's loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import PipelineError
+from .bags import Bag
+
+log = logging.getLogger("wsi_pipeline")
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto → cuda if available else cpu; asking for cuda without one is a `PipelineError`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"train.device {device!r}: no CUDA device available (use auto or cpu)")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """`torch.use_deterministic_algorithms(enabled)` inside the block, the previous setting after."""
+    if not enabled:
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_benchmark = torch.backends.cudnn.benchmark
+    # cuBLAS needs this before its first use to be deterministic (see torch's reproducibility notes).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.backends.cudnn.benchmark = previous_benchmark
+
+
+def class_weights(labels: Sequence[int], n_classes: int) -> np.ndarray:
+    """n / (C_present * n_c) per class (mean weight 1 over the bags); 0 for a class with no bags."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int                 # 1-based epoch whose weights were kept
+    best_val_loss: float            # monitored loss at best_epoch (training loss if no validation bags)
+    epochs_run: int
+    stopped_early: bool
+    monitored: str                  # "val_loss" or "train_loss"
+    history: list = field(default_factory=list)  # [{"epoch", "train_loss", "val_loss"}]
+
+
+def _forward(model, bag: Bag, device: torch.device):
+    features = torch.from_numpy(bag.features).to(device, non_blocking=True)[None]       # (1, N, D)
+    coords = torch.from_numpy(bag.coords).to(device, dtype=torch.float32)[None]         # (1, N, 2)
+    return model(features, coords)
+
+
+def _bag_loss(out, label: int, device: torch.device) -> torch.Tensor:
+    target = torch.tensor([label], device=device)
+    loss = F.cross_entropy(out.logits.float(), target)
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss
+    return loss
+
+
+@torch.no_grad()
+def evaluate_loss(model, bags: Sequence[Bag], device: torch.device, weights: np.ndarray | None = None) -> float:
+    """Mean cross-entropy over `bags` (weighted by class `weights` if given), model in eval mode."""
+    model.eval()
+    total, norm = 0.0, 0.0
+    for bag in bags:
+        out = _forward(model, bag, device)
+        loss = F.cross_entropy(out.logits.float(), torch.tensor([bag.label], device=device)).item()
+        w = 1.0 if weights is None else float(weights[bag.label])
+        total += w * loss
+        norm += w
+    return total / norm if norm > 0 else float("nan")
+
+
+@torch.no_grad()
+def predict_probs(model, bags: Sequence[Bag], device: torch.device) -> np.ndarray:
+    """Softmax slide probabilities (n_bags, C), model in eval mode."""
+    model.eval()
+    probs = [torch.softmax(_forward(model, bag, device).logits.float(), dim=-1)[0].cpu().numpy()
+             for bag in bags]
+    return np.stack(probs).astype(np.float64)
+
+
+def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_classes: int,
+               lr: float, weight_decay: float, epochs: int, patience: int, balance: str,
+               grad_accumulation: int, seed: int, device: torch.device, progress: bool = False,
+               desc: str = "train") -> TrainResult:
+    """Fit `model` in place; on return it holds the best epoch's weights and is in eval mode.
+
+    Early stopping: after each epoch the validation loss is computed; the weights of the best epoch
+    are kept, and training stops after `patience` epochs without improvement. Without validation
+    bags the training loss is monitored instead (a warning says so).
+    """
+    if not train_bags:
+        raise PipelineError(f"{desc}: no training bags")
+    model.to(device)
+    labels = np.array([b.label for b in train_bags])
+    weights = class_weights(labels, n_classes)
+    loss_weights = weights if balance == "class_weights" else np.ones(n_classes)
+    val_weights = weights if balance == "class_weights" else None
+    if not val_bags:
+        log.warning("%s: no validation bags; early stopping monitors the training loss", desc)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    rng = np.random.default_rng(seed)
+    sample_p = weights[labels] / weights[labels].sum()
+
+    best_loss, best_epoch, best_state = float("inf"), 0, None
+    history, since_best, stopped_early = [], 0, False
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", leave=False, disable=not progress,
+               dynamic_ncols=True)
+    for epoch in bar:
+        model.train()
+        if balance == "sampler":
+            order = rng.choice(len(train_bags), size=len(train_bags), replace=True, p=sample_p)
+        else:
+            order = rng.permutation(len(train_bags))
+        optimizer.zero_grad(set_to_none=True)
+        epoch_loss = 0.0
+        for step, i in enumerate(order):
+            bag = train_bags[i]
+            group_start = step - step % grad_accumulation
+            group_size = min(grad_accumulation, len(order) - group_start)
+            loss = _bag_loss(_forward(model, bag, device), bag.label, device) * float(loss_weights[bag.label])
+            if not torch.isfinite(loss):
+                raise PipelineError(f"{desc}: non-finite training loss at epoch {epoch} (slide "
+                                    f"{bag.slide_id!r}); lower train.lr or check the features")
+            (loss / group_size).backward()
+            epoch_loss += loss.item()
+            if step - group_start + 1 == group_size:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        train_loss = epoch_loss / len(order)
+        val_loss = evaluate_loss(model, val_bags, device, val_weights) if val_bags else None
+        monitored = val_loss if val_bags else train_loss
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
+        if monitored < best_loss:
+            best_loss, best_epoch, since_best = monitored, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            since_best += 1
+            if since_best >= patience:
+                stopped_early = epoch < epochs
+                break
+    bar.close()
+    if best_state is None:  # every monitored loss was NaN (e.g. degenerate validation set)
+        raise PipelineError(f"{desc}: the monitored loss was never finite; check the validation slides")
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(best_epoch=best_epoch, best_val_loss=float(best_loss), epochs_run=len(history),
+                       stopped_early=stopped_early, monitored="val_loss" if val_bags else "train_loss",
+                       history=history)
