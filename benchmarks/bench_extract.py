@@ -20,7 +20,7 @@ import torch
 
 from wsi_pipeline.config import Config
 from wsi_pipeline.demo import DemoSlideSpec, write_demo_slide
-from wsi_pipeline.encoders import create_encoder
+from wsi_pipeline.encoders import create_encoder, get_spec
 from wsi_pipeline.extraction import (PatchDataset, PatchSource, autocast_for, default_workers,
                                      extract_features, resolve_device)
 from wsi_pipeline.slides import open_slide
@@ -78,7 +78,8 @@ def main() -> None:
             batches = [b.pin_memory() for b in batches]
         print(f"{len(items)} patches of 224 px at 0.5 µm/px, batch {args.batch_size}")
         for name in args.encoders.split(","):
-            encoder = create_encoder(name, "random", device=device)
+            # Random weights: speed does not depend on their values; stain_texture has none.
+            encoder = create_encoder(name, None if get_spec(name).parameter_free else "random", device=device)
             if device.type == "cuda":
                 encoder.to(memory_format=torch.channels_last)
             rate_enc = encoder_only(encoder, batches, device, args.precision)

@@ -30,8 +30,17 @@ from .batch import BatchReport, run_batch
 STAGE = "extract"
 
 
-def weights_identity(checkpoint: str | None) -> str:
-    """What identifies the weights without loading them: file sha256, hub id, or "random"."""
+def weights_identity(checkpoint: str | None, encoder: str | None = None) -> str:
+    """What identifies the weights without loading them: file sha256, hub id, "random", or "none"
+    for parameter-free encoders."""
+    if encoder is not None:
+        from wsi_pipeline.encoders import get_spec, list_encoders
+
+        if encoder in list_encoders() and get_spec(encoder).parameter_free:
+            if checkpoint not in (None, "none"):
+                raise PipelineError(f"extract.checkpoint: encoder {encoder!r} has no weights; set it to "
+                                    f"none (got {checkpoint!r})")
+            return "none"
     if checkpoint is None:
         raise PipelineError("extract.checkpoint is not set: give a weights file, an 'hf-hub:' id, "
                             "or 'random' to extract with random weights on purpose")
@@ -50,7 +59,7 @@ class Extractor:
         self.cfg = cfg
         self.run = run
         self.progress = progress
-        self.weights_id = weights_identity(cfg.extract.checkpoint)
+        self.weights_id = weights_identity(cfg.extract.checkpoint, cfg.extract.encoder)
         self._encoder = None
 
     @property

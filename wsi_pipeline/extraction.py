@@ -99,7 +99,8 @@ def extract_features(encoder: Encoder, source: PatchSource, *, batch_size: int =
                      num_workers: int | None = None, precision: str = "auto",
                      on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """(N, D) float32 features of `source`'s patches, in coords order."""
-    device = next(encoder.parameters()).device
+    # Buffers too: a parameter-free encoder (stain_texture) has only its normalisation buffers.
+    device = next((t.device for t in (*encoder.parameters(), *encoder.buffers())), torch.device("cpu"))
     workers = default_workers(device) if num_workers is None else num_workers
     loader = make_loader(source, batch_size, workers, pin_memory=device.type == "cuda")
     out = np.empty((len(source.coords), encoder.out_dim), dtype=np.float32)

@@ -1,9 +1,11 @@
-"""Registered encoders. Weights always come from the caller (file, hub id, or 'random')."""
+"""Registered encoders. Weights always come from the caller (file, hub id, or 'random');
+`stain_texture` has none."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from .handcrafted import STAIN_TEXTURE_DIM, StainTextureFeatures
 from .registry import EncoderSpec, register_encoder
 
 
@@ -38,3 +40,9 @@ register_encoder(EncoderSpec(
 register_encoder(EncoderSpec(
     name="uni_vit_l16", build=_vit("vit_large_patch16_224", init_values=1e-5), out_dim=1024,
     native_mpp=0.5, notes="alias of vit_large_patch16 under UNI's name"))
+register_encoder(EncoderSpec(
+    name="stain_texture", build=StainTextureFeatures, out_dim=STAIN_TEXTURE_DIM,
+    # The descriptors take RGB in [0, 1]: Encoder.normalise divides by 255 and nothing else.
+    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), parameter_free=True,
+    notes="colour-deconvolution and texture descriptors, no weights (checkpoint: none); "
+          "the offline demo's encoder, not a foundation-model substitute"))

@@ -33,6 +33,7 @@ class EncoderSpec:
     native_mpp: float | None = None       # resolution the weights were trained at, if known
     ignore_prefixes: tuple[str, ...] = ()  # checkpoint keys of parts this encoder removes
     notes: str = ""
+    parameter_free: bool = False          # no weights at all (checkpoint: none)
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
@@ -100,8 +101,16 @@ def create_encoder(name: str, checkpoint: str | Path | None = None, device: str 
 
     - a local file (`.safetensors`, or `.pth`/`.bin`/`.pt` loaded with `weights_only=True`);
     - `"hf-hub:org/repo"`: timm downloads it (needs a reachable hub; air-gapped sites pass a file);
-    - `"random"`: random init, only when asked — recorded as `weights_sha256 = "random"`.
+    - `"random"`: random init, only when asked — recorded as `weights_sha256 = "random"`;
+    - `"none"` (or None): for parameter-free encoders (`stain_texture`), which have no weights.
     """
+    if name in _REGISTRY and _REGISTRY[name].parameter_free:
+        spec = _REGISTRY[name]
+        if checkpoint not in (None, "none"):
+            raise EncoderWeightsError(f"encoder {name!r} has no weights; set extract.checkpoint: none "
+                                      f"(got {checkpoint!r})")
+        encoder = Encoder(spec.build().eval(), spec, weights_source="none", weights_sha256="none")
+        return encoder.to(device)
     if checkpoint is None:
         raise EncoderWeightsError(
             f"encoder {name!r}: no weights given; pass a checkpoint file, an 'hf-hub:' id, or "
