@@ -30,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gpu", action="store_true", help="request a GPU for extract/train/heatmap jobs")
     p.add_argument("--no-train", action="store_true", help="stop after feature extraction")
     p.add_argument("--no-heatmaps", action="store_true", help="train but write no heatmaps")
+    p.add_argument("--segment", action="store_true",
+                   help="also weak lesion segmentation from the model's CAMs (FMaMIL stage 2; best with "
+                        "--model fmamil)")
     p.add_argument("--dry-run", "-n", action="store_true", help="show the jobs that would run")
     p.add_argument("snakemake_args", nargs="*",
                    help="extra Snakemake arguments, after `--` (e.g. -- --forceall)")
@@ -70,6 +73,8 @@ def snakemake_command(args) -> list[str]:
         config.append("train=False")
     if args.no_heatmaps:
         config.append("heatmaps=False")
+    if args.segment:
+        config.append("segment=True")
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
            "--directory", str(Path(args.out).resolve()), "--profile", str(profile_dir(args.profile)),
            "--config", *config]
@@ -108,6 +113,9 @@ def cli(args) -> int:
         print(f"            {metrics_file.parent}")
     if (run_dir / "heatmaps" / model).is_dir():
         print(f"  heatmaps: {run.heatmaps_dir(model)}")
+    segment_metrics = run.segment_dir / "metrics.csv"
+    if segment_metrics.is_file():
+        print(f"  segment:  {run.segment_dir} ({summarise_segmentation(segment_metrics)})")
     if failures:
         print(f"\n{len(failures)} failure(s), listed in {run_dir / 'failures.csv'}:")
         for row in failures:
@@ -137,3 +145,19 @@ def summarise_metrics(path: Path) -> str:
         text += f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]"
     n = pooled.get("n_slides") or pooled.get("n")
     return text + (f" over {n} slides" if n else "")
+
+
+def summarise_segmentation(path: Path) -> str:
+    """Mean Dice of the CAM alone and of the segmenter over slides whose ground truth has a lesion."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.DictReader(fh) if float(r.get("truth_lesion_um2") or 0) > 0]
+    except (OSError, ValueError):
+        return "metrics.csv unreadable"
+    if not rows:
+        return "no slide with ground truth"
+    cam = sum(float(r["dice_cam"]) for r in rows) / len(rows)
+    seg = sum(float(r["dice"]) for r in rows) / len(rows)
+    return f"mean Dice CAM {cam:.3f} -> segmenter {seg:.3f} over {len(rows)} slides with a lesion"

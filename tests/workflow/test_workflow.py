@@ -3,7 +3,9 @@ bad slides reported while the others finish, and the SLURM profile's plan (dry r
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -33,12 +35,23 @@ train:
 heatmap:
   exports: [png, geojson]
   top_k: 2
+segment:
+  work_mpp: 4.0
+  mask_mpp: 4.0
+  epochs: 2
+  steps_per_epoch: 2
+  batch_size: 2
+  crop_px: 32
+  window_px: 64
+  min_lesion_area_um2: 0
+  device: cpu
 """
 
 
 def _outputs(run: Path) -> dict[str, float]:
     """mtime of every stage output in the run folder (what a rerun must not touch)."""
-    patterns = ["tiles/*.coords.h5", "features/*/*.h5", "mil/*/*/metrics.json", "heatmaps/*/*.done.json"]
+    patterns = ["tiles/*.coords.h5", "features/*/*.h5", "mil/*/*/metrics.json", "heatmaps/*/*.done.json",
+                "segment/*.done.json", "segment/metrics.csv", "segment/model/*"]
     return {str(p.relative_to(run)): p.stat().st_mtime_ns for pat in patterns for p in run.glob(pat)}
 
 
@@ -51,12 +64,17 @@ def workflow_run(tmp_path_factory):
     config = root / "tiny.yaml"
     config.write_text(TINY_CONFIG)
     run = root / "run"
-    args = ["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run), "--cores", "2"]
-    code = main(args)
-    return {"root": root, "manifest": manifest, "config": config, "run": run, "args": args, "code": code}
+    args = ["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run), "--cores", "2",
+            "--segment"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(args)
+    print(printed.getvalue())
+    return {"root": root, "manifest": manifest, "config": config, "run": run, "args": args, "code": code,
+            "printed": printed.getvalue()}
 
 
-def test_full_run_produces_every_stage_output(workflow_run, capsys):
+def test_full_run_produces_every_stage_output(workflow_run):
     run = workflow_run["run"]
     assert workflow_run["code"] == 0, (run / "logs").glob("**/*.log")
     slides = [r["slide_id"] for r in csv.DictReader(open(workflow_run["manifest"]))]
@@ -65,6 +83,12 @@ def test_full_run_produces_every_stage_output(workflow_run, capsys):
         assert (run / "features" / "resnet18" / f"{slide}.h5").is_file()
         assert (run / "heatmaps" / "abmil" / f"{slide}.done.json").is_file()
     assert (run / "mil" / "abmil" / "demo" / "metrics.json").is_file()
+    # Weak segmentation from the abmil CAMs: a mask per slide, one Dice row per slide with truth.
+    for slide in slides:
+        assert (run / "segment" / f"{slide}.tif").is_file() and (run / "segment" / f"{slide}.geojson").is_file()
+    segment_rows = list(csv.DictReader(open(run / "segment" / "metrics.csv")))
+    assert sorted(r["slide_id"] for r in segment_rows) == sorted(slides)
+    assert "segment:" in workflow_run["printed"] and "CV AUC" in workflow_run["printed"]
     predictions = list(csv.DictReader(open(run / "mil" / "abmil" / "demo" / "predictions.csv")))
     assert sorted(r["slide_id"] for r in predictions) == sorted(slides)
     # Per-rule benchmarks are recorded.

@@ -75,4 +75,6 @@ def all_targets():
         targets += [metrics_path(c) for c in COHORTS]
         if config.get("heatmaps", True):
             targets += [heatmap_done_path(s) for s in SLIDES]
+        if config.get("segment", False):
+            targets.append(SEGMENT_DONE)
     return targets
