@@ -114,7 +114,7 @@ def cli(args) -> int:
     if (run_dir / "heatmaps" / model).is_dir():
         print(f"  heatmaps: {run.heatmaps_dir(model)}")
     segment_metrics = run.segment_dir / "metrics.csv"
-    if segment_metrics.is_file():
+    if args.segment and segment_metrics.is_file():
         print(f"  segment:  {run.segment_dir} ({summarise_segmentation(segment_metrics)})")
     if failures:
         print(f"\n{len(failures)} failure(s), listed in {run_dir / 'failures.csv'}:")
