@@ -33,6 +33,9 @@ def add_arguments(p) -> None:
     p.add_argument("--segment", action="store_true",
                    help="also weak lesion segmentation from the model's CAMs (FMaMIL stage 2; best with "
                         "--model fmamil)")
+    p.add_argument("--exclude-failed", action="store_true",
+                   help="go on without the slides whose tile/extract failed in an earlier run of RUN: their "
+                        "cohorts train without them (default: a failed slide blocks its cohort's training)")
     p.add_argument("--dry-run", "-n", action="store_true", help="show the jobs that would run")
     p.add_argument("snakemake_args", nargs="*",
                    help="extra Snakemake arguments, after `--` (e.g. -- --forceall)")
@@ -75,6 +78,8 @@ def snakemake_command(args) -> list[str]:
         config.append("heatmaps=False")
     if args.segment:
         config.append("segment=True")
+    if args.exclude_failed:
+        config.append("exclude_failed=True")
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
            "--directory", str(Path(args.out).resolve()), "--profile", str(profile_dir(args.profile)),
            "--config", *config]
@@ -116,10 +121,19 @@ def cli(args) -> int:
     segment_metrics = run.segment_dir / "metrics.csv"
     if args.segment and segment_metrics.is_file():
         print(f"  segment:  {run.segment_dir} ({summarise_segmentation(segment_metrics)})")
+    failed_early = failed_before_training(args.manifest, failures)
+    blocked = {} if args.exclude_failed or args.no_train else failed_early
     if failures:
         print(f"\n{len(failures)} failure(s), listed in {run_dir / 'failures.csv'}:")
         for row in failures:
             print(f"  [{row['stage']}] {row['error']}")
+    if args.exclude_failed and failed_early:
+        left_out = ", ".join(s for slides in failed_early.values() for s in slides)
+        print(f"\nleft out (--exclude-failed): {left_out}")
+    for cohort, slides in blocked.items():
+        them = "them" if len(slides) > 1 else "it"
+        print(f"\ncohort {cohort!r} was not trained: {', '.join(slides)} failed before training. Fix {them}, "
+              f"remove {them} from the manifest, or rerun with --exclude-failed to train without {them}.")
     if code != 0:
         print(f"\nsnakemake exited with {code}; job logs are under {run_dir / 'logs' / 'snakemake'}",
               file=sys.stderr)
@@ -161,3 +175,22 @@ def summarise_segmentation(path: Path) -> str:
     cam = sum(float(r["dice_cam"]) for r in rows) / len(rows)
     seg = sum(float(r["dice"]) for r in rows) / len(rows)
     return f"mean Dice CAM {cam:.3f} -> segmenter {seg:.3f} over {len(rows)} slides with a lesion"
+
+
+def failed_before_training(manifest_path, failures: list[dict]) -> dict[str, list[str]]:
+    """{cohort: [slide_id]} of the manifest's slides with a tile or extract failure on record: while
+    they are in the manifest, their cohort cannot train (unless --exclude-failed leaves them out)."""
+    from wsi_pipeline.manifest import load_manifest
+
+    failed = {r["slide_id"] for r in failures if r.get("stage") in ("tile", "extract")}
+    if not failed:
+        return {}
+    try:
+        records = list(load_manifest(manifest_path))
+    except Exception:  # the workflow has already reported a manifest it cannot read
+        return {}
+    by_cohort: dict[str, list[str]] = {}
+    for r in records:
+        if r.slide_id in failed:
+            by_cohort.setdefault(r.cohort, []).append(r.slide_id)
+    return by_cohort

@@ -66,6 +66,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model-dir", default=None,
                    help="fold ensemble folder (fold_*/); default RUN/mil/MODEL/{slide's cohort}")
     p.add_argument("--slides", default=None, help="comma-separated slide_ids (default: all)")
+    p.add_argument("--exclude-slides", default=None, metavar="A,B",
+                   help="comma-separated slide_ids to leave out (e.g. slides whose extraction failed)")
     p.add_argument("--force", action="store_true", help="retrain and redo every slide")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -76,6 +78,8 @@ def cli(args) -> int:
 
     cfg = load_config(args.config)
     manifest = load_manifest(args.manifest)
+    if args.exclude_slides:
+        manifest = manifest.without(s.strip() for s in args.exclude_slides.split(","))
     slides = [s.strip() for s in args.slides.split(",") if s.strip()] if args.slides else None
     result = run_segment(manifest, cfg, args.run, model_dir=args.model_dir, model=args.model, slides=slides,
                          force=args.force, progress=not args.no_progress)

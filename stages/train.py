@@ -51,6 +51,8 @@ def add_arguments(p) -> None:
     p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     p.add_argument("--model", default=None, help="MIL aggregator (default: train.model)")
     p.add_argument("--cohort", default=None, help="comma-separated cohorts to train (default: all)")
+    p.add_argument("--exclude-slides", default=None, metavar="A,B",
+                   help="comma-separated slide_ids to leave out (e.g. slides whose extraction failed)")
     p.add_argument("--folds", type=int, default=None, help="override train.folds")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     p.add_argument("--device", default=None, help="override train.device (auto, cpu, cuda, cuda:N)")
@@ -71,6 +73,8 @@ def cli(args) -> int:
         if overrides:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
         manifest = load_manifest(args.manifest, require_labels=True)
+        if args.exclude_slides:
+            manifest = manifest.without(s.strip() for s in args.exclude_slides.split(","))
         cohorts = [c.strip() for c in args.cohort.split(",") if c.strip()] if args.cohort else None
         results = run_train(manifest, cfg, run_dir, cohorts=cohorts, progress=not args.no_progress,
                             features_run_dir=args.features)

@@ -53,6 +53,15 @@ class Manifest:
             raise ManifestError(self.path, [f"slide_id {s!r} not in manifest" for s in sorted(unknown)])
         return Manifest(self.path, tuple(r for r in self.records if r.slide_id in wanted))
 
+    def without(self, slide_ids) -> "Manifest":
+        """The manifest less `slide_ids`; an id it lacks is an error (a typo would otherwise keep
+        a slide the user meant to leave out)."""
+        unwanted = {s for s in slide_ids if s}
+        unknown = unwanted - {r.slide_id for r in self.records}
+        if unknown:
+            raise ManifestError(self.path, [f"slide_id {s!r} (to leave out) not in manifest" for s in sorted(unknown)])
+        return Manifest(self.path, tuple(r for r in self.records if r.slide_id not in unwanted))
+
 
 def load_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = False) -> Manifest:
     """Parse and validate a manifest. Raises `ManifestError` listing every problem found."""

@@ -76,3 +76,20 @@ def test_train_out_alias_and_errors(cohort, tmp_path, capsys):
     code = main(["predict", "--manifest", str(manifest_path), "--run", str(run_dir), "--model-dir",
                  str(tmp_path / "missing")])
     assert code == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def test_exclude_slides_trains_without_a_slide_that_has_no_features(cohort, tmp_path, capsys):
+    run_dir, manifest_path = cohort
+    config = write_config(tmp_path / "cfg.yaml")
+    RunFolder(run_dir).features_h5(ENCODER, "c1-P00-S0").unlink()
+    base = ["train", "--manifest", str(manifest_path), "--features", str(run_dir), "--config", str(config),
+            "--model", "abmil", "--folds", "2", "--epochs", "2", "--no-progress"]
+    assert main(base) == 2
+    assert "c1-P00-S0" in capsys.readouterr().err          # named before any training
+    # A typo in the list is an error, not a silent no-op.
+    assert main(base + ["--exclude-slides", "c1-P99-S9"]) == 2
+    assert "'c1-P99-S9' (to leave out) not in manifest" in capsys.readouterr().err
+    assert main(base + ["--exclude-slides", "c1-P00-S0"]) == 0
+    with open(RunFolder(run_dir).mil_dir("abmil", "c1") / "predictions.csv", newline="") as fh:
+        slides = {r["slide_id"] for r in csv.DictReader(fh)}
+    assert len(slides) == 17 and "c1-P00-S0" not in slides

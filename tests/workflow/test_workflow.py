@@ -138,6 +138,41 @@ def test_bad_slides_are_reported_and_the_others_finish(workflow_run, capsys):
     assert "not found" in failures["MISS-001"]["error"]
     out = capsys.readouterr().out
     assert "BAD-001" in out and "MISS-001" in out
+    assert "cohort 'other' was not trained: BAD-001, MISS-001 failed before training" in out
+
+    # The user's choice to go on without them: cohort "other" is then empty and dropped, and no
+    # slide is tiled, extracted or trained again. (Segmentation, which the failing run could not
+    # reach, now catches up with DEMO-000's new features.)
+    def finished(outputs):
+        return {k: v for k, v in outputs.items() if k.split("/")[0] in ("tiles", "features", "mil")}
+
+    before = _outputs(run)
+    assert main(args + ["--exclude-failed"]) == 0
+    out = capsys.readouterr().out
+    assert "left out (--exclude-failed): BAD-001, MISS-001" in out and "was not trained" not in out
+    assert finished(_outputs(run)) == finished(before)
+
+
+def test_exclude_failed_trains_a_cohort_without_its_failed_slide(workflow_run, capsys):
+    root, run = workflow_run["root"], workflow_run["run"]
+    cohort = root / "cohort"
+    (cohort / "slides" / "BAD-002.svs").write_bytes(b"not a slide at all")
+    manifest = cohort / "manifest_bad_in_demo.csv"
+    rows = Path(workflow_run["manifest"]).read_text().rstrip("\n").splitlines()
+    manifest.write_text("\n".join(rows + ["BAD-002,slides/BAD-002.svs,P902,tumor,demo"]) + "\n")
+    args = list(workflow_run["args"])
+    args[args.index("--manifest") + 1] = str(manifest)
+    metrics = run / "mil" / "abmil" / "demo" / "metrics.json"
+    trained = metrics.stat().st_mtime_ns
+
+    # BAD-002 fails; the demo cohort cannot train with it and the run says so.
+    assert main(args) != 0
+    assert "cohort 'demo' was not trained: BAD-002 failed before training" in capsys.readouterr().out
+    assert metrics.stat().st_mtime_ns == trained
+    # Left out, the cohort's slides are those it was trained on: nothing to redo.
+    assert main(args + ["--exclude-failed"]) == 0
+    assert metrics.stat().st_mtime_ns == trained
+    assert "BAD-002" not in {r["slide_id"] for r in csv.DictReader(open(metrics.parent / "predictions.csv"))}
 
 
 def test_slurm_profile_dry_run_plans_gpu_jobs(workflow_run, tmp_path):

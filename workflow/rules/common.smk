@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -24,8 +25,24 @@ with open(MANIFEST_PATH, newline="", encoding="utf-8") as _fh:
 
 MANIFEST = load_manifest(MANIFEST_PATH)
 CFG = load_config(PIPELINE_CONFIG or None)
-SLIDES = {r.slide_id: r for r in MANIFEST}
-COHORTS = sorted({r.cohort for r in MANIFEST})
+
+
+def previously_failed():
+    """Slides whose tile or extract job failed in an earlier run of this run folder (the stages'
+    failure records, RUN/failures/{stage}/{slide_id}.json; the working directory is RUN)."""
+    return sorted({os.path.basename(p)[: -len(".json")]
+                   for stage in ("tile", "extract")
+                   for p in glob.glob(os.path.join("failures", stage, "*.json"))})
+
+
+# exclude_failed: the user's explicit choice to go on without the slides that failed before, instead
+# of fixing them or removing them from the manifest. Without it, a failed slide keeps its cohort
+# from training (train needs every slide's features), and `wsi-pipeline run` says so.
+EXCLUDED = [s for s in previously_failed() if s in {r.slide_id for r in MANIFEST}] \
+    if config.get("exclude_failed", False) else []
+INCLUDED = [r for r in MANIFEST if r.slide_id not in EXCLUDED]
+SLIDES = {r.slide_id: r for r in INCLUDED}
+COHORTS = sorted({r.cohort for r in INCLUDED})
 ENCODER = CFG.extract.encoder
 MODEL = config.get("model") or CFG.train.model
 GPU = 1 if config.get("gpu") else 0
@@ -36,6 +53,9 @@ _CFG_ARG = f"--config {shlex.quote(PIPELINE_CONFIG)}" if PIPELINE_CONFIG else ""
 # pointing at another manifest (e.g. one more slide) must not rerun the finished slides. What a
 # job depends on is in its params instead: the slide's own row, the config sections it reads.
 COMMON = f"--manifest {shlex.quote(MANIFEST_PATH)} {_CFG_ARG}"
+# The left-out slides, for the stage commands that read the whole manifest (train, segment). Globals
+# too: what a job trains on is in its rows_hash param, which changes only for the cohorts affected.
+EXCLUDE_ARG = f"--exclude-slides {shlex.quote(','.join(EXCLUDED))}" if EXCLUDED else ""
 
 
 def section_hash(*sections):
@@ -49,16 +69,16 @@ def slide_row_hash(slide):
 
 
 def cohort_slides(cohort):
-    return [r.slide_id for r in MANIFEST if r.cohort == cohort]
+    return [r.slide_id for r in INCLUDED if r.cohort == cohort]
 
 
 def cohort_rows_hash(cohort):
-    rows = [[r.slide_id, r.patient_id, r.label] for r in MANIFEST if r.cohort == cohort]
+    rows = [[r.slide_id, r.patient_id, r.label] for r in INCLUDED if r.cohort == cohort]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
 def trainable():
-    return bool(config.get("train", True)) and all(r.label for r in MANIFEST)
+    return bool(config.get("train", True)) and all(r.label for r in INCLUDED)
 
 
 def features_path(slide):

@@ -17,7 +17,7 @@ rule segment:
         model=MODEL,
         config_hash=section_hash("segment", "tissue"),
         rows_hash=hashlib.sha256(
-            json.dumps([[r.slide_id, str(r.path), r.label, r.mpp] for r in MANIFEST]).encode()
+            json.dumps([[r.slide_id, str(r.path), r.label, r.mpp] for r in INCLUDED]).encode()
         ).hexdigest()[:16],
     log:
         f"logs/snakemake/segment/{MODEL}.log",
@@ -30,4 +30,4 @@ rule segment:
         runtime=lambda wc, attempt: 600 * attempt,
     shell:
         "OMP_NUM_THREADS={threads} {CLI} segment {COMMON} --run . --model {params.model} "
-        "--no-progress > {log} 2>&1"
+        "{EXCLUDE_ARG} --no-progress > {log} 2>&1"

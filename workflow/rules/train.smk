@@ -20,4 +20,4 @@ rule train:
         runtime=lambda wc, attempt: 600 * attempt,
     shell:
         "OMP_NUM_THREADS={threads} {CLI} train {COMMON} --features . --model {params.model} "
-        "--cohort {wildcards.cohort:q} --no-progress > {log} 2>&1"
+        "--cohort {wildcards.cohort:q} {EXCLUDE_ARG} --no-progress > {log} 2>&1"
