@@ -17,7 +17,8 @@ def causal_conv1d(x, weight, bias=None, activation=None, backend=None):
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     if resolve_backend(backend, x.device) == "cuda" and causal_conv1d_kernel_available():
-        return load_causal_conv1d_fn()(x, weight, bias, activation)
+        # By keyword: since causal-conv1d 1.1 the fourth positional parameter is seq_idx.
+        return load_causal_conv1d_fn()(x, weight, bias=bias, activation=activation)
     seqlen, kernel = x.shape[-1], weight.shape[-1]
     # Padding K-1 on both sides and keeping the first L outputs is the causal (left-padded) conv.
     out = F.conv1d(x, weight.unsqueeze(1), bias, padding=kernel - 1, groups=x.shape[1])[..., :seqlen]

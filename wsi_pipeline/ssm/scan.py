@@ -55,7 +55,8 @@ def selective_scan(
     name = resolve_backend(backend, u.device)
     if name == "cuda":
         kernel = load_mamba_selective_scan_fn()
-        return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return kernel(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                      return_last_state=return_last_state)
     scan = selective_scan_ref if name == "ref" else selective_scan_native
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
