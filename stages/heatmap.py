@@ -246,7 +246,8 @@ class HeatmapRunner:
             try:
                 result = export_heatmaps(slide, coords, table, float(patch_size_level0), self.out_dir,
                                          slide_id, self.cfg.heatmap, score_names=names, primary=0,
-                                         patch_size_px=attrs.get("patch_size"))
+                                         patch_size_px=attrs.get("patch_size"),
+                                         caption=prediction_caption(prediction))
             except ValueError as exc:  # non-finite scores and the like: this slide's problem
                 raise SlideError(slide_id, str(exc)) from None
             slide_mpp = slide.mpp
@@ -264,6 +265,15 @@ class HeatmapRunner:
             "prediction": prediction,
         })
         return "done"
+
+
+def prediction_caption(prediction: dict) -> str:
+    """'slide: tumor 0.97' (the fold ensemble's most likely class and its probability)."""
+    probs, classes = prediction.get("probs") or [], prediction.get("classes") or []
+    if len(probs) != len(classes) or not probs:
+        return ""
+    best = int(np.argmax(probs))
+    return f"slide: {classes[best]} {probs[best]:.2f}"
 
 
 def run_heatmap(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,

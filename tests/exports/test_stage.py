@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import stages.heatmap as heatmap_stage
 from wsi_pipeline.cli import main
@@ -115,6 +116,11 @@ def test_stage_writes_everything_records_failures_and_skips_on_rerun(tiny_run):
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     done = json.loads((out / "A.done.json").read_text())
     assert done["score"] == f"{MODEL} p(tumor)" and done["prediction"]["classes"] == CLASSES
+    # The PNG says what the ensemble predicts for the whole slide (its text chunk; also drawn).
+    probs = done["prediction"]["probs"]
+    best = max(range(len(probs)), key=probs.__getitem__)
+    with Image.open(out / "A.png") as png:
+        assert png.text["caption"] == f"slide: {CLASSES[best]} {probs[best]:.2f}"
     assert set(done["identity"]["checkpoints"]) == {"fold_0/model.safetensors", "fold_0/config.json",
                                                    "fold_1/model.safetensors", "fold_1/config.json"}
     # heatmap.score "tumor" maps the per-patch tumour probability; every score is a measurement.

@@ -92,7 +92,8 @@ def _app_mag(slide) -> float | None:
 def export_heatmaps(slide, coords: np.ndarray, scores: np.ndarray, patch_size_level0: float,
                     out_dir: str | os.PathLike, slide_id: str, cfg, *,
                     score_names: list[str] | None = None, primary: int | str = 0,
-                    patch_size_px: int | None = None, downsample: int | None = None) -> HeatmapExports:
+                    patch_size_px: int | None = None, downsample: int | None = None,
+                    caption: str | None = None) -> HeatmapExports:
     """Write the heatmap exports of one slide.
 
     Args:
@@ -106,6 +107,8 @@ def export_heatmaps(slide, coords: np.ndarray, scores: np.ndarray, patch_size_le
         score_names: C names (default "score", or "score_0".. for C > 1).
         patch_size_px: side of the top-k images (default min(patch_size_level0, 256)).
         downsample: level-0 px per heatmap pixel (default `choose_downsample`).
+        caption: appended to the PNG title and recorded in its text chunks, e.g. the slide-level
+            prediction: a within-slide normalised map looks alike on a benign and a tumour slide.
     """
     cfg = getattr(cfg, "heatmap", cfg)
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
@@ -134,13 +137,16 @@ def export_heatmaps(slide, coords: np.ndarray, scores: np.ndarray, patch_size_le
     smoothing = f", smoothed sigma {cfg.smooth_um:g} um" if cfg.smooth_um > 0 else ""
     description = {"Slide": slide_id, "Score": primary_name, "Normalize": cfg.normalize,
                    "Colormap": cfg.colormap, "Downsample": smap.downsample, "SmoothUm": cfg.smooth_um}
+    if caption:
+        description["Caption"] = caption
 
     topk_rows: list[dict] = []
     if "png" in paths:
         write_overlay_png(
             paths["png"], slide.thumbnail(cfg.png_max_px), smap, colormap=cfg.colormap, alpha=cfg.alpha,
             ticks=colour_bar_ticks(raw, cfg.normalize),
-            title=f"{slide_id}: {primary_name}, {_NORMALIZE_TITLES[cfg.normalize]}{smoothing}",
+            title=f"{slide_id}: {primary_name}, {_NORMALIZE_TITLES[cfg.normalize]}{smoothing}"
+                  + (f" | {caption}" if caption else ""),
             text={k.lower(): v for k, v in description.items()})
     if "tif" in paths:
         colours = apply_colormap(smap.values, cfg.colormap)
