@@ -10,6 +10,7 @@ never waits for I/O. Target ≥ 0.9. Random weights: speed does not depend on th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import tempfile
 import time
@@ -62,6 +63,10 @@ def main() -> None:
     ap.add_argument("--encoders", default="resnet50_trunc,vit_small_patch16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="read each patch this many times (more work per run from one generated slide)")
+    ap.add_argument("--slide-size", type=int, nargs=2, default=(8192, 6144), metavar=("W", "H"),
+                    help="generated slide, px at 0.5 µm/px (larger for more patches on a GPU)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, device {device}"
@@ -69,8 +74,11 @@ def main() -> None:
           + f", torch {torch.__version__}, workers {default_workers(device)}")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.svs"
-        write_demo_slide(path, DemoSlideSpec(width_px=8192, height_px=6144, positive=True, seed=7))
+        write_demo_slide(path, DemoSlideSpec(width_px=args.slide_size[0], height_px=args.slide_size[1],
+                                             positive=True, seed=7))
         source = patch_source(path, args.n)
+        if args.repeat > 1:
+            source = dataclasses.replace(source, coords=np.tile(source.coords, (args.repeat, 1)))
         ds = PatchDataset(source)
         items = [ds[i] for i in range(len(ds))]
         batches = [torch.stack(items[i:i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
