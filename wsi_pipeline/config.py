@@ -130,7 +130,8 @@ class TrainConfig:
     # class_weights (weighted loss), sampler (weighted sampling) or none.
     balance: str = "class_weights"
     seed: int = 0
-    # Fully deterministic torch algorithms (slower).
+    # Deterministic torch algorithms (slower). On a GPU the mamba-ssm scan backward stays non-bitwise
+    # (atomics; runs agree to ~1e-5): WSI_SSM_BACKEND=native for bitwise-identical runs.
     deterministic: bool = False
     device: str = "auto"
     # Bootstrap resamples (over patients) for the 95% CIs in metrics.json; 0: no CIs.
