@@ -56,6 +56,27 @@ def encoder_only(encoder, batches, device, precision) -> float:
     return sum(len(b) for b in batches) / (time.perf_counter() - t0)
 
 
+class PerPatchReads(torch.utils.data.Dataset):
+    """PatchDataset without its batched `__getitems__`: the per-patch read path, for comparison."""
+
+    def __init__(self, source: PatchSource):
+        self.inner = PatchDataset(source)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return self.inner[i]
+
+
+def reader_only(dataset, batch_size: int) -> float:
+    """Patches/s of reading + resizing alone, in this process (what one DataLoader worker does)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
+    t0 = time.perf_counter()
+    n = sum(len(b) for b in loader)
+    return n / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=256)
@@ -80,6 +101,11 @@ def main() -> None:
         if args.repeat > 1:
             source = dataclasses.replace(source, coords=np.tile(source.coords, (args.repeat, 1)))
         ds = PatchDataset(source)
+        for backend in ("openslide", "tiffslide"):
+            src = dataclasses.replace(source, backend=backend)
+            per_patch, rows = reader_only(PerPatchReads(src), args.batch_size), reader_only(PatchDataset(src), args.batch_size)
+            print(f"reader only, one process, {backend:9s}: per-patch reads {per_patch:6.0f} patches/s | "
+                  f"row reads {rows:6.0f} patches/s | {rows / per_patch:.2f}x")
         items = [ds[i] for i in range(len(ds))]
         batches = [torch.stack(items[i:i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
         if device.type == "cuda":

@@ -59,11 +59,61 @@ class PatchDataset(Dataset):
         s = self.source
         x, y = s.coords[index]
         patch = self._open().read_region((int(x), int(y)), s.patch_level, (s.read_size_px, s.read_size_px))
+        return self._to_tensor(patch)
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        """A batch's patches (the DataLoader's fetcher calls this with a whole batch's indices).
+
+        Neighbours on one grid row are read as one region and cut apart: tiffslide then decodes each
+        tile once instead of once per overlapping patch (3× faster measured); pixels are identical.
+        """
+        s = self.source
+        slide = self._open()
+        downsample = slide.level_downsamples[s.patch_level]
+        if downsample != round(downsample):
+            return [self[i] for i in indices]  # cut offsets would not be whole level pixels
+        downsample = int(round(downsample))
+        coords = s.coords[np.asarray(indices, dtype=np.int64)]
+        size = s.read_size_px
+        out: list[torch.Tensor | None] = [None] * len(indices)
+        for run in _row_runs(coords, size * downsample, downsample):
+            x0, y0 = (int(v) for v in coords[run[0]])
+            width = (int(coords[run[-1], 0]) - x0) // downsample + size
+            region = slide.read_region((x0, y0), s.patch_level, (width, size))
+            for k in run:
+                dx = (int(coords[k, 0]) - x0) // downsample
+                out[k] = self._to_tensor(region[:, dx:dx + size])
+        return out
+
+    def _to_tensor(self, patch: np.ndarray) -> torch.Tensor:
+        s = self.source
         if s.read_size_px != s.out_size_px:
             # PIL's resize filters scale their support when shrinking: antialiased, like a BOX/area.
-            patch = np.asarray(Image.fromarray(patch).resize((s.out_size_px, s.out_size_px),
-                                                             Image.Resampling.BILINEAR))
+            patch = np.asarray(Image.fromarray(np.ascontiguousarray(patch)).resize(
+                (s.out_size_px, s.out_size_px), Image.Resampling.BILINEAR))
         return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
+
+
+MAX_RUN_PATCHES = 16  # bounds one region read (16 × 224 px wide) and the cost of gaps inside it
+
+
+def _row_runs(coords: np.ndarray, size_level0: int, downsample: int) -> list[list[int]]:
+    """Positions in `coords` grouped into runs read as one region: the same top y, each patch
+    starting at most one patch width after the previous one, x offsets whole level pixels."""
+    order = np.lexsort((coords[:, 0], coords[:, 1]))
+    runs: list[list[int]] = []
+    for k in order.tolist():
+        x, y = int(coords[k, 0]), int(coords[k, 1])
+        if runs:
+            run = runs[-1]
+            x0, y0 = int(coords[run[0], 0]), int(coords[run[0], 1])
+            xp = int(coords[run[-1], 0])
+            if (y == y0 and 0 <= x - xp <= size_level0 and (x - x0) % downsample == 0
+                    and len(run) < MAX_RUN_PATCHES):
+                run.append(k)
+                continue
+        runs.append([k])
+    return runs
 
 
 def resolve_device(device: str) -> torch.device:

@@ -169,10 +169,10 @@ def _to_rgb_on_white(pixels: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected (H, W, 3|4) pixels, got {pixels.shape}")
     if pixels.shape[2] == 3:
         return np.ascontiguousarray(pixels, dtype=np.uint8)
+    if (pixels[..., 3] == 255).all():
+        return np.ascontiguousarray(pixels[..., :3])
     rgb = pixels[..., :3].astype(np.float32)
     alpha = pixels[..., 3:4].astype(np.float32) / 255.0
-    if np.all(alpha == 1.0):
-        return np.ascontiguousarray(pixels[..., :3])
     # Both readers hand back straight (non-premultiplied) alpha; outside the scan is glass: white.
     out = rgb * alpha + 255.0 * (1.0 - alpha)
     return (out + 0.5).astype(np.uint8)
