@@ -209,3 +209,16 @@ def test_batched_row_reads_give_the_per_patch_pixels(make_slide, backend, level,
         assert torch.equal(patch, ds[i]), (i, coords[i])
     edge = batched[indices.index(len(grid))] if len(grid) in indices else ds.__getitems__([len(grid)])[0]
     assert (edge[:, :, -4:] == 255).all()  # beyond the slide: white, as per patch
+
+
+def test_reader_and_batch_defaults_per_device(monkeypatch):
+    from wsi_pipeline.extraction import default_batch_size, default_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert default_workers(torch.device("cuda")) == 16 and default_workers(torch.device("cpu")) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert default_workers(torch.device("cuda")) == 1
+    assert default_batch_size(torch.device("cpu")) == 32 and default_batch_size(torch.device("cuda")) == 256
+    assert config_from_dict({"extract": {"batch_size": None}}).extract.batch_size is None
+    with pytest.raises(Exception, match=r"extract.batch_size: must be >= 1 or null"):
+        config_from_dict({"extract": {"batch_size": 0}})

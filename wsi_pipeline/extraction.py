@@ -135,7 +135,9 @@ def autocast_for(device: torch.device, precision: str):
 def default_workers(device: torch.device) -> int:
     cores = os.cpu_count() or 1
     # On CPU the encoder itself needs the cores; one reader process hides decoding behind it.
-    return min(8, max(1, cores - 2)) if device.type == "cuda" else 1
+    # On a GPU node the readers are the limit (H100, ViT-B/16 bf16: encoder 7,939 patches/s, 8 workers
+    # ~2,300 end to end): use every core but two (the loop and pinning), up to 16.
+    return min(16, max(1, cores - 2)) if device.type == "cuda" else 1
 
 
 def make_loader(source: PatchSource, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
@@ -144,14 +146,19 @@ def make_loader(source: PatchSource, batch_size: int, num_workers: int, pin_memo
                       persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
 
 
+def default_batch_size(device: torch.device) -> int:
+    return 256 if device.type == "cuda" else 32
+
+
 @torch.inference_mode()
-def extract_features(encoder: Encoder, source: PatchSource, *, batch_size: int = 32,
+def extract_features(encoder: Encoder, source: PatchSource, *, batch_size: int | None = None,
                      num_workers: int | None = None, precision: str = "auto",
                      on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """(N, D) float32 features of `source`'s patches, in coords order."""
     # Buffers too: a parameter-free encoder (stain_texture) has only its normalisation buffers.
     device = next((t.device for t in (*encoder.parameters(), *encoder.buffers())), torch.device("cpu"))
     workers = default_workers(device) if num_workers is None else num_workers
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
     loader = make_loader(source, batch_size, workers, pin_memory=device.type == "cuda")
     out = np.empty((len(source.coords), encoder.out_dim), dtype=np.float32)
     channels_last = device.type == "cuda"
