@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ bench: venv
 	$(PY) benchmarks/bench_scan.py
 	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_mil.py
+
+# On a GPU machine, after `$(PY) -m pip install --no-build-isolation -e '.[cuda]'`: the CUDA paths
+# against the CPU-proven ones, then the GPU numbers (results in benchmarks/results/gpu.md).
+bench-gpu: venv
+	$(PY) -m pytest -q tests/gpu tests/ssm
+	$(PY) benchmarks/bench_gpu.py
+	$(PY) benchmarks/bench_extract.py --device cuda --precision bf16 --encoders vit_base_patch16,resnet50_trunc --n 100000 --repeat 16 --batch-size 256
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
