@@ -103,7 +103,8 @@ def main() -> None:
         ds = PatchDataset(source)
         for backend in ("openslide", "tiffslide"):
             src = dataclasses.replace(source, backend=backend)
-            per_patch, rows = reader_only(PerPatchReads(src), args.batch_size), reader_only(PatchDataset(src), args.batch_size)
+            per_patch = reader_only(PerPatchReads(src), args.batch_size)
+            rows = reader_only(PatchDataset(src), args.batch_size)
             print(f"reader only, one process, {backend:9s}: per-patch reads {per_patch:6.0f} patches/s | "
                   f"row reads {rows:6.0f} patches/s | {rows / per_patch:.2f}x")
         items = [ds[i] for i in range(len(ds))]

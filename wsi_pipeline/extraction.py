@@ -65,7 +65,7 @@ class PatchDataset(Dataset):
         """A batch's patches (the DataLoader's fetcher calls this with a whole batch's indices).
 
         Neighbours on one grid row are read as one region and cut apart: tiffslide then decodes each
-        tile once instead of once per overlapping patch (3× faster measured); pixels are identical.
+        tile once instead of once per overlapping patch (2.6× faster, bench_extract); pixels are identical.
         """
         s = self.source
         slide = self._open()
@@ -100,19 +100,17 @@ MAX_RUN_PATCHES = 16  # bounds one region read (16 × 224 px wide) and the cost 
 def _row_runs(coords: np.ndarray, size_level0: int, downsample: int) -> list[list[int]]:
     """Positions in `coords` grouped into runs read as one region: the same top y, each patch
     starting at most one patch width after the previous one, x offsets whole level pixels."""
-    order = np.lexsort((coords[:, 0], coords[:, 1]))
     runs: list[list[int]] = []
-    for k in order.tolist():
+    run_x0 = run_y = prev_x = None
+    for k in np.lexsort((coords[:, 0], coords[:, 1])).tolist():
         x, y = int(coords[k, 0]), int(coords[k, 1])
-        if runs:
-            run = runs[-1]
-            x0, y0 = int(coords[run[0], 0]), int(coords[run[0], 1])
-            xp = int(coords[run[-1], 0])
-            if (y == y0 and 0 <= x - xp <= size_level0 and (x - x0) % downsample == 0
-                    and len(run) < MAX_RUN_PATCHES):
-                run.append(k)
-                continue
-        runs.append([k])
+        if (runs and y == run_y and 0 <= x - prev_x <= size_level0 and (x - run_x0) % downsample == 0
+                and len(runs[-1]) < MAX_RUN_PATCHES):
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+            run_x0, run_y = x, y
+        prev_x = x
     return runs
 
 

@@ -1,6 +1,6 @@
-"""The two slide readers behind `Slide`. Each returns RGB (opaque) or RGBA pixels and a property dict; the
-`Slide` class does everything else (mpp, alpha compositing, level choice), so both backends
-behave identically.
+"""The two slide readers behind `Slide`. Each returns RGB (opaque regions) or RGBA pixels and a
+property dict; the `Slide` class does everything else (mpp, alpha compositing, level choice), so
+both backends behave identically.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ class OpenSlideBackend:
         self.properties = dict(self._slide.properties)
         self.vendor = self.properties.get("openslide.vendor", "unknown")
 
-    def read_rgba(self, xy0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """(H, W, 4) uint8 RGBA, alpha 0 outside the scanned area; for (H, W, 3) RGB or that
-        ``read_rgba`` where some pixel is transparent."""
+    def read_pixels(self, xy0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """(H, W, 3) uint8 RGB where the region is opaque, else (H, W, 4) RGBA with alpha 0 outside
+        the scanned area."""
         image = self._slide.read_region(xy0, level, size)  # PIL RGBA, straight (not premultiplied) alpha
         if image.getextrema()[3][0] == 255:
             # Fully opaque (nearly every patch): PIL drops alpha in C; a numpy strided gather plus an
@@ -63,7 +63,8 @@ class TiffSlideBackend:
         except (AttributeError, IndexError, KeyError, TypeError, ValueError):
             pass
 
-    def read_rgba(self, xy0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def read_pixels(self, xy0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """As :meth:`OpenSlideBackend.read_pixels`."""
         rgb = np.asarray(self._slide.read_region(xy0, level, size, as_array=True))[..., :3]
         # tiffslide pads reads beyond the image with black; mark them transparent as OpenSlide does.
         down = self.level_downsamples[level]

@@ -67,11 +67,11 @@ class Slide:
         if w <= 0 or h <= 0:
             raise SlideError(self.slide_id, f"read_region size must be positive, got {size}")
         try:
-            rgba = self._backend.read_rgba((int(level0_xy[0]), int(level0_xy[1])), level, (w, h))
+            pixels = self._backend.read_pixels((int(level0_xy[0]), int(level0_xy[1])), level, (w, h))
         except Exception as exc:  # a reader's own error on a corrupt tile: name the slide
             raise SlideError(self.slide_id, f"cannot read region {tuple(level0_xy)} level {level} "
                                             f"size {size}: {type(exc).__name__}: {exc}") from exc
-        return _to_rgb_on_white(rgba)
+        return _to_rgb_on_white(pixels)
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level as (H, W, 3) uint8 RGB (only sensible for small, low-resolution levels)."""
