@@ -24,6 +24,7 @@ from wsi_pipeline.features_h5 import features_h5_is_valid, write_features_h5
 from wsi_pipeline.io import remove_stale_temps, sha256_file
 from wsi_pipeline.manifest import Manifest, SlideRecord
 from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.slides import open_slide
 
 from .batch import BatchReport, run_batch
 
@@ -84,6 +85,7 @@ class Extractor:
         config_hash = self.config_hash(str(cattrs["config_hash"]))
         if not force and features_h5_is_valid(out, config_hash, coords):
             return "skipped"
+        _check_slide_matches_coords(record, self.cfg.slides.backend, cattrs)
         encoder = self.encoder
         source = PatchSource(
             slide_path=str(record.path), slide_id=record.slide_id, backend=self.cfg.slides.backend,
@@ -133,6 +135,19 @@ def _versions() -> dict:
 
     return {"wsi_pipeline": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _check_slide_matches_coords(record: SlideRecord, backend: str, cattrs) -> None:
+    """The slide must still be the one tiled: a file replaced or truncated since then would otherwise
+    fail inside a reader process, or read the wrong pixels."""
+    with open_slide(record.path, slide_id=record.slide_id, backend=backend, mpp_override=record.mpp) as slide:
+        tiled = (int(cattrs["level0_width"]), int(cattrs["level0_height"]))
+        level = int(cattrs["patch_level"])
+        if tuple(slide.dimensions) != tiled or level >= slide.level_count:
+            raise SlideError(record.slide_id, f"the slide no longer matches its coords.h5 (tiled at "
+                                              f"{tiled[0]}×{tiled[1]} px, level {level}; now "
+                                              f"{slide.dimensions[0]}×{slide.dimensions[1]} px, "
+                                              f"{slide.level_count} levels): re-run the tile stage")
 
 
 def run_extract(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: bool = False,

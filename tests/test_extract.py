@@ -222,3 +222,46 @@ def test_reader_and_batch_defaults_per_device(monkeypatch):
     assert config_from_dict({"extract": {"batch_size": None}}).extract.batch_size is None
     with pytest.raises(Exception, match=r"extract.batch_size: must be >= 1 or null"):
         config_from_dict({"extract": {"batch_size": 0}})
+
+
+def test_unreadable_slide_in_a_worker_is_one_clear_error_and_the_batch_goes_on(demo_cohort, tmp_path):
+    """A slide truncated after tiling fails inside a DataLoader worker: the failure names the slide and
+    the region, without the worker's traceback, and the other slides are still extracted."""
+    import shutil
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(demo_cohort.parent, cohort)
+    run = tmp_path / "run"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(TILE_CFG)
+    manifest_path = cohort / demo_cohort.name
+    assert main(["tile", "--manifest", str(manifest_path), "--config", str(cfg_file), "--out", str(run),
+                 "--no-progress"]) == 0
+    manifest = load_manifest(manifest_path)
+    bad = manifest.records[0]
+    with open(bad.path, "r+b") as fh:
+        fh.truncate(bad.path.stat().st_size // 2)
+    cfg = config_from_dict({"tiling": {"target_mpp": 2.0, "patch_size_px": 64},
+                            "extract": {"encoder": "stain_texture", "batch_size": 16, "num_workers": 1}})
+    report = run_extract(manifest, cfg, run, progress=False)
+    assert set(report.failed) == {bad.slide_id}
+    assert len(report.done) == len(manifest) - 1
+    message = report.failed[bad.slide_id]
+    assert message.startswith(f"slide '{bad.slide_id}': the slide no longer matches its coords.h5"), message
+    assert "Traceback" not in message
+    assert not (run / "features" / "stain_texture" / f"{bad.slide_id}.h5").exists()
+
+
+def test_read_error_in_a_worker_is_raised_as_the_slide_error(demo_cohort, tiled_run, tmp_path):
+    """DataLoader re-raises a worker's exception as a RuntimeError carrying the worker's traceback;
+    the read error comes back as data instead and is raised as the SlideError itself."""
+    from wsi_pipeline.errors import SlideError
+    from wsi_pipeline.extraction import extract_features
+
+    record = load_manifest(demo_cohort).records[0]
+    coords = np.array([[0, 0], [256, 0]], dtype=np.int64)
+    gone = PatchSource(str(tmp_path / "gone.svs"), record.slide_id, "auto", None, coords, 0, 64, 64)
+    encoder = create_encoder("stain_texture", None)
+    with pytest.raises(SlideError) as caught:
+        extract_features(encoder, gone, batch_size=2, num_workers=1)
+    assert str(caught.value) == f"slide '{record.slide_id}': file not found: {tmp_path / 'gone.svs'}"

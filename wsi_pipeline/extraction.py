@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .encoders import Encoder
+from .errors import SlideError
 from .slides import open_slide
 
 
@@ -61,7 +62,15 @@ class PatchDataset(Dataset):
         patch = self._open().read_region((int(x), int(y)), s.patch_level, (s.read_size_px, s.read_size_px))
         return self._to_tensor(patch)
 
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> list:
+        try:
+            return self._read_batch(indices)
+        except SlideError as exc:
+            # Crossing the worker boundary as data: DataLoader re-raises a worker's exception as a
+            # RuntimeError wrapping the worker's whole traceback; the main process raises this instead.
+            return [_ReadFailure(exc.message)]
+
+    def _read_batch(self, indices: list[int]) -> list[torch.Tensor]:
         """A batch's patches (the DataLoader's fetcher calls this with a whole batch's indices).
 
         Neighbours on one grid row are read as one region and cut apart: tiffslide then decodes each
@@ -92,6 +101,18 @@ class PatchDataset(Dataset):
             patch = np.asarray(Image.fromarray(np.ascontiguousarray(patch)).resize(
                 (s.out_size_px, s.out_size_px), Image.Resampling.BILINEAR))
         return torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class _ReadFailure:
+    """A batch a worker could not read; `message` is the SlideError's text without the slide prefix."""
+    message: str
+
+
+def _collate(items: list) -> torch.Tensor | _ReadFailure:
+    if items and isinstance(items[0], _ReadFailure):
+        return items[0]
+    return torch.stack(items)
 
 
 MAX_RUN_PATCHES = 16  # bounds one region read (16 × 224 px wide) and the cost of gaps inside it
@@ -139,7 +160,7 @@ def default_workers(device: torch.device) -> int:
 
 
 def make_loader(source: PatchSource, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(PatchDataset(source), batch_size=batch_size, shuffle=False,
+    return DataLoader(PatchDataset(source), batch_size=batch_size, shuffle=False, collate_fn=_collate,
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
 
@@ -165,6 +186,8 @@ def extract_features(encoder: Encoder, source: PatchSource, *, batch_size: int |
     start = 0
     with autocast_for(device, precision):
         for batch in loader:
+            if isinstance(batch, _ReadFailure):
+                raise SlideError(source.slide_id, batch.message)
             batch = batch.to(device, non_blocking=True)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)

@@ -71,7 +71,8 @@ class TiffSlideBackend:
         lw, lh = self.level_dimensions[level]
         x_l, y_l = int(np.floor(xy0[0] / down)), int(np.floor(xy0[1] / down))
         if x_l >= 0 and y_l >= 0 and x_l + rgb.shape[1] <= lw and y_l + rgb.shape[0] <= lh:
-            return rgb  # inside the level: opaque
+            # Inside the level: opaque. tiffslide may hand back a read-only buffer; callers own the result.
+            return rgb if rgb.flags.writeable else rgb.copy()
         alpha = np.zeros(rgb.shape[:2], dtype=np.uint8)
         alpha[max(0, -y_l):max(0, lh - y_l), max(0, -x_l):max(0, lw - x_l)] = 255
         return np.concatenate([rgb, alpha[..., None]], axis=2)
