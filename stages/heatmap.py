@@ -30,6 +30,7 @@ from wsi_pipeline.exports import export_heatmaps, export_paths, list_colormaps
 from wsi_pipeline.features_h5 import read_features_h5
 from wsi_pipeline.io import TMP_MARK, sha256_file, write_json_atomic
 from wsi_pipeline.manifest import Manifest, SlideRecord
+from wsi_pipeline.names import check_name
 from wsi_pipeline.run_folder import RunFolder
 from wsi_pipeline.slides import open_slide
 
@@ -144,7 +145,7 @@ class HeatmapRunner:
                     p.unlink(missing_ok=True)
 
     def done_path(self, slide_id: str) -> Path:
-        return self.out_dir / f"{slide_id}.done.json"
+        return self.run.inside(self.out_dir / f"{self.run.name(slide_id, 'slide_id')}.done.json")
 
     def identity(self, record: SlideRecord, features_path: Path, model_dir: Path) -> dict:
         return {
@@ -207,7 +208,8 @@ class HeatmapRunner:
         return table, names, prediction
 
     def __call__(self, record: SlideRecord, force: bool = False) -> str:
-        slide_id = record.slide_id
+        # The exports' file names start with the slide_id (exports.export_paths): checked here once.
+        slide_id = self.run.name(record.slide_id, "slide_id")
         features_path = self.run.features_h5(self.cfg.extract.encoder, slide_id)
         if not features_path.is_file():
             raise SlideError(slide_id, f"no features at {features_path}: run the extract stage first")
@@ -288,7 +290,7 @@ def run_heatmap(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     if slides is not None:
         manifest = manifest.select(slides)
     run = RunFolder(run_dir)
-    model_name = model or cfg.train.model
+    model_name = check_name(model, "--model") if model else cfg.train.model
     runner = HeatmapRunner(cfg, run, model_name, model_dir)
     runner.out_dir.mkdir(parents=True, exist_ok=True)
     return run_batch(STAGE, manifest, run, lambda r: runner(r, force=force), progress=progress)

@@ -47,6 +47,7 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
 
     from wsi_pipeline.errors import SlideError
     from wsi_pipeline.io import write_csv_atomic
+    from wsi_pipeline.names import check_name
     from wsi_pipeline.run_folder import RunFolder
     from wsi_pipeline.training.bags import load_bag
     from wsi_pipeline.training.checkpoints import load_ensemble
@@ -59,6 +60,8 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
     encoder = meta.get("encoder")
     if not encoder:
         raise PipelineError(f"{model_dir}: fold config.json does not name the encoder its features came from")
+    # The encoder names the folder features are read from: a safe name only, never a path.
+    check_name(encoder, f"{model_dir}: fold config.json encoder", error=PipelineError)
     out = Path(out) if out is not None else default_out(model_dir, manifest.path)
     run = RunFolder(run_dir)
     report = PredictReport(out=out, classes=classes)

@@ -94,7 +94,11 @@ def snakemake_command(args) -> list[str]:
 def cli(args) -> int:
     from wsi_pipeline.config import load_config
     from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.validation import validate_run_inputs
 
+    # Before Snakemake starts (and before RUN is created): every manifest/config/name/registry
+    # problem at once, as InputsError -> exit 2. Snakemake's own parse failure would exit 1.
+    validate_run_inputs(args.manifest, args.config, model=args.model)
     cmd = snakemake_command(args)
     run_dir = Path(args.out).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

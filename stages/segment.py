@@ -48,6 +48,7 @@ from wsi_pipeline.config import Config
 from wsi_pipeline.errors import ConfigError, PipelineError, SlideError
 from wsi_pipeline.io import TMP_MARK, remove_stale_temps, sha256_file, write_csv_atomic, write_json_atomic
 from wsi_pipeline.manifest import Manifest, SlideRecord
+from wsi_pipeline.names import check_name
 from wsi_pipeline.run_folder import RunFolder
 
 from .batch import BatchReport, run_batch
@@ -102,28 +103,35 @@ def cli(args) -> int:
 
 
 class SegmentPaths:
+    """RUN/segment/ layout. Paths built from a slide_id go through the run folder's checks (a safe
+    name, inside RUN), like RunFolder's own."""
+
     def __init__(self, run: RunFolder):
+        self.run = run
         self.root = run.segment_dir
+
+    def _slide_file(self, folder: Path, slide_id: str, suffix: str) -> Path:
+        return self.run.inside(folder / f"{self.run.name(slide_id, 'slide_id')}{suffix}")
 
     @property
     def cams_dir(self) -> Path:
         return self.root / "cams"
 
     def cams(self, slide_id: str) -> Path:
-        return self.cams_dir / f"{slide_id}.npz"
+        return self._slide_file(self.cams_dir, slide_id, ".npz")
 
     @property
     def model_dir(self) -> Path:
         return self.root / "model"
 
     def tif(self, slide_id: str) -> Path:
-        return self.root / f"{slide_id}.tif"
+        return self._slide_file(self.root, slide_id, ".tif")
 
     def geojson(self, slide_id: str) -> Path:
-        return self.root / f"{slide_id}.geojson"
+        return self._slide_file(self.root, slide_id, ".geojson")
 
     def done(self, slide_id: str) -> Path:
-        return self.root / f"{slide_id}.done.json"
+        return self._slide_file(self.root, slide_id, ".done.json")
 
     @property
     def metrics_csv(self) -> Path:
@@ -442,6 +450,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
                 progress: bool = True) -> SegmentResult:
     """CAMs -> pseudo-labels -> one segmenter trained on all slides -> masks for every slide of
     `manifest` (or the `slides` subset) in RUN/segment/; per-slide failures are recorded."""
+    model_name = check_name(model, "--model") if model else cfg.train.model
     if slides is not None:
         manifest = manifest.select(slides)
     run = RunFolder(run_dir)
@@ -450,7 +459,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     # One process runs this cohort-level stage, so its own folders' leftovers can go.
     remove_stale_temps(paths.cams_dir)
     remove_stale_temps(paths.model_dir)
-    provider = CamProvider(cfg, run, paths, model or cfg.train.model, model_dir)
+    provider = CamProvider(cfg, run, paths, model_name, model_dir)
     report = BatchReport(STAGE)
 
     # 1. CAMs (from the file, else from the ensemble).

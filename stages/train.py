@@ -35,6 +35,7 @@ from pathlib import Path
 from wsi_pipeline.config import Config
 from wsi_pipeline.errors import PipelineError, SlideError
 from wsi_pipeline.manifest import Manifest, SlideRecord
+from wsi_pipeline.names import check_name
 from wsi_pipeline.run_folder import RunFolder
 
 STAGE = "train"
@@ -68,6 +69,8 @@ def cli(args) -> int:
     run_dir = Path(args.out or args.features)
     try:
         cfg = load_config(args.config)
+        if args.model is not None:
+            check_name(args.model, "--model")
         overrides = {k: v for k, v in (("model", args.model), ("folds", args.folds),
                                        ("epochs", args.epochs), ("device", args.device)) if v is not None}
         if overrides:
@@ -75,7 +78,8 @@ def cli(args) -> int:
         manifest = load_manifest(args.manifest, require_labels=True)
         if args.exclude_slides:
             manifest = manifest.without(s.strip() for s in args.exclude_slides.split(","))
-        cohorts = [c.strip() for c in args.cohort.split(",") if c.strip()] if args.cohort else None
+        cohorts = ([check_name(c.strip(), "--cohort") for c in args.cohort.split(",") if c.strip()]
+                   if args.cohort else None)
         results = run_train(manifest, cfg, run_dir, cohorts=cohorts, progress=not args.no_progress,
                             features_run_dir=args.features)
     except PipelineError as exc:

@@ -89,7 +89,9 @@ def _dispatch(args) -> int:
     if args.command == "demo-cohort":
         from .demo import make_demo_cohort
 
-        cohorts = tuple(c.strip() for c in args.cohorts.split(",") if c.strip())
+        from .names import check_name
+
+        cohorts = tuple(check_name(c.strip(), "--cohorts") for c in args.cohorts.split(",") if c.strip())
         manifest = make_demo_cohort(args.out, args.n, width_px=args.width, height_px=args.height,
                                     mpp=args.mpp, seed=args.seed, cohorts=cohorts, progress=True)
         print(f"demo cohort: {args.n} slides; manifest {manifest}")
@@ -113,6 +115,10 @@ def _dispatch(args) -> int:
     if args.command == "extract":
         from stages.extract import run_extract
 
+        from .names import check_name
+
+        if args.encoder:
+            check_name(args.encoder, "--encoder")
         overrides = {k: v for k, v in (("encoder", args.encoder), ("checkpoint", args.checkpoint)) if v}
         cfg, manifest = _load_inputs(args, extract=overrides)
         report = run_extract(manifest, cfg, args.out, force=args.force, progress=not args.no_progress)

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .names import check_name
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class TilingConfig:
 @dataclass(frozen=True)
 class ExtractConfig:
     # A registered encoder (resnet50_trunc, vit_small_patch16, vit_base_patch16, vit_large_patch16,
-    # uni_vit_l16) or any timm architecture name.
+    # uni_vit_l16) or any timm architecture name. It names the folder RUN/features/{encoder}/, so
+    # it follows the name rule of wsi_pipeline.names (letters, digits, `._-`, <= 128 characters).
     encoder: str = "resnet50_trunc"
     # Weights: a local .safetensors/.pth/.bin file, an "hf-hub:org/name" id, or "random"
     # (explicitly random weights; recorded as such in every features.h5).
@@ -97,6 +99,7 @@ class ExtractConfig:
     features_dtype: str = "float32"
 
     def __post_init__(self):
+        check_name(self.encoder, "extract.encoder")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError("extract.precision: must be auto, fp32, bf16 or fp16")
         if self.features_dtype not in ("float32", "float16"):
@@ -114,6 +117,7 @@ class ExtractConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # Registered aggregator: mambamil, bimamba_mil, mamba_mil, gmmamba, fmamil, abmil, transmil, mean, max.
+    # It names the folders RUN/mil/{model}/ and RUN/heatmaps/{model}/ (name rule: wsi_pipeline.names).
     model: str = "mambamil"
     # Extra keyword arguments for the aggregator (e.g. {rate: 10, d_model: 512}).
     model_args: dict = field(default_factory=dict)
@@ -139,6 +143,7 @@ class TrainConfig:
     bootstrap: int = 1000
 
     def __post_init__(self):
+        check_name(self.model, "train.model")
         if self.folds < 2:
             raise ConfigError("train.folds: must be >= 2")
         if not 0 < self.val_fraction < 1:
@@ -250,6 +255,7 @@ class SegmentConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        check_name(self.model, "segment.model")
         _positive("segment.work_mpp", self.work_mpp)
         _positive("segment.mask_mpp", self.mask_mpp)
         _positive("segment.lr", self.lr)

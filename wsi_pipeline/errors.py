@@ -26,3 +26,18 @@ class SlideError(PipelineError):
         self.slide_id = slide_id
         self.message = message
         super().__init__(f"slide {slide_id!r}: {message}")
+
+
+class UnsafePathError(PipelineError):
+    """A path built from a name would leave the run folder (or the name is not a safe one): refused
+    before anything is created, written or deleted there."""
+
+
+class InputsError(PipelineError):
+    """A run's inputs (manifest, config, CLI values, model names) are invalid; `problems` lists every
+    one, each naming its row and field or its config key, so a user fixes them in one pass."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid inputs, nothing was run: {len(self.problems)} problem(s)\n{lines}")

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ManifestError
+from .names import name_problem, short_repr
 
 REQUIRED_COLUMNS = ("slide_id", "path", "patient_id", "label", "cohort")
 OPTIONAL_COLUMNS = ("mpp",)
-# slide_id becomes a file name and a Snakemake wildcard: no path separators or whitespace.
-_SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# slide_id and cohort become file and folder names under the run folder, Snakemake wildcards and
+# shell words: both follow the one name rule (wsi_pipeline.names). patient_id and label never become
+# paths (they are compared and written into CSV/JSON cells), so any text is fine there.
+PATH_NAME_COLUMNS = ("slide_id", "cohort")
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,15 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
             problems.append(f"{where}: more cells than columns")
         slide_id = row.get("slide_id", "")
         if slide_id:
-            where = f"row {i} (slide_id {slide_id!r})"
+            where = f"row {i} (slide_id {short_repr(slide_id)})"
         for col in ("slide_id", "path", "patient_id", "cohort"):
             if not row.get(col):
                 problems.append(f"{where}: empty {col}")
-        if slide_id and not _SLIDE_ID_RE.match(slide_id):
-            problems.append(f"{where}: slide_id may hold only letters, digits, '.', '_' and '-'")
+        for col in PATH_NAME_COLUMNS:
+            value = row.get(col)
+            problem = name_problem(value) if value else None
+            if problem:
+                problems.append(f"{where}: {col} {problem}")
         if slide_id in seen_ids:
             problems.append(f"{where}: duplicate slide_id (first at row {seen_ids[slide_id]})")
         elif slide_id:

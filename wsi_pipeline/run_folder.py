@@ -2,19 +2,44 @@
 
 Failures are one small file per (stage, slide) under RUN/failures/, written atomically, so parallel
 per-slide jobs (Snakemake) never race on one CSV; `RUN/failures.csv` is rebuilt from them.
+
+Every path built from a name (slide_id, encoder, model, cohort, stage) is checked: the name must
+follow the name rule (wsi_pipeline.names) and the path must stay inside RUN. Manifest and config
+validation already refuse bad names; this is the second line, for code that builds records or
+names some other way. The check is lexical (no symlink resolution), so a RUN/features that the
+user made a symlink to another disk keeps working.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from .errors import UnsafePathError
 from .io import write_csv_atomic, write_json_atomic
+from .names import name_problem
 
 
 class RunFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    def name(self, value: str, what: str) -> str:
+        """`value` if it is a safe name to put in a path under RUN, else UnsafePathError."""
+        problem = name_problem(value)
+        if problem is not None:
+            raise UnsafePathError(f"{what} {problem} (refusing to build a path from it in {self.root})")
+        return value
+
+    def inside(self, path: str | Path) -> Path:
+        """`path` if it stays inside RUN once `..` and absolute parts are applied, else UnsafePathError."""
+        path = Path(path)
+        root = os.path.normpath(os.path.abspath(self.root))
+        target = os.path.normpath(os.path.abspath(path if path.is_absolute() else self.root / path))
+        if os.path.commonpath([root, target]) != root:
+            raise UnsafePathError(f"{path} is outside the run folder {root}: refused")
+        return path
 
     # -- tiling outputs ---------------------------------------------------------------------
     @property
@@ -22,28 +47,28 @@ class RunFolder:
         return self.root / "tiles"
 
     def coords_h5(self, slide_id: str) -> Path:
-        return self.tiles_dir / f"{slide_id}.coords.h5"
+        return self.inside(self.tiles_dir / f"{self.name(slide_id, 'slide_id')}.coords.h5")
 
     def tissue_geojson(self, slide_id: str) -> Path:
-        return self.tiles_dir / f"{slide_id}.tissue.geojson"
+        return self.inside(self.tiles_dir / f"{self.name(slide_id, 'slide_id')}.tissue.geojson")
 
     def qc_png(self, slide_id: str) -> Path:
-        return self.tiles_dir / f"{slide_id}.qc.png"
+        return self.inside(self.tiles_dir / f"{self.name(slide_id, 'slide_id')}.qc.png")
 
     # -- feature outputs --------------------------------------------------------------------
     def features_dir(self, encoder: str) -> Path:
-        return self.root / "features" / encoder
+        return self.inside(self.root / "features" / self.name(encoder, "encoder"))
 
     def features_h5(self, encoder: str, slide_id: str) -> Path:
-        return self.features_dir(encoder) / f"{slide_id}.h5"
+        return self.inside(self.features_dir(encoder) / f"{self.name(slide_id, 'slide_id')}.h5")
 
     # -- MIL, heatmaps, segmentation --------------------------------------------------------
     def mil_dir(self, model: str, cohort: str) -> Path:
         """RUN/mil/{model}/{cohort}/: splits.json, fold_{k}/, predictions.csv, metrics.json."""
-        return self.root / "mil" / model / cohort
+        return self.inside(self.root / "mil" / self.name(model, "model") / self.name(cohort, "cohort"))
 
     def heatmaps_dir(self, model: str) -> Path:
-        return self.root / "heatmaps" / model
+        return self.inside(self.root / "heatmaps" / self.name(model, "model"))
 
     @property
     def segment_dir(self) -> Path:
@@ -51,7 +76,8 @@ class RunFolder:
 
     # -- failures ---------------------------------------------------------------------------
     def _failure_file(self, stage: str, slide_id: str) -> Path:
-        return self.root / "failures" / stage / f"{slide_id}.json"
+        return self.inside(self.root / "failures" / self.name(stage, "stage")
+                           / f"{self.name(slide_id, 'slide_id')}.json")
 
     def record_failure(self, stage: str, slide_id: str, error: str) -> None:
         write_json_atomic(self._failure_file(stage, slide_id),

@@ -8,23 +8,26 @@ import json
 import os
 import shlex
 
-from wsi_pipeline.config import load_config
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.names import NAME_CHARS
+from wsi_pipeline.validation import validate_run_inputs
 
 MANIFEST_PATH = os.path.abspath(config["manifest"])
 PIPELINE_CONFIG = os.path.abspath(config["pipeline_config"]) if config.get("pipeline_config") else ""
 
-# Each manifest row against the published row schema, then the library's full validation
-# (duplicates, patients in two cohorts, ...): both fail before any job starts, naming the row.
+# The library's full validation first, before any job starts: every problem of the manifest and the
+# config at once (rows and fields named), names that become paths and shell words (slide_id,
+# cohort, encoder, models: wsi_pipeline.names), and the model names against their registries.
+MANIFEST, CFG = validate_run_inputs(MANIFEST_PATH, PIPELINE_CONFIG or None, model=config.get("model") or None,
+                                    model_key="workflow config model")
+
+# Then each row against the published row schema (manifests/schema.json), which says the same.
 _ROW_SCHEMA = os.path.join(workflow.basedir, "..", "manifests", "schema.json")
-with open(MANIFEST_PATH, newline="", encoding="utf-8") as _fh:
+with open(MANIFEST_PATH, newline="", encoding="utf-8-sig") as _fh:
     for _row in csv.DictReader(_fh):
         # An empty optional mpp means "read it from the file": not a value to validate.
-        validate({k: v for k, v in _row.items() if k is not None and not (k == "mpp" and v == "")},
+        validate({k.strip(): v.strip() for k, v in _row.items()
+                  if k is not None and isinstance(v, str) and not (k.strip() == "mpp" and v.strip() == "")},
                  _ROW_SCHEMA)
-
-MANIFEST = load_manifest(MANIFEST_PATH)
-CFG = load_config(PIPELINE_CONFIG or None)
 
 
 def previously_failed():
@@ -47,7 +50,9 @@ ENCODER = CFG.extract.encoder
 MODEL = config.get("model") or CFG.train.model
 GPU = 1 if config.get("gpu") else 0
 
-CLI = config.get("cli", "wsi-pipeline")
+# `wsi-pipeline run` passes the CLI as shell-quoted words; split and requote them so whatever the
+# config holds reaches the shell as a plain word list (never a substitution or a second command).
+CLI = " ".join(shlex.quote(w) for w in shlex.split(str(config.get("cli", "wsi-pipeline"))))
 _CFG_ARG = f"--config {shlex.quote(PIPELINE_CONFIG)}" if PIPELINE_CONFIG else ""
 # Arguments every stage command shares. Rules use it as a global in `shell:`, not as a param:
 # pointing at another manifest (e.g. one more slide) must not rerun the finished slides. What a

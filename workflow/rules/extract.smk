@@ -18,4 +18,4 @@ rule extract:
         runtime=lambda wc, attempt: 120 * attempt,
     shell:
         "OMP_NUM_THREADS={threads} {CLI} extract {COMMON} --out . --slides {wildcards.slide:q} "
-        "--no-progress > {log} 2>&1"
+        "--no-progress > {log:q} 2>&1"

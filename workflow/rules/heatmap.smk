@@ -23,5 +23,5 @@ rule heatmap:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
     shell:
-        "OMP_NUM_THREADS={threads} {CLI} heatmap {COMMON} --run . --model {params.model} "
-        "--slides {wildcards.slide:q} --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {CLI} heatmap {COMMON} --run . --model {params.model:q} "
+        "--slides {wildcards.slide:q} --no-progress > {log:q} 2>&1"

@@ -29,5 +29,5 @@ rule segment:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 600 * attempt,
     shell:
-        "OMP_NUM_THREADS={threads} {CLI} segment {COMMON} --run . --model {params.model} "
-        "{EXCLUDE_ARG} --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {CLI} segment {COMMON} --run . --model {params.model:q} "
+        "{EXCLUDE_ARG} --no-progress > {log:q} 2>&1"

@@ -19,4 +19,4 @@ rule tile:
         runtime=lambda wc, attempt: 30 * attempt,
     shell:
         "OMP_NUM_THREADS={threads} {CLI} tile {COMMON} --out . --slides {wildcards.slide:q} "
-        "--no-progress > {log} 2>&1"
+        "--no-progress > {log:q} 2>&1"

@@ -19,5 +19,5 @@ rule train:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 600 * attempt,
     shell:
-        "OMP_NUM_THREADS={threads} {CLI} train {COMMON} --features . --model {params.model} "
-        "--cohort {wildcards.cohort:q} {EXCLUDE_ARG} --no-progress > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {CLI} train {COMMON} --features . --model {params.model:q} "
+        "--cohort {wildcards.cohort:q} {EXCLUDE_ARG} --no-progress > {log:q} 2>&1"
