@@ -153,3 +153,15 @@ def test_demo_cohort_refuses_an_unsafe_cohort_name(tmp_path, capsys):
     assert main(["demo-cohort", str(tmp_path / "demo"), "--n", "1", "--cohorts", "ok,../x"]) == 2
     assert "--cohorts: may hold only" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_published_row_schema_states_the_same_name_rule():
+    import json
+    from pathlib import Path
+
+    from wsi_pipeline.names import NAME_CHARS
+
+    schema = json.loads((Path(__file__).resolve().parents[2] / "manifests" / "schema.json").read_text())
+    for column in ("slide_id", "cohort"):
+        spec = schema["properties"][column]
+        assert spec["pattern"] == f"^{NAME_CHARS}$" and spec["maxLength"] == MAX_NAME_LEN
