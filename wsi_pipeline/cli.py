@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import sys
 
-from .errors import PipelineError
+from .errors import ConfigError, PipelineError
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -116,11 +116,17 @@ def _dispatch(args) -> int:
         from stages.extract import run_extract
 
         from .names import check_name
+        from .validation import encoder_problem
+
+        def check_encoder(cfg):  # before any slide: else every slide fails with the same message
+            problem = encoder_problem(cfg.extract.encoder, "--encoder" if args.encoder else "extract.encoder")
+            if problem:
+                raise ConfigError(problem)
 
         if args.encoder:
             check_name(args.encoder, "--encoder")
         overrides = {k: v for k, v in (("encoder", args.encoder), ("checkpoint", args.checkpoint)) if v}
-        cfg, manifest = _load_inputs(args, extract=overrides)
+        cfg, manifest = _load_inputs(args, check=check_encoder, extract=overrides)
         report = run_extract(manifest, cfg, args.out, force=args.force, progress=not args.no_progress)
         return _finish(report, args.out)
 
@@ -139,8 +145,9 @@ def _dispatch(args) -> int:
     raise AssertionError(args.command)
 
 
-def _load_inputs(args, **section_overrides):
-    """Config (with CLI overrides per section), manifest (optionally a subset); saves the config."""
+def _load_inputs(args, check=None, **section_overrides):
+    """Config (with CLI overrides per section), manifest (optionally a subset); saves the config
+    once `check(cfg)` (if given) has passed."""
     import dataclasses
 
     from .config import load_config, save_resolved_config
@@ -153,6 +160,8 @@ def _load_inputs(args, **section_overrides):
     manifest = load_manifest(args.manifest)
     if args.slides:
         manifest = manifest.select(s.strip() for s in args.slides.split(",") if s.strip())
+    if check is not None:
+        check(cfg)
     save_resolved_config(cfg, args.out)
     return cfg, manifest
 

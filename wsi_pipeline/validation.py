@@ -49,28 +49,41 @@ def validate_run_inputs(manifest_path: str | Path, config_path: str | Path | Non
 def registry_problems(cfg: Config, *, model: str | None = None, model_key: str = "--model") -> list[str]:
     """The config's model names (train.model, or `model` given as --model; extract.encoder;
     segment.model) that no registry knows, each with the closest registered names."""
-    from .encoders import list_encoders
+    problems = [aggregator_problem(model, model_key) if model else aggregator_problem(cfg.train.model),
+                encoder_problem(cfg.extract.encoder), segmenter_problem(cfg.segment.model)]
+    return [p for p in problems if p]
+
+
+def aggregator_problem(name: str, key: str = "train.model") -> str | None:
     from .models.mil import list_aggregators
+
+    known = list_aggregators()
+    if name in known:
+        return None
+    return f"{key}: unknown MIL aggregator {name!r}{_suggest(name, known)}; registered: {', '.join(known)}"
+
+
+def encoder_problem(name: str, key: str = "extract.encoder") -> str | None:
+    from .encoders import list_encoders
+
+    known = list_encoders()
+    if name in known:
+        return None
+    import timm  # any timm architecture is an encoder too (encoders.registry.get_spec)
+
+    if timm.is_model(name):
+        return None
+    return (f"{key}: unknown encoder {name!r}: not registered ({', '.join(known)}) and not a timm "
+            f"architecture{_suggest(name, known + timm.list_models())}")
+
+
+def segmenter_problem(name: str, key: str = "segment.model") -> str | None:
     from .models.seg import list_segmenters
 
-    problems = []
-    mil_name, mil_key = (model, model_key) if model else (cfg.train.model, "train.model")
-    if mil_name not in list_aggregators():
-        problems.append(f"{mil_key}: unknown MIL aggregator {mil_name!r}"
-                        f"{_suggest(mil_name, list_aggregators())}; registered: {', '.join(list_aggregators())}")
-    encoder = cfg.extract.encoder
-    if encoder not in list_encoders():
-        import timm  # any timm architecture is an encoder too (registry.get_spec)
-
-        if not timm.is_model(encoder):
-            problems.append(f"extract.encoder: unknown encoder {encoder!r}: not registered "
-                            f"({', '.join(list_encoders())}) and not a timm architecture"
-                            f"{_suggest(encoder, list_encoders() + timm.list_models())}")
-    if cfg.segment.model not in list_segmenters():
-        problems.append(f"segment.model: unknown segmenter {cfg.segment.model!r}"
-                        f"{_suggest(cfg.segment.model, list_segmenters())}; "
-                        f"registered: {', '.join(list_segmenters())}")
-    return problems
+    known = list_segmenters()
+    if name in known:
+        return None
+    return f"{key}: unknown segmenter {name!r}{_suggest(name, known)}; registered: {', '.join(known)}"
 
 
 def _suggest(name: str, candidates: list[str]) -> str:

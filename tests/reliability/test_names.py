@@ -165,3 +165,15 @@ def test_published_row_schema_states_the_same_name_rule():
     for column in ("slide_id", "cohort"):
         spec = schema["properties"][column]
         assert spec["pattern"] == f"^{NAME_CHARS}$" and spec["maxLength"] == MAX_NAME_LEN
+
+
+def test_extract_refuses_an_unknown_encoder_before_any_slide(tmp_path, capsys):
+    """A safe but unknown encoder name: one clear error naming close matches, exit 2, nothing written
+    (before, every slide failed with the same message, exit 1)."""
+    run_dir = tmp_path / "run"
+    manifest = _write(tmp_path, HEADER + "A,a.svs,P1,x,c1\n")
+    assert main(["extract", "--manifest", str(manifest), "--out", str(run_dir), "--encoder", "resnet5O",
+                 "--checkpoint", "random", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--encoder: unknown encoder 'resnet5O'" in err and "did you mean resnet50" in err
+    assert not run_dir.exists()

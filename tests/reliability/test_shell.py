@@ -27,8 +27,8 @@ def _env():
 
 @pytest.fixture
 def prepared_run(tmp_path):
-    """A two-cohort-free manifest whose tile and extract outputs already exist, so the workflow's
-    next job is `train`: with the injected model name, its shell line would run the command."""
+    """A one-cohort manifest whose tile and extract outputs already exist (empty files), so the
+    workflow's next job is `train`: with an injected model name, its shell line runs the command."""
     manifest = tmp_path / "m.csv"
     rows = "".join(f"S{i},S{i}.svs,P{i},{'pos' if i % 2 else 'neg'},c1\n" for i in range(4))
     manifest.write_text("slide_id,path,patient_id,label,cohort\n" + rows)
@@ -56,7 +56,8 @@ def test_every_shell_placeholder_is_quoted():
         for shell in _shell_strings(path.read_text()):
             for field in re.findall(r"(?<!\{)\{([^{}]+)\}(?!\})", shell):
                 checked += 1
-                assert field in PREQUOTED or field.endswith(":q"), f"{path.name}: {{{field}}} reaches the shell unquoted"
+                assert field in PREQUOTED or field.endswith(":q"), \
+                    f"{path.name}: {{{field}}} reaches the shell unquoted"
     assert checked >= 25  # five rules' worth of placeholders were seen
 
 
