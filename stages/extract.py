@@ -2,7 +2,10 @@
 
 The encoder is built once per batch and only if some slide needs it, so a rerun over a finished
 run loads no model. A features.h5 is trusted when it is complete, its coords equal the current
-coords.h5, and its config hash (encoder, weights sha256, precision, dtype, tiling) matches.
+coords.h5, and its config hash (encoder, weights sha256, precision, dtype, tiling, and the content
+fingerprint of the slide file coords.h5 was tiled from) matches. Before that, the slide file must
+still be the one coords.h5 was made from (slides/identity.py): a slide replaced since tiling is an
+error naming the fix (re-run the tile stage), never "already complete".
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from wsi_pipeline.io import remove_stale_temps, sha256_file
 from wsi_pipeline.manifest import Manifest, SlideRecord
 from wsi_pipeline.run_folder import RunFolder
 from wsi_pipeline.slides import open_slide
+from wsi_pipeline.slides.identity import SlideIdentity, slide_identity
 
 from .batch import BatchReport, run_batch
 
@@ -70,9 +74,13 @@ class Extractor:
             self._encoder = create_encoder(e.encoder, e.checkpoint, device=resolve_device(e.device))
         return self._encoder
 
-    def config_hash(self, tiling_hash: str) -> str:
+    def config_hash(self, tiling_hash: str, slide_fingerprint: str | None = None) -> str:
         e = self.cfg.extract
         payload = [e.encoder, self.weights_id, e.precision, e.features_dtype, tiling_hash]
+        if slide_fingerprint is not None:  # None: coords.h5 from before identities, hashed as then
+            # New pixels mean new features even where the grid came out the same; the train stage
+            # folds this hash into its checkpoints' hashes, so they are retrained too.
+            payload.append(slide_fingerprint)
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
     def __call__(self, record: SlideRecord, force: bool = False) -> str:
@@ -82,10 +90,12 @@ class Extractor:
             raise SlideError(record.slide_id, f"no complete coords.h5 at {coords_path}: run the tile stage first")
         coords, cattrs = read_coords_h5(coords_path)
         out = self.run.features_h5(e.encoder, record.slide_id)
-        config_hash = self.config_hash(str(cattrs["config_hash"]))
+        tiled_from = SlideIdentity.from_attrs(cattrs)
+        config_hash = self.config_hash(str(cattrs["config_hash"]),
+                                       tiled_from.fingerprint if tiled_from is not None else None)
+        _check_slide_matches_coords(record, self.cfg.slides.backend, cattrs)
         if not force and features_h5_is_valid(out, config_hash, coords):
             return "skipped"
-        _check_slide_matches_coords(record, self.cfg.slides.backend, cattrs)
         encoder = self.encoder
         source = PatchSource(
             slide_path=str(record.path), slide_id=record.slide_id, backend=self.cfg.slides.backend,
@@ -139,7 +149,8 @@ def _versions() -> dict:
 
 def _check_slide_matches_coords(record: SlideRecord, backend: str, cattrs) -> None:
     """The slide must still be the one tiled: a file replaced or truncated since then would otherwise
-    fail inside a reader process, or read the wrong pixels."""
+    fail inside a reader process, read the wrong pixels, or leave features of the old file standing
+    as "already complete". Coords from before identities were recorded get the geometry check only."""
     with open_slide(record.path, slide_id=record.slide_id, backend=backend, mpp_override=record.mpp) as slide:
         tiled = (int(cattrs["level0_width"]), int(cattrs["level0_height"]))
         level = int(cattrs["patch_level"])
@@ -148,6 +159,13 @@ def _check_slide_matches_coords(record: SlideRecord, backend: str, cattrs) -> No
                                               f"{tiled[0]}×{tiled[1]} px, level {level}; now "
                                               f"{slide.dimensions[0]}×{slide.dimensions[1]} px, "
                                               f"{slide.level_count} levels): re-run the tile stage")
+        tiled_from = SlideIdentity.from_attrs(cattrs)
+        if tiled_from is not None:
+            now = slide_identity(record.path, slide.level_dimensions)
+            if not now.matches(tiled_from):
+                raise SlideError(record.slide_id, f"the slide no longer matches its coords.h5 (the file "
+                                                  f"changed since it was tiled: {now.difference(tiled_from)})"
+                                                  f": re-run the tile stage")
 
 
 def run_extract(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: bool = False,

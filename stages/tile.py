@@ -1,12 +1,15 @@
 """Stage 1 — tile: slide → tissue mask → patch grid at target µm/px → coords.h5 (+ GeoJSON, QC PNG).
 
 Outputs per slide in RUN/tiles/: {id}.tissue.geojson and {id}.qc.png first, {id}.coords.h5 last;
-all atomic, and coords.h5 is the completion marker a rerun checks (with the config hash).
+all atomic, and coords.h5 is the completion marker a rerun checks: with the config hash and the
+identity of the slide file it was made from (size, content fingerprint, level dimensions:
+wsi_pipeline/slides/identity.py), so a slide replaced at the same path is tiled again.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +17,19 @@ from PIL import Image, ImageDraw
 
 from wsi_pipeline import tissue
 from wsi_pipeline.config import Config
-from wsi_pipeline.coords_h5 import coords_h5_is_valid, write_coords_h5
+from wsi_pipeline.coords_h5 import coords_h5_is_valid, read_slide_identity, write_coords_h5
 from wsi_pipeline.errors import SlideError
 from wsi_pipeline.io import atomic_path, remove_stale_temps, write_text_atomic
 from wsi_pipeline.manifest import Manifest, SlideRecord
 from wsi_pipeline.run_folder import RunFolder
 from wsi_pipeline.slides import open_slide
+from wsi_pipeline.slides.identity import SlideIdentity, slide_identity
 from wsi_pipeline.tiling import plan_geometry, tile_tissue
 
 from .batch import BatchReport, run_batch
 
 STAGE = "tile"
+log = logging.getLogger("wsi_pipeline")
 
 
 def tile_config_hash(cfg: Config, record: SlideRecord) -> str:
@@ -33,16 +38,22 @@ def tile_config_hash(cfg: Config, record: SlideRecord) -> str:
 
 
 def tile_slide(record: SlideRecord, cfg: Config, run: RunFolder, *, force: bool = False) -> str:
-    """Tile one slide; returns "done", or "skipped" when a valid coords.h5 for this config exists."""
+    """Tile one slide; returns "done", or "skipped" when a valid coords.h5 for this config and this
+    slide file exists."""
     out = run.coords_h5(record.slide_id)
     config_hash = tile_config_hash(cfg, record)
-    if not force and coords_h5_is_valid(out, config_hash) and run.tissue_geojson(record.slide_id).is_file():
-        return "skipped"
     if not record.path.is_file():
         raise SlideError(record.slide_id, f"file not found: {record.path}")
 
     with open_slide(record.path, slide_id=record.slide_id, backend=cfg.slides.backend,
                     mpp_override=record.mpp) as slide:
+        # Outputs are current only for the file they were made from: a slide replaced at the same
+        # path (or a coords.h5 from before identities were recorded) is tiled again.
+        identity = slide_identity(record.path, slide.level_dimensions)
+        if (not force and coords_h5_is_valid(out, config_hash, slide=identity)
+                and run.tissue_geojson(record.slide_id).is_file()):
+            return "skipped"
+        _drop_if_replaced(record, out, config_hash, identity)
         t = cfg.tissue
         image, _ = slide.read_at_mpp(t.mask_mpp)
         w0, h0 = slide.dimensions
@@ -72,8 +83,23 @@ def tile_slide(record: SlideRecord, cfg: Config, run: RunFolder, *, force: bool 
                              f"no patches with tissue fraction >= {cfg.tiling.min_tissue_fraction} "
                              f"(tissue found: {tissue_um2 / 1e6:.3f} mm²); see {run.qc_png(record.slide_id)}")
         write_coords_h5(out, grid, slide_id=record.slide_id, level0_wh=slide.dimensions,
-                        mpp_source=slide.mpp_source, config_hash=config_hash)
+                        mpp_source=slide.mpp_source, config_hash=config_hash, slide=identity)
     return "done"
+
+
+def _drop_if_replaced(record: SlideRecord, out: Path, config_hash: str, identity: SlideIdentity) -> None:
+    """A complete coords.h5 made from another file is removed before re-tiling, with the reason:
+    if re-tiling fails it must not stay behind as this slide's completion marker."""
+    if not coords_h5_is_valid(out, config_hash):
+        return
+    recorded = read_slide_identity(out)
+    if recorded is None:
+        log.warning("slide %r: re-tiling: %s records no slide identity (made by an older version)",
+                    record.slide_id, out)
+        return
+    log.warning("slide %r: re-tiling: the slide file changed since it was tiled (%s)", record.slide_id,
+                identity.difference(recorded))
+    out.unlink(missing_ok=True)
 
 
 def _draw_patches(rgb: np.ndarray, coords: np.ndarray, size_level0: int,

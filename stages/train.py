@@ -6,15 +6,19 @@ RUN/mil/{model}/{cohort}/:
                               are unchanged, else recomputed with a warning: training/splits.py)
   fold_{k}/model.safetensors  best-epoch weights (safetensors, no pickle)
   fold_{k}/config.json        model, in_dim, n_classes, classes, model_args, encoder, fold, the
-                              train/val/test slide ids, best epoch, loss history, config hash, versions
+                              train/val/test slide ids, best epoch, loss history, config hash, versions,
+                              training_run_id (the training run the fold belongs to)
   predictions.csv             out-of-fold test predictions: slide_id, patient_id, cohort, fold, label,
                               prob_<class>...
   metrics.json                per fold and pooled: AUC, balanced accuracy, macro F1 with patient-level
-                              bootstrap 95% CIs, n slides
+                              bootstrap 95% CIs, n slides, training_run_id
 All files are written atomically. A rerun skips every fold whose checkpoint and config.json exist
 with a matching config hash (model, model_args, classes, encoder, train settings, the fold's slide
 split and each slide's features hash), then rebuilds predictions.csv and metrics.json — so a killed
-run resumes at the fold it was in.
+run resumes at the fold it was in. A run that changes any fold is a new training run: it first removes
+metrics.json and predictions.csv, and stamps its id into every fold it trains or reuses, so a run
+killed part-way leaves no stale metrics and an ensemble that `load_ensemble` refuses as mixed
+(wsi_pipeline/training/runs.py) until a rerun completes it.
 
 Every input problem (unknown model, bad model_args, labels outside the classes, a cohort too small for
 k folds, missing or non-finite features) is a `PipelineError` raised before any training starts.
@@ -261,6 +265,14 @@ def _hash(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _fold_hash(fold, model_name: str, train, classes, encoder: str, in_dim: int, bags: dict) -> str:
+    """A fold checkpoint's config hash: its settings, its split and each of its slides' features hash."""
+    payload = fold_config_hash(model_name=model_name, model_args=train.model_args, classes=classes,
+                               encoder=encoder, in_dim=in_dim, train=train, fold=fold)
+    payload["features"] = {sid: bags[sid].features_hash for sid in fold.train + fold.val + fold.test}
+    return _hash(payload)
+
+
 def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, features_run: RunFolder,
                   progress: bool) -> dict:
     import numpy as np
@@ -268,8 +280,9 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
     from wsi_pipeline.io import remove_stale_temps, write_csv_atomic, write_json_atomic
     from wsi_pipeline.models.mil import create_aggregator
     from wsi_pipeline.training.checkpoints import (fold_dirs, fold_is_complete, load_fold_model,
-                                                   read_fold_meta, save_fold_model)
+                                                   read_fold_meta, save_fold_model, stamp_training_run)
     from wsi_pipeline.training.metrics import classification_metrics
+    from wsi_pipeline.training.runs import RUN_ID_KEY
     from wsi_pipeline.training.splits import load_or_make_splits
     from wsi_pipeline.training.trainer import (deterministic_algorithms, predict_probs, resolve_device,
                                                seed_everything, train_fold)
@@ -297,18 +310,24 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
     in_dim = plan["in_dim"]
     by_id = {r.slide_id: r for r in records}
 
+    # Which folds are current is decided before any is touched: a run that will change any of
+    # them is a new training run (see _start_training_run).
+    hashes = {f.fold: _fold_hash(f, model_name, train, classes, encoder, in_dim, bags) for f in splits.folds}
+    current = {k: fold_is_complete(out_dir / f"fold_{k}") and _meta_hash(out_dir / f"fold_{k}", read_fold_meta) == h
+               for k, h in hashes.items()}
+    run_id = _start_training_run(out_dir, current)
+
     rows, fold_metrics, trained, skipped = [], [], [], []
     for fold in splits.folds:
         fold_dir = out_dir / f"fold_{fold.fold}"
         remove_stale_temps(fold_dir)
-        payload = fold_config_hash(model_name=model_name, model_args=train.model_args, classes=classes,
-                                   encoder=encoder, in_dim=in_dim, train=train, fold=fold)
-        payload["features"] = {sid: bags[sid].features_hash for sid in fold.train + fold.val + fold.test}
-        config_hash = _hash(payload)
+        config_hash = hashes[fold.fold]
         test_bags = [bags[s] for s in fold.test]
         desc = f"{cohort} fold {fold.fold}"
-        if fold_is_complete(fold_dir) and _meta_hash(fold_dir, read_fold_meta) == config_hash:
+        if current[fold.fold]:
             model, meta = load_fold_model(fold_dir, device=device)
+            if run_id is not None:  # this run adopts the fold (no write when it is already its own)
+                meta = stamp_training_run(fold_dir, run_id)
             skipped.append(fold.fold)
             log.info("%s: checkpoint complete and current, not retrained", desc)
         else:
@@ -333,6 +352,7 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
                 "stopped_early": result.stopped_early, "history": result.history,
                 "config_hash": config_hash, "train_config": _jsonable(train), "device": str(device),
                 "versions": _versions(),
+                RUN_ID_KEY: run_id,
             }
             save_fold_model(model, fold_dir, meta)
             trained.append(fold.fold)
@@ -361,7 +381,7 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
     pooled["n_patients"] = len({row[1] for row in rows})
     metrics = {
         "model": model_name, "cohort": cohort, "encoder": encoder, "classes": classes,
-        "n_folds": splits.n_folds,
+        "n_folds": splits.n_folds, RUN_ID_KEY: run_id,
         "auc": ("ROC AUC of prob_" + classes[-1] if len(classes) == 2 else "one-vs-rest macro ROC AUC"),
         "ci": (f"95% percentile bootstrap over patients, {train.bootstrap} resamples, seed {train.seed}; "
                f"resamples where a metric is undefined are skipped"),
@@ -373,6 +393,30 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
     return {"status": "done", "model_dir": str(out_dir), "splits": split_status, "folds_trained": trained,
             "folds_skipped": skipped, "metrics": pooled, "predictions": str(predictions_path),
             "metrics_path": str(metrics_path)}
+
+
+def _start_training_run(out_dir: Path, current: dict[int, bool]) -> str | None:
+    """The training run id this pass records in its folds and metrics.json.
+
+    When every fold is current and the folds already share one run id, nothing is retrained and
+    that run goes on (None: old checkpoints without ids, left as they are). Otherwise this is a new
+    run: metrics.json and predictions.csv describe the folds about to change, so they are removed
+    before any training (a retrain killed part-way leaves none, rather than the old run's), and
+    each fold gets the new id as it is trained or reused (see training/runs.py).
+    """
+    from wsi_pipeline.training.checkpoints import read_fold_meta
+    from wsi_pipeline.training.runs import RUN_ID_KEY, new_training_run_id
+
+    if all(current.values()):
+        ids = {read_fold_meta(out_dir / f"fold_{k}").get(RUN_ID_KEY) for k in current}
+        if len(ids) == 1:
+            return ids.pop()
+    for name in ("metrics.json", "predictions.csv"):
+        (out_dir / name).unlink(missing_ok=True)
+    run_id = new_training_run_id()
+    log.info("training run %s in %s (%d of %d fold(s) current)", run_id, out_dir,
+             sum(current.values()), len(current))
+    return run_id
 
 
 def _meta_hash(fold_dir: Path, read_fold_meta) -> str | None:

@@ -5,7 +5,9 @@ Layout (CLAM/TRIDENT-compatible: their readers take `f["coords"]` and its attrs)
   tissue_fraction  (N,)   float32 area fraction of tissue under each patch
   attrs on coords: patch_size (px at target_mpp), patch_size_level0, patch_level, downsample,
                    read_size_px, stride_level0, overlap_px, target_mpp, slide_mpp, mpp_source,
-                   level0_width, level0_height, slide_id, name, config_hash, n_patches, format_version
+                   level0_width, level0_height, slide_id, name, config_hash, n_patches, format_version,
+                   and the slide file's identity: slide_size_bytes, slide_mtime_ns, slide_fingerprint,
+                   slide_level_dimensions (slides/identity.py; absent in files from before it)
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import h5py
 import numpy as np
 
 from .io import atomic_path
+from .slides.identity import SlideIdentity
 from .tiling import TileGrid
 
 FORMAT_VERSION = 1
 
 
 def write_coords_h5(path: str | Path, grid: TileGrid, *, slide_id: str, level0_wh: tuple[int, int],
-                    mpp_source: str, config_hash: str) -> None:
+                    mpp_source: str, config_hash: str, slide: SlideIdentity | None = None) -> None:
+    """`slide`: the identity of the file tiled, so a rerun can tell when it was replaced."""
     g = grid.geometry
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -47,6 +51,7 @@ def write_coords_h5(path: str | Path, grid: TileGrid, *, slide_id: str, level0_w
                 "n_patches": int(len(grid.coords)),
                 "n_grid_positions": int(grid.n_grid),
                 "format_version": FORMAT_VERSION,
+                **(slide.to_attrs() if slide is not None else {}),
             }
             for key, value in attrs.items():
                 ds.attrs[key] = value
@@ -59,8 +64,11 @@ def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict]:
         return ds[()].astype(np.int64), {k: _plain(v) for k, v in ds.attrs.items()}
 
 
-def coords_h5_is_valid(path: str | Path, config_hash: str | None = None) -> bool:
-    """True if `path` is a complete coords.h5 (readable, consistent counts, same config hash)."""
+def coords_h5_is_valid(path: str | Path, config_hash: str | None = None,
+                       slide: SlideIdentity | None = None) -> bool:
+    """True if `path` is a complete coords.h5 (readable, consistent counts, same config hash) and,
+    if `slide` is given, was tiled from a file with that identity (a file without one, from before
+    identities were recorded, cannot show it was and is not valid)."""
     path = Path(path)
     if not path.is_file():
         return False
@@ -72,9 +80,18 @@ def coords_h5_is_valid(path: str | Path, config_hash: str | None = None) -> bool
                   and int(ds.attrs.get("format_version", 0)) == FORMAT_VERSION)
             if config_hash is not None:
                 ok = ok and ds.attrs.get("config_hash") == config_hash
+            if ok and slide is not None:
+                recorded = SlideIdentity.from_attrs(ds.attrs)
+                ok = recorded is not None and slide.matches(recorded)
             return bool(ok)
     except (OSError, KeyError, ValueError):
         return False
+
+
+def read_slide_identity(path: str | Path) -> SlideIdentity | None:
+    """The identity of the slide file `path` was tiled from; None for files from before it."""
+    with h5py.File(path, "r") as f:
+        return SlideIdentity.from_attrs(f["coords"].attrs)
 
 
 def _plain(value):

@@ -5,8 +5,9 @@ Layout (CLAM/TRIDENT names, so their readers work):
   coords    (N, 2) int64, identical to coords.h5 (level-0 top-left x, y)
   attrs (file): encoder, weights_source, weights_sha256 ("random" when random on purpose),
                 out_dim, input_size_px, mean, std, target_mpp, patch_size, patch_size_level0, ...
-                (every coords.h5 attr, prefixed "coords_" where names clash), library versions,
-                config_hash, n_patches, format_version
+                (every coords.h5 attr, prefixed "coords_" where names clash: among them the
+                slide file's identity, slide_size_bytes/_mtime_ns/_fingerprint/_level_dimensions),
+                library versions, config_hash, n_patches, format_version
 """
 
 from __future__ import annotations

@@ -9,5 +9,6 @@ being loaded and the CLI starts fast.
 - trainer:     train_fold (AdamW, CE, early stopping), predict_probs
 - metrics:     AUC, balanced accuracy, macro F1 with bootstrap 95% CIs
 - checkpoints: save_fold_model / load_fold_model / load_ensemble (safetensors only)
+- runs:        training run ids; check_ensemble (folds from one run, none missing vs splits.json)
 - inference:   ensemble_predict over fold models -> EnsembleOutput
 """

@@ -97,15 +97,20 @@ def fold_dirs(model_dir: str | Path) -> list[Path]:
 def load_ensemble(model_dir: str | Path, device="cpu") -> list:
     """All fold models of a trained cohort → [(model in eval mode, meta), ...] sorted by fold.
 
-    Raises `PipelineError` if there is no fold, a fold is incomplete, or folds disagree on the
-    classes, the model or the input dimension.
+    The one loader every consumer (heatmap, segment, predict) goes through. Raises `PipelineError`
+    if there is no fold, a fold is incomplete, folds are missing against splits.json or come from
+    different training runs (`runs.check_ensemble`), or disagree on the classes, the model or the
+    input dimension.
     """
+    from .runs import check_ensemble
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise PipelineError(f"model folder not found: {model_dir} (expected RUN/mil/{{model}}/{{cohort}})")
     dirs = fold_dirs(model_dir)
     if not dirs:
         raise PipelineError(f"{model_dir}: no fold_*/ checkpoints (train this model and cohort first)")
+    check_ensemble(model_dir, dirs, [read_fold_meta(d) for d in dirs])  # before loading any weights
     ensemble = [load_fold_model(d, device=device) for d in dirs]
     first = ensemble[0][1]
     for d, (_, meta) in zip(dirs, ensemble):
@@ -114,3 +119,15 @@ def load_ensemble(model_dir: str | Path, device="cpu") -> list:
                 raise PipelineError(f"{model_dir}: {d.name} has {key} {meta[key]!r} but {dirs[0].name} "
                                     f"has {first[key]!r} (mixed trainings in one folder)")
     return ensemble
+
+
+def stamp_training_run(fold_dir: str | Path, run_id: str) -> dict:
+    """Record in a reused fold's config.json (atomically; weights untouched) that training run
+    `run_id` adopted it; returns the updated meta."""
+    from .runs import RUN_ID_KEY
+
+    meta = read_fold_meta(fold_dir)
+    if meta.get(RUN_ID_KEY) != run_id:
+        meta = {**meta, RUN_ID_KEY: run_id}
+        write_json_atomic(Path(fold_dir) / META_FILE, meta)
+    return meta
