@@ -6,10 +6,16 @@ per-slide jobs (Snakemake) never race on one CSV; `RUN/failures.csv` is rebuilt 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from .io import write_csv_atomic, write_json_atomic
+
+
+# Longest failure-record file name used as is: file systems allow 255 bytes, and the atomic
+# writer's temp name adds about 20.
+_MAX_RECORD_NAME_BYTES = 200
 
 
 class RunFolder:
@@ -51,7 +57,13 @@ class RunFolder:
 
     # -- failures ---------------------------------------------------------------------------
     def _failure_file(self, stage: str, slide_id: str) -> Path:
-        return self.root / "failures" / stage / f"{slide_id}.json"
+        name = f"{slide_id}.json"
+        if len(name.encode()) > _MAX_RECORD_NAME_BYTES:
+            # A name the file system would refuse (ENAMETOOLONG) must still be recordable: the
+            # record holds the full slide_id, its file name a prefix and a digest of it.
+            digest = hashlib.sha256(slide_id.encode()).hexdigest()[:16]
+            name = f"{slide_id.encode()[:64].decode(errors='ignore')}~{digest}.json"
+        return self.root / "failures" / stage / name
 
     def record_failure(self, stage: str, slide_id: str, error: str) -> None:
         write_json_atomic(self._failure_file(stage, slide_id),
@@ -69,9 +81,11 @@ class RunFolder:
                 continue
         return rows
 
-    def write_failures_csv(self) -> Path:
-        """Rebuild RUN/failures.csv (slide_id, stage, error) from the per-slide records."""
+    def write_failures_csv(self, unrecorded: list[dict] | None = None) -> Path:
+        """Rebuild RUN/failures.csv (slide_id, stage, error) from the per-slide records, plus
+        `unrecorded` failures (same keys) whose own record could not be written."""
         path = self.root / "failures.csv"
-        rows = [[r["slide_id"], r["stage"], r["error"]] for r in self.failures()]
+        merged = {(r["stage"], r["slide_id"]): r for r in [*self.failures(), *(unrecorded or [])]}
+        rows = [[r["slide_id"], r["stage"], r["error"]] for r in merged.values()]
         write_csv_atomic(path, ["slide_id", "stage", "error"], rows)
         return path
