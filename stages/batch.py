@@ -85,7 +85,7 @@ def run_batch(stage: str, records: Iterable[SlideRecord], run: RunFolder,
     try:
         run.write_failures_csv(unrecorded)
     except OSError as exc:
-        report.problems.append(f"cannot write {run.root / 'failures.csv'}: {describe_os_error(exc)}"
+        report.problems.append(f"cannot write failures.csv: {describe_os_error(exc)}"
                                + (f" ({len(report.failed)} failure(s) above)" if report.failed else ""))
     return report
 

@@ -32,6 +32,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            # A full disk fails in write()/close(), which name no file: name the output.
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
+        raise
     finally:
         # Never let a failing clean-up (read-only folder) hide the error that got us here.
         with contextlib.suppress(OSError):
