@@ -308,7 +308,8 @@ class Config:
         payload = {}
         for name in sections:
             section = getattr(self, name)
-            payload[name] = {f.name: dataclasses.asdict(section)[f.name] for f in dataclasses.fields(section)
+            values = dataclasses.asdict(section)
+            payload[name] = {f.name: values[f.name] for f in dataclasses.fields(section)
                              if f.metadata.get("hash", True)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
