@@ -65,8 +65,7 @@ def cli(args) -> int:
     print(report.summary())
     if report.failed:
         print(f"failed slides are listed in {args.run}/failures.csv", file=sys.stderr)
-        return 1
-    return 0
+    return 0 if report.ok else 1
 
 
 def checkpoint_hashes(model_dir: Path) -> dict[str, str]:

@@ -93,8 +93,7 @@ def cli(args) -> int:
               f"{mean['dice_cam']:.3f}, stage 2 {mean['dice']:.3f} (per slide: {result.metrics_csv})")
     if result.report.failed:
         print(f"failed slides are listed in {args.run}/failures.csv", file=sys.stderr)
-        return 1
-    return 0
+    return 0 if result.report.ok else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,6 +470,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
 
     first = run_batch(STAGE, manifest, run, get_cams, progress=False)
     report.failed.update(first.failed)
+    report.problems.extend(first.problems)
     records = [r for r in manifest if r.slide_id in cams]
     metrics_csv = paths.metrics_csv
     if not records:
@@ -496,6 +496,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     if need_training:
         loaded = run_batch(STAGE, records, run, load_work, progress=progress)
         report.failed.update(loaded.failed)
+        report.problems.extend(loaded.problems)
         records = [r for r in records if r.slide_id in works]
         if not records:
             return SegmentResult(report, {}, metrics_csv, trained=False)
@@ -556,6 +557,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     report.done.extend(last.done)
     report.skipped.extend(last.skipped)
     report.failed.update(last.failed)
+    report.problems.extend(last.problems)
 
     metrics = {}
     for record in manifest:

@@ -24,7 +24,7 @@ from wsi_pipeline.manifest import Manifest, SlideRecord
 from wsi_pipeline.run_folder import RunFolder
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.slides.identity import SlideIdentity, slide_identity
-from wsi_pipeline.tiling import plan_geometry, tile_tissue
+from wsi_pipeline.tiling import plan_geometry, tile_tissue, upsampling_needed
 
 from .batch import BatchReport, run_batch
 
@@ -54,6 +54,7 @@ def tile_slide(record: SlideRecord, cfg: Config, run: RunFolder, *, force: bool 
                 and run.tissue_geojson(record.slide_id).is_file()):
             return "skipped"
         _drop_if_replaced(record, out, config_hash, identity)
+        _check_no_upsampling(record, slide.mpp, slide.mpp_source, cfg)
         t = cfg.tissue
         image, _ = slide.read_at_mpp(t.mask_mpp)
         w0, h0 = slide.dimensions
@@ -67,7 +68,8 @@ def tile_slide(record: SlideRecord, cfg: Config, run: RunFolder, *, force: bool 
         polygons = [[ring * np.asarray(scale_xy) for ring in poly]
                     for poly in tissue.mask_to_polygons(mask, scale=1.0)]
         geometry = plan_geometry(slide.mpp, slide.level_downsamples, cfg.tiling.target_mpp,
-                                 cfg.tiling.patch_size_px, cfg.tiling.overlap_px, cfg.tiling.mpp_tolerance)
+                                 cfg.tiling.patch_size_px, cfg.tiling.overlap_px, cfg.tiling.mpp_tolerance,
+                                 allow_upsampling=cfg.tiling.allow_upsampling)
         grid = tile_tissue(slide.dimensions, geometry, mask, scale_xy, cfg.tiling.min_tissue_fraction)
 
         run.tiles_dir.mkdir(parents=True, exist_ok=True)
@@ -97,9 +99,23 @@ def _drop_if_replaced(record: SlideRecord, out: Path, config_hash: str, identity
         log.warning("slide %r: re-tiling: %s records no slide identity (made by an older version)",
                     record.slide_id, out)
         return
+    if identity.matches(recorded):   # --force on an unchanged slide: the old output stays until replaced
+        return
     log.warning("slide %r: re-tiling: the slide file changed since it was tiled (%s)", record.slide_id,
                 identity.difference(recorded))
     out.unlink(missing_ok=True)
+
+
+def _check_no_upsampling(record: SlideRecord, slide_mpp: float, mpp_source: str, cfg: Config) -> None:
+    """Checked before any pixel is read: a target finer than the scan is this slide's error."""
+    tiling = cfg.tiling
+    if tiling.allow_upsampling or not upsampling_needed(slide_mpp, tiling.target_mpp, tiling.mpp_tolerance):
+        return
+    raise SlideError(record.slide_id,
+                     f"tiling.target_mpp {tiling.target_mpp:g} µm/px is finer than the slide's "
+                     f"{slide_mpp:g} µm/px (from {mpp_source}): patches would be upsampled "
+                     f"{slide_mpp / tiling.target_mpp:.3g}×; set tiling.target_mpp >= {slide_mpp:g}, "
+                     f"or tiling.allow_upsampling: true to upsample on purpose")
 
 
 def _draw_patches(rgb: np.ndarray, coords: np.ndarray, size_level0: int,
@@ -109,7 +125,9 @@ def _draw_patches(rgb: np.ndarray, coords: np.ndarray, size_level0: int,
     draw = ImageDraw.Draw(image)
     sx, sy = scale_xy
     for x, y in coords:
-        draw.rectangle([x / sx, y / sy, (x + size_level0) / sx - 1, (y + size_level0) / sy - 1],
+        # Patches smaller than a thumbnail pixel (allowed upsampling) still get a one-pixel box.
+        x0, y0 = x / sx, y / sy
+        draw.rectangle([x0, y0, max(x0, (x + size_level0) / sx - 1), max(y0, (y + size_level0) / sy - 1)],
                        outline=(230, 200, 0))
     return np.asarray(image)
 

@@ -32,15 +32,17 @@ import logging
 import platform
 import shutil
 import sys
-import traceback
 from collections import defaultdict
 from pathlib import Path
 
 from wsi_pipeline.config import Config
 from wsi_pipeline.errors import PipelineError, SlideError
+from wsi_pipeline.io import STORAGE_ERRNOS, describe_os_error
 from wsi_pipeline.manifest import Manifest, SlideRecord
 from wsi_pipeline.names import check_name
 from wsi_pipeline.run_folder import RunFolder
+
+from .batch import write_traceback_log
 
 STAGE = "train"
 FOLD_FORMAT_VERSION = 1
@@ -139,11 +141,11 @@ def run_train(manifest: Manifest, cfg: Config, run_dir: str | Path, *, model: st
             log.error("train %s / %s failed: %s", model_name, plan["cohort"], exc)
             results[plan["cohort"]] = {"status": "failed", "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 — other cohorts still train; keep the traceback
-            log_path = run.root / "logs" / f"{STAGE}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a", encoding="utf-8") as fh:
-                fh.write(f"--- {model_name} / cohort {plan['cohort']}\n{traceback.format_exc()}\n")
-            message = f"unexpected {type(exc).__name__}: {exc} (traceback in {log_path})"
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:  # disk full, read-only: one line
+                message = describe_os_error(exc)
+            else:
+                where = write_traceback_log(run, STAGE, f"{model_name} / cohort {plan['cohort']}")
+                message = f"unexpected {type(exc).__name__}: {exc} ({where})"
             log.error("train %s / %s failed: %s", model_name, plan["cohort"], message)
             results[plan["cohort"]] = {"status": "failed", "error": message}
         finally:

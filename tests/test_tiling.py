@@ -87,3 +87,11 @@ def test_bad_geometry_args():
         plan_geometry(0.25, (1.0,), 0.5, 224, overlap_px=224)
     g = plan_geometry(0.5, (1.0,), 0.5, 224)
     assert len(grid_positions(100, g)) == 0
+
+
+def test_upsampling_is_refused_unless_allowed():
+    with pytest.raises(ValueError, match="finer than the slide's 0.5"):
+        plan_geometry(0.5, (1.0,), 0.1, 224)
+    plan_geometry(0.5, (1.0,), 0.495, 224)            # within mpp_tolerance: not upsampling
+    g = plan_geometry(0.5, (1.0,), 0.1, 224, allow_upsampling=True)
+    assert g.patch_level == 0 and g.patch_size_level0 == 45

@@ -83,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The run folder (or a file the run needs) cannot be written or read: disk full, read-only,
+        # no permission, name too long. One line naming the file, exit 1 as for failed slides.
+        from .io import describe_os_error
+
+        logging.getLogger("wsi_pipeline").debug("OSError", exc_info=True)
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args) -> int:
@@ -168,10 +176,9 @@ def _load_inputs(args, check=None, **section_overrides):
 
 def _finish(report, run_dir) -> int:
     print(report.summary())
-    if report.failed:
+    if report.failed and not any("failures.csv" in p for p in report.problems):
         print(f"failed slides are listed in {run_dir}/failures.csv", file=sys.stderr)
-        return 1
-    return 0
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ class TissueConfig:
 
     def __post_init__(self):
         _positive("tissue.mask_mpp", self.mask_mpp)
+        if not self.mask_mpp <= 1000:
+            raise ConfigError(f"tissue.mask_mpp: must be <= 1000 µm/px, got {self.mask_mpp!r}")
         if self.saturation_threshold is not None and not 0 < self.saturation_threshold < 1:
             raise ConfigError("tissue.saturation_threshold: must be null or in (0, 1)")
         for name in ("median_kernel_um", "closing_um", "min_tissue_area_um2", "min_hole_area_um2"):
@@ -65,11 +67,18 @@ class TilingConfig:
     min_tissue_fraction: float = 0.25
     # A level counts as "at" the target mpp within this relative tolerance (scanner rounding).
     mpp_tolerance: float = 0.02
+    # A target_mpp finer than a slide's own resolution (beyond mpp_tolerance) invents pixels by
+    # upsampling: an error for that slide unless this is true. Not part of the outputs' hash: a
+    # slide tiled under false tiles identically under true.
+    allow_upsampling: bool = field(default=False, metadata={"hash": False})
 
     def __post_init__(self):
         _positive("tiling.target_mpp", self.target_mpp)
-        if self.patch_size_px < 8:
-            raise ConfigError("tiling.patch_size_px: must be >= 8")
+        if not _MPP_LIMITS[0] <= self.target_mpp <= _MPP_LIMITS[1]:
+            raise ConfigError(f"tiling.target_mpp: must be in [{_MPP_LIMITS[0]}, {_MPP_LIMITS[1]}] µm/px "
+                              f"(0.5 ≈ 20×, 0.25 ≈ 40×), got {self.target_mpp!r}")
+        if not 8 <= self.patch_size_px <= _MAX_PATCH_PX:
+            raise ConfigError(f"tiling.patch_size_px: must be in [8, {_MAX_PATCH_PX}], got {self.patch_size_px!r}")
         if not 0 <= self.overlap_px < self.patch_size_px:
             raise ConfigError("tiling.overlap_px: must be in [0, patch_size_px)")
         if not 0 <= self.min_tissue_fraction <= 1:
@@ -298,14 +307,30 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_hash(self, *sections: str) -> str:
-        """Hash of the named sections: outputs record it, and a rerun redoes them when it changes."""
-        payload = {s: dataclasses.asdict(getattr(self, s)) for s in sections}
+        """Hash of the named sections: outputs record it, and a rerun redoes them when it changes.
+
+        Keys marked `metadata={"hash": False}` (switches that never change an output, only whether
+        a slide is allowed) are left out, so adding one keeps every existing output valid."""
+        payload = {}
+        for name in sections:
+            section = getattr(self, name)
+            values = dataclasses.asdict(section)
+            payload[name] = {f.name: values[f.name] for f in dataclasses.fields(section)
+                             if f.metadata.get("hash", True)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Sanity limits: a patch resolution outside them is a typo (a dpi, nm, or a magnification), and a
+# patch side above this would not fit an encoder's memory anyway.
+_MPP_LIMITS = (0.01, 100.0)
+_MAX_PATCH_PX = 8192
 
 
 def _positive(name: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{name}: must be > 0, got {value!r}")
+    if value == float("inf"):
+        raise ConfigError(f"{name}: must be finite, got {value!r}")
 
 
 def load_config(path: str | Path | None) -> Config:

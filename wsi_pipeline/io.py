@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -31,9 +32,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            # A full disk fails in write()/close(), which name no file: name the output.
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        # Never let a failing clean-up (read-only folder) hide the error that got us here.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -62,6 +69,27 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
+
+
+# Errors of the file system a run writes to, not of the data: one line says which file and why.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.ENAMETOOLONG})
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'No space left on device: RUN/tiles/x.coords.h5' — the reason and the file, one line. A
+    temp file is named by the output it was for, which is what the user knows."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    names = list(dict.fromkeys(_output_name(n) for n in (exc.filename, exc.filename2) if n))
+    return f"{reason}: {' -> '.join(names)}" if names else reason
+
+
+def _output_name(path) -> str:
+    """`x.tmp-<id>.h5` -> `x.h5` (the final path an atomic writer's temp stands for)."""
+    path = Path(os.fsdecode(path))
+    if TMP_MARK not in path.name:
+        return str(path)
+    return str(path.with_name(path.name.split(TMP_MARK)[0] + path.suffix))
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:

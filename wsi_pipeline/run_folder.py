@@ -12,6 +12,7 @@ user made a symlink to another disk keeps working.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -76,8 +77,13 @@ class RunFolder:
 
     # -- failures ---------------------------------------------------------------------------
     def _failure_file(self, stage: str, slide_id: str) -> Path:
-        return self.inside(self.root / "failures" / self.name(stage, "stage")
-                           / f"{self.name(slide_id, 'slide_id')}.json")
+        if name_problem(slide_id) is None:
+            name = f"{slide_id}.json"
+        else:
+            # A failure must stay recordable even for a slide whose id cannot be a file name (too long
+            # for the file system, or unsafe): the record holds the full slide_id, its file name a digest.
+            name = f"id-sha256-{hashlib.sha256(str(slide_id).encode()).hexdigest()[:16]}.json"
+        return self.inside(self.root / "failures" / self.name(stage, "stage") / name)
 
     def record_failure(self, stage: str, slide_id: str, error: str) -> None:
         write_json_atomic(self._failure_file(stage, slide_id),
@@ -95,9 +101,11 @@ class RunFolder:
                 continue
         return rows
 
-    def write_failures_csv(self) -> Path:
-        """Rebuild RUN/failures.csv (slide_id, stage, error) from the per-slide records."""
+    def write_failures_csv(self, unrecorded: list[dict] | None = None) -> Path:
+        """Rebuild RUN/failures.csv (slide_id, stage, error) from the per-slide records, plus
+        `unrecorded` failures (same keys) whose own record could not be written."""
         path = self.root / "failures.csv"
-        rows = [[r["slide_id"], r["stage"], r["error"]] for r in self.failures()]
+        merged = {(r["stage"], r["slide_id"]): r for r in [*self.failures(), *(unrecorded or [])]}
+        rows = [[r["slide_id"], r["stage"], r["error"]] for r in merged.values()]
         write_csv_atomic(path, ["slide_id", "stage", "error"], rows)
         return path

@@ -34,11 +34,24 @@ class PatchGeometry:
         return self.target_mpp / self.slide_mpp
 
 
+def upsampling_needed(slide_mpp: float, target_mpp: float, mpp_tolerance: float = 0.02) -> bool:
+    """True when patches at `target_mpp` would need pixels finer than the slide has: even level 0
+    is coarser than the target beyond the tolerance (the rule that picks the patch level)."""
+    return slide_mpp > target_mpp * (1 + mpp_tolerance)
+
+
 def plan_geometry(slide_mpp: float, level_downsamples, target_mpp: float, patch_size_px: int,
-                  overlap_px: int = 0, mpp_tolerance: float = 0.02) -> PatchGeometry:
-    """Geometry of patches for a slide of `slide_mpp` with pyramid `level_downsamples`."""
+                  overlap_px: int = 0, mpp_tolerance: float = 0.02, *,
+                  allow_upsampling: bool = False) -> PatchGeometry:
+    """Geometry of patches for a slide of `slide_mpp` with pyramid `level_downsamples`.
+
+    A target finer than the slide (beyond `mpp_tolerance`) is refused unless `allow_upsampling`:
+    its patches would be level-0 pixels enlarged, not more detail."""
     if not (slide_mpp > 0 and target_mpp > 0):
         raise ValueError(f"mpp must be > 0 (slide {slide_mpp}, target {target_mpp})")
+    if not allow_upsampling and upsampling_needed(slide_mpp, target_mpp, mpp_tolerance):
+        raise ValueError(f"target {target_mpp} µm/px is finer than the slide's {slide_mpp} µm/px "
+                         f"(upsampling {slide_mpp / target_mpp:.2g}×)")
     if not 0 <= overlap_px < patch_size_px:
         raise ValueError("overlap_px must be in [0, patch_size_px)")
     scale = target_mpp / slide_mpp

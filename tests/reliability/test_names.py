@@ -72,7 +72,7 @@ def test_config_refuses_unsafe_model_names_naming_the_key(section, key, value):
     lambda r: r.features_dir("../../x"), lambda r: r.features_h5("enc", "../../x"),
     lambda r: r.features_h5("/abs", "A"), lambda r: r.mil_dir("abmil", "../../../outside"),
     lambda r: r.mil_dir("abmil", "/abs/path"), lambda r: r.mil_dir("..", "c1"),
-    lambda r: r.heatmaps_dir("../x"), lambda r: r.record_failure("tile", "../../x", "boom"),
+    lambda r: r.heatmaps_dir("../x"), lambda r: r.record_failure("../x", "A", "boom"),
     lambda r: r.coords_h5("S" * 300), lambda r: r.inside("a/../../b"), lambda r: r.inside("/etc/passwd"),
 ])
 def test_run_folder_refuses_any_path_outside_run(tmp_path, call):
@@ -177,3 +177,13 @@ def test_extract_refuses_an_unknown_encoder_before_any_slide(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--encoder: unknown encoder 'resnet5O'" in err and "did you mean resnet50" in err
     assert not run_dir.exists()
+
+
+def test_a_failure_of_an_unsafe_slide_id_is_recorded_inside_run(tmp_path):
+    """The failure record of a slide whose id cannot be a file name still lands under RUN/failures/
+    (its file name a digest), and failures.csv names the slide by its full id."""
+    run = RunFolder(tmp_path / "run")
+    run.record_failure("tile", "../../x", "boom")
+    files = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 1 and files[0].parts[:3] == ("run", "failures", "tile")
+    assert [r["slide_id"] for r in run.failures()] == ["../../x"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 
@@ -46,15 +45,13 @@ def read_grid_image(slide, grid: SlideGrid) -> np.ndarray:
     """The whole slide on `grid`: (h, w, 3) uint8 RGB, area-averaged from the coarsest pyramid level
     at least as fine as the grid (the box of grid pixels is mapped exactly onto that level)."""
     level = slide.best_level_for_mpp(grid.mpp)
-    image = slide.read_level(level)
     h, w = grid.shape
+    level_w, level_h = slide.level_dimensions[level]
     level_down = slide.level_downsamples[level]
-    box_w = min(image.shape[1], w * grid.downsample / level_down)
-    box_h = min(image.shape[0], h * grid.downsample / level_down)
-    if (image.shape[1], image.shape[0]) == (w, h) and (box_w, box_h) == (w, h):
-        return image
-    resized = Image.fromarray(image).resize((w, h), Image.Resampling.BOX, box=(0.0, 0.0, box_w, box_h))
-    return np.asarray(resized)
+    box_w = min(level_w, w * grid.downsample / level_down)
+    box_h = min(level_h, h * grid.downsample / level_down)
+    # Read in strips (bounded memory on big single-level slides), resized as they go.
+    return slide.read_level_resized(level, (w, h), box=(0.0, 0.0, box_w, box_h))
 
 
 def grid_centres_in(src: SlideGrid, dst: SlideGrid) -> tuple[np.ndarray, np.ndarray]:

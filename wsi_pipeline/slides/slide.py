@@ -11,6 +11,11 @@ from PIL import Image
 from ..errors import SlideError
 from .backends import BACKENDS
 
+# Whole-level reads (tissue masks, thumbnails, segmentation grids) go through the reader in strips
+# of at most about this many level pixels, each downsampled before the next is read: a 60000×60000
+# single-level TIFF then needs ~100 MB, not the 10.8 GB (14.4 GB as RGBA) of one whole-level read.
+STRIP_BUDGET_PX = 16 * 2**20
+
 # Plausible microscope resolutions, µm/px. TIFF resolution tags outside this range are editor
 # defaults (72 dpi ≈ 353 µm/px) rather than a scanner's calibration, and are not trusted.
 _MPP_RANGE = (0.01, 50.0)
@@ -78,31 +83,60 @@ class Slide:
         self._check_level_args(level=level)
         return self.read_region((0, 0), level, self.level_dimensions[level])
 
+    def read_level_resized(self, level: int, out_wh: tuple[int, int],
+                           box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+        """`box` (x0, y0, x1, y1 in `level` pixels, fractions allowed; default the whole level)
+        area-averaged (PIL BOX) to `out_wh` = (width, height): (H, W, 3) uint8 RGB.
+
+        Large levels are read in full-width strips of whole output rows, each resized with its exact
+        fractional source box before the next is read, so memory stays near `STRIP_BUDGET_PX`
+        whatever the slide's size and the result equals one whole-level read + resize.
+        """
+        self._check_level_args(level=level)
+        lw, lh = self.level_dimensions[level]
+        x0, y0, x1, y1 = (0.0, 0.0, float(lw), float(lh)) if box is None else map(float, box)
+        out_w, out_h = max(1, int(out_wh[0])), max(1, int(out_wh[1]))
+        if not (0 <= x0 < x1 <= lw and 0 <= y0 < y1 <= lh):
+            raise SlideError(self.slide_id, f"box {box} outside level {level} ({lw}×{lh} px)")
+        if lw * lh <= STRIP_BUDGET_PX:  # small level (every pyramid's coarse levels): one read
+            return _box_resize(self.read_level(level), out_w, out_h, (x0, y0, x1, y1))
+        row_scale = (y1 - y0) / out_h                         # level rows per output row
+        rows_per_strip = max(1, int(STRIP_BUDGET_PX / (lw * max(row_scale, 1.0))))
+        down = self.level_downsamples[level]
+        out = np.empty((out_h, out_w, 3), dtype=np.uint8)
+        for j0 in range(0, out_h, rows_per_strip):
+            j1 = min(out_h, j0 + rows_per_strip)
+            top, bottom = y0 + j0 * row_scale, y0 + j1 * row_scale
+            r0, r1 = int(np.floor(top)), min(lh, int(np.ceil(bottom)))
+            strip = self._read_level_rows(level, down, r0, r1 - r0)
+            out[j0:j1] = _box_resize(strip, out_w, j1 - j0, (x0, top - r0, x1, bottom - r0))
+        return out
+
     def read_at_mpp(self, mpp: float) -> tuple[np.ndarray, float]:
-        """The whole slide resampled to about `mpp` µm/px, from the best level.
+        """The whole slide resampled to about `mpp` µm/px, from the best level, read in strips.
 
         Returns (image (H, W, 3) uint8, exact mpp of the returned image along x).
         """
         level = self.best_level_for_mpp(mpp)
-        image = self.read_level(level)
         w0, h0 = self.dimensions
         out_w = max(1, int(round(w0 * self.mpp / mpp)))
         out_h = max(1, int(round(h0 * self.mpp / mpp)))
-        if (out_w, out_h) != (image.shape[1], image.shape[0]):
-            image = np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BOX))
-        return image, self.mpp * w0 / out_w
+        return self.read_level_resized(level, (out_w, out_h)), self.mpp * w0 / out_w
 
     def thumbnail(self, max_size_px: int = 1024) -> np.ndarray:
-        """(H, W, 3) uint8 RGB whose longer side is at most `max_size_px`."""
+        """(H, W, 3) uint8 RGB whose longer side is at most `max_size_px` (read in strips)."""
         w0, h0 = self.dimensions
         scale = max(w0, h0) / max_size_px
         level = max((lv for lv in range(self.level_count) if self.level_downsamples[lv] <= scale),
                     default=0)
-        image = self.read_level(level)
         out = (max(1, round(w0 / max(scale, 1))), max(1, round(h0 / max(scale, 1))))
-        if out != (image.shape[1], image.shape[0]):
-            image = np.asarray(Image.fromarray(image).resize(out, Image.Resampling.BOX))
-        return image
+        return self.read_level_resized(level, out)
+
+    def _read_level_rows(self, level: int, down: float, row0: int, n_rows: int) -> np.ndarray:
+        """Rows [row0, row0 + n_rows) of `level`, full width."""
+        level_w = self.level_dimensions[level][0]
+        # read_region takes level-0 coordinates; level rows map to them through the downsample.
+        return self.read_region((0, int(round(row0 * down))), level, (level_w, n_rows))
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
@@ -162,6 +196,14 @@ def _as_float(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return out if np.isfinite(out) else None
+
+
+def _box_resize(image: np.ndarray, out_w: int, out_h: int,
+                box: tuple[float, float, float, float]) -> np.ndarray:
+    """Area-average `box` of `image` to (out_h, out_w); the image itself when nothing changes."""
+    if (out_w, out_h) == (image.shape[1], image.shape[0]) and box == (0, 0, image.shape[1], image.shape[0]):
+        return image
+    return np.asarray(Image.fromarray(image).resize((out_w, out_h), Image.Resampling.BOX, box=box))
 
 
 def _to_rgb_on_white(pixels: np.ndarray) -> np.ndarray:
