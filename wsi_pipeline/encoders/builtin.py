@@ -1,29 +1,38 @@
-"""Registered encoders. Weights always come from the caller (file, hub id, or 'random');
-`stain_texture` has none."""
+"""Registered timm-built encoders. Weights always come from the caller (file, hub id, or 'random').
+The parameter-free `stain_texture` registers itself in its own file (handcrafted.py)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .handcrafted import STAIN_TEXTURE_DIM, StainTextureFeatures
+from . import handcrafted  # noqa: F401  (registers stain_texture)
 from .registry import EncoderSpec, register_encoder
 
+TIMM_LICENSE = "Apache-2.0"  # the architectures are built by timm
+VIT_REFERENCE = "Dosovitskiy et al., ICLR 2021 (ViT), built by timm (github.com/huggingface/pytorch-image-models)"
+UNI_REFERENCE = "Chen et al., Nature Medicine 2024 (UNI); github.com/mahmoodlab/UNI"
+UNI_WEIGHTS_LICENSE = ("the checkpoint's; UNI's weights (MahmoodLab/UNI on the Hugging Face Hub, gated) are "
+                       "CC-BY-NC-ND-4.0")
+USER_WEIGHTS = "the checkpoint's (weights are supplied by the user)"
 
-def _resnet50_trunc() -> nn.Module:
+
+def _resnet50_trunc(**overrides) -> nn.Module:
     """CLAM's encoder: ImageNet ResNet-50 up to layer3 (1024 channels), global average pooled."""
     import timm
 
-    model = timm.create_model("resnet50", pretrained=False, num_classes=0)
+    model = timm.create_model("resnet50", pretrained=False, num_classes=0, **overrides)
     model.layer4 = nn.Identity()
     model.num_features = 1024
     return model
 
 
 def _vit(name: str, **kwargs):
-    def build() -> nn.Module:
+    def build(**overrides) -> nn.Module:
+        # overrides (depth, img_size, ...) build a smaller model of the same family, e.g. for tests.
         import timm
 
-        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **kwargs)
+        return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                 **{**kwargs, **overrides})
     return build
 
 
@@ -31,18 +40,20 @@ register_encoder(EncoderSpec(
     name="resnet50_trunc", build=_resnet50_trunc, out_dim=1024,
     # torchvision/timm ImageNet checkpoints carry layer4 and fc, which this encoder drops.
     ignore_prefixes=("layer4.", "fc."), native_mpp=None,
-    notes="CLAM baseline; load torchvision/timm ImageNet ResNet-50 weights"))
-register_encoder(EncoderSpec(name="vit_small_patch16", build=_vit("vit_small_patch16_224"), out_dim=384))
-register_encoder(EncoderSpec(name="vit_base_patch16", build=_vit("vit_base_patch16_224"), out_dim=768))
+    notes="CLAM baseline; load torchvision/timm ImageNet ResNet-50 weights",
+    license=TIMM_LICENSE, weights_license=USER_WEIGHTS,
+    reference="Lu et al., Nature Biomedical Engineering 2021 (CLAM); github.com/mahmoodlab/CLAM"))
+register_encoder(EncoderSpec(name="vit_small_patch16", build=_vit("vit_small_patch16_224"), out_dim=384,
+                             patch_size_px=16, license=TIMM_LICENSE, weights_license=USER_WEIGHTS,
+                             reference=VIT_REFERENCE))
+register_encoder(EncoderSpec(name="vit_base_patch16", build=_vit("vit_base_patch16_224"), out_dim=768,
+                             patch_size_px=16, license=TIMM_LICENSE, weights_license=USER_WEIGHTS,
+                             reference=VIT_REFERENCE))
 register_encoder(EncoderSpec(
     name="vit_large_patch16", build=_vit("vit_large_patch16_224", init_values=1e-5), out_dim=1024,
-    native_mpp=0.5, notes="UNI-style ViT-L/16 (init_values 1e-5, no head); UNI weights from a local file"))
+    native_mpp=0.5, notes="UNI-style ViT-L/16 (init_values 1e-5, no head); UNI weights from a local file",
+    patch_size_px=16, license=TIMM_LICENSE, weights_license=UNI_WEIGHTS_LICENSE, reference=UNI_REFERENCE))
 register_encoder(EncoderSpec(
     name="uni_vit_l16", build=_vit("vit_large_patch16_224", init_values=1e-5), out_dim=1024,
-    native_mpp=0.5, notes="alias of vit_large_patch16 under UNI's name"))
-register_encoder(EncoderSpec(
-    name="stain_texture", build=StainTextureFeatures, out_dim=STAIN_TEXTURE_DIM,
-    # The descriptors take RGB in [0, 1]: Encoder.normalise divides by 255 and nothing else.
-    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), parameter_free=True,
-    notes="colour-deconvolution and texture descriptors, no weights (checkpoint: none); "
-          "the offline demo's encoder, not a foundation-model substitute"))
+    native_mpp=0.5, notes="alias of vit_large_patch16 under UNI's name",
+    patch_size_px=16, license=TIMM_LICENSE, weights_license=UNI_WEIGHTS_LICENSE, reference=UNI_REFERENCE))

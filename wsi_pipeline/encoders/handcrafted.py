@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import EncoderSpec, register_encoder
+
 # Optical-density colour vectors (rows: haematoxylin, eosin, DAB), Ruifrok & Johnston 2001.
 _STAIN_OD = torch.tensor([[0.650, 0.704, 0.286],
                           [0.072, 0.990, 0.105],
@@ -105,3 +107,13 @@ class StainTextureFeatures(nn.Module):
 
         out = torch.cat([f if f.dim() == 2 else f[:, None] for f in feats], dim=1)
         return out
+
+
+register_encoder(EncoderSpec(
+    name="stain_texture", build=StainTextureFeatures, out_dim=STAIN_TEXTURE_DIM,
+    # The descriptors take RGB in [0, 1]: Encoder.normalise divides by 255 and nothing else.
+    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), parameter_free=True,
+    notes="colour-deconvolution and texture descriptors, no weights (checkpoint: none); "
+          "the offline demo's encoder, not a foundation-model substitute",
+    license="Apache-2.0", weights_license="none (no weights)",
+    reference="this project; stain vectors from Ruifrok & Johnston, Anal. Quant. Cytol. Histol. 2001"))

@@ -1,6 +1,8 @@
 """Encoder registry (timm-style): `create_encoder(name, checkpoint=...)`.
 
-Each entry carries what preprocessing needs (input size, mean/std, native µm/px, output dim).
+Each entry carries what preprocessing needs (input size, mean/std, native µm/px, output dim) and
+where it comes from (patch size, licenses, reference), as metadata of the shared registry
+mechanism (:mod:`wsi_pipeline.models.registry`; ``ENCODERS.get_metadata(name)``).
 Any timm architecture name works too; registered entries add the pathology-specific ones
 (CLAM's truncated ResNet-50, UNI-style ViT-L/16).
 """
@@ -8,14 +10,15 @@ Any timm architecture name works too; registered entries add the pathology-speci
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import PipelineError
+from ..models.registry import Registry
 from .weights import EncoderWeightsError, load_into, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,7 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass(frozen=True)
 class EncoderSpec:
     name: str
-    build: Callable[[], nn.Module]        # architecture with random init, no head
+    build: Callable[..., nn.Module]       # architecture with random init, no head; kwargs override timm's
     out_dim: int
     input_size_px: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -34,26 +37,42 @@ class EncoderSpec:
     ignore_prefixes: tuple[str, ...] = ()  # checkpoint keys of parts this encoder removes
     notes: str = ""
     parameter_free: bool = False          # no weights at all (checkpoint: none)
+    patch_size_px: int | None = None      # side of a ViT token patch; None for CNNs and descriptors
+    license: str = ""                     # of the code that builds the architecture
+    weights_license: str = ""             # of the weights the entry is meant for (they come from the user)
+    reference: str = ""                   # paper / repository it follows
+
+    def __call__(self, **overrides) -> nn.Module:
+        """The registry's builder: the architecture with random init (``overrides`` go to ``build``)."""
+        return self.build(**overrides)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"out_dim": self.out_dim, "input_size_px": self.input_size_px, "patch_size_px": self.patch_size_px,
+                "native_mpp": self.native_mpp, "mean": tuple(self.mean), "std": tuple(self.std),
+                "parameter_free": self.parameter_free, "license": self.license,
+                "weights_license": self.weights_license, "reference": self.reference, "notes": self.notes}
 
 
-_REGISTRY: dict[str, EncoderSpec] = {}
+ENCODERS = Registry("encoder", fields={
+    "out_dim": (int,), "input_size_px": (int,), "patch_size_px": (int, type(None)),
+    "native_mpp": (float, type(None)), "mean": (tuple,), "std": (tuple,), "parameter_free": (bool,),
+    "weights_license": (str,)})
 
 
 def register_encoder(spec: EncoderSpec) -> EncoderSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"encoder {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = spec
+    """Register ``spec`` under ``spec.name``; its fields become the entry's metadata."""
+    ENCODERS.add(spec.name, spec, **spec.metadata())
     return spec
 
 
 def list_encoders() -> list[str]:
-    return sorted(_REGISTRY)
+    return ENCODERS.list()
 
 
 def get_spec(name: str) -> EncoderSpec:
     """A registered spec, or one derived from any timm architecture name."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in ENCODERS:
+        return ENCODERS.entry(name).builder
     import timm
 
     if not timm.is_model(name):
@@ -104,8 +123,8 @@ def create_encoder(name: str, checkpoint: str | Path | None = None, device: str 
     - `"random"`: random init, only when asked — recorded as `weights_sha256 = "random"`;
     - `"none"` (or None): for parameter-free encoders (`stain_texture`), which have no weights.
     """
-    if name in _REGISTRY and _REGISTRY[name].parameter_free:
-        spec = _REGISTRY[name]
+    if name in ENCODERS and get_spec(name).parameter_free:
+        spec = get_spec(name)
         if checkpoint not in (None, "none"):
             raise EncoderWeightsError(f"encoder {name!r} has no weights; set extract.checkpoint: none "
                                       f"(got {checkpoint!r})")
@@ -137,7 +156,7 @@ def create_encoder(name: str, checkpoint: str | Path | None = None, device: str 
 def _from_hub(name: str, hub_id: str):
     import timm
 
-    base = _REGISTRY.get(name)
+    base = get_spec(name) if name in ENCODERS else None
     try:
         model = timm.create_model(hub_id, pretrained=True, num_classes=0,
                                   **({"init_values": 1e-5} if name.startswith("uni") else {}))

@@ -10,6 +10,10 @@ An order maps a length-L sequence to a (possibly zero-padded) length-L' sequence
   scan is the same reordering with ``rate`` = tokens per slice.
 - :class:`Raster2D`: a row-major (h, w) grid read by rows or columns, forwards or backwards (VM-UNet's
   SS2D uses all four).
+- :class:`Raster3D`: a (z, y, x)-major (d, h, w) volume read with any axis order (six permutations),
+  forwards or backwards; ``"zyx"`` is the identity.
+- :class:`SliceStride`: SegMamba's inter-slice scan: the tokens at one in-slice position (y, x) in
+  every slice, one after the other (``Raster3D`` ``"yxz"``; ``Stride(h * w)`` without padding).
 """
 
 from __future__ import annotations
@@ -122,3 +126,63 @@ class Raster2D(ScanOrder):
 def ss2d_orders(height: int, width: int) -> list[Raster2D]:
     """The four scans of VM-UNet's SS2D: rows, columns, and both reversed."""
     return [Raster2D(height, width, d) for d in ("row", "col", "row_rev", "col_rev")]
+
+
+class Raster3D(ScanOrder):
+    """Scan of a (z, y, x)-major flattened (depth, height, width) volume.
+
+    direction: the three axes from slowest to fastest, e.g. ``"zyx"`` (slice by slice, each slice
+    row by row: the identity), ``"zxy"`` (each slice column by column), ``"yxz"`` (z fastest: the
+    slices interleaved, SegMamba's inter-slice scan); a ``"_rev"`` suffix reads the same scan back
+    to front. Twelve directions in all; the 2-D ``"row"`` / ``"col"`` of one slice are ``"zyx"`` /
+    ``"zxy"`` with depth 1. No padding: the sequence must hold exactly depth * height * width tokens.
+    """
+
+    AXES = "zyx"
+    DIRECTIONS = tuple(f"{a}{b}{c}{suffix}" for suffix in ("", "_rev")
+                       for a in "zyx" for b in "zyx" for c in "zyx" if len({a, b, c}) == 3)
+
+    def __init__(self, depth: int, height: int, width: int, direction: str = "zyx"):
+        if direction not in self.DIRECTIONS:
+            raise ValueError(f"Raster3D direction must be one of {self.DIRECTIONS}, got {direction!r}")
+        if min(depth, height, width) < 1:
+            raise ValueError(f"Raster3D needs depth, height, width >= 1, got {depth}x{height}x{width}")
+        self.depth, self.height, self.width, self.direction = int(depth), int(height), int(width), direction
+
+    def forward_index(self, length):
+        n_tokens = self.depth * self.height * self.width
+        if length != n_tokens:
+            raise ValueError(f"{type(self).__name__}({self.depth}x{self.height}x{self.width}) needs a sequence "
+                             f"of {n_tokens}, got {length}")
+        volume = torch.arange(length).view(self.depth, self.height, self.width)     # axes (z, y, x)
+        axes = self.direction.removesuffix("_rev")
+        index = volume.permute(*(self.AXES.index(a) for a in axes)).reshape(-1)
+        return index.flip(0) if self.direction.endswith("_rev") else index
+
+
+class SliceStride(Raster3D):
+    """SegMamba's inter-slice scan of a (depth, height, width) volume: for each in-slice position
+    (row-major y, x) the tokens of all slices, z = 0 .. depth - 1, consecutively. Equals SegMamba's
+    ``stack(xz.chunk(n_slices, -1), -1).flatten(-2)`` and :class:`Stride` with rate ``height * width``
+    on a full volume; unlike Stride it checks the length and never pads. ``reverse`` reads it back to front.
+    """
+
+    def __init__(self, depth: int, height: int, width: int, reverse: bool = False):
+        super().__init__(depth, height, width, "yxz_rev" if reverse else "yxz")
+
+    def __repr__(self) -> str:
+        reverse = self.direction.endswith("_rev")
+        return f"SliceStride(depth={self.depth}, height={self.height}, width={self.width}, reverse={reverse})"
+
+
+def raster3d_orders(depth: int, height: int, width: int) -> list[Raster3D]:
+    """Six scans of a volume, SS2D generalised: each axis in turn the fastest (x: ``"zyx"``,
+    y: ``"zxy"``, z: ``"yxz"`` = :class:`SliceStride`), forwards and backwards."""
+    return [Raster3D(depth, height, width, d) for d in ("zyx", "zxy", "yxz", "zyx_rev", "zxy_rev", "yxz_rev")]
+
+
+def segmamba_orders(depth: int, height: int, width: int) -> list[ScanOrder]:
+    """SegMamba's tri-orientated scans (ToM): forward, backward and inter-slice over the flattened volume."""
+    return [Raster3D(depth, height, width, "zyx"), Raster3D(depth, height, width, "zyx_rev"),
+            SliceStride(depth, height, width)]
+

@@ -4,8 +4,8 @@ Importing this package registers the built-in aggregators: abmil, transmil, mean
 mambamil, bimamba_mil, mamba_mil (MambaMIL), gmmamba (GMMamba) and fmamil (FMaMIL stage 1).
 """
 
-from .registry import MILOutput, create_aggregator, list_aggregators, register_aggregator
+from .registry import AGGREGATORS, MILOutput, create_aggregator, list_aggregators, register_aggregator
 
 from . import abmil, fmamil, gmmamba, mambamil, pooling, transmil  # noqa: E402,F401  (registration side effect)
 
-__all__ = ["MILOutput", "create_aggregator", "list_aggregators", "register_aggregator"]
+__all__ = ["AGGREGATORS", "MILOutput", "create_aggregator", "list_aggregators", "register_aggregator"]

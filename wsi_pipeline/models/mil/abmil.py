@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import MILOutput, register_aggregator
+from .registry import IGNORES_COORDS, MILOutput, register_aggregator
+
+LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
 
 
 class GatedAttentionMIL(nn.Module):
@@ -36,6 +38,7 @@ class GatedAttentionMIL(nn.Module):
         return MILOutput(logits=self.head(bag_embedding), instance_scores=attention)
 
 
-@register_aggregator("abmil")
+@register_aggregator("abmil", **IGNORES_COORDS, license=LICENSE,
+                     reference="Ilse, Tomczak & Welling, ICML 2018; github.com/AMLab-Amsterdam/AttentionDeepMIL")
 def abmil(in_dim: int, n_classes: int, **cfg) -> GatedAttentionMIL:
     return GatedAttentionMIL(in_dim, n_classes, **cfg)

@@ -45,6 +45,8 @@ from .mil_layers import PreNormResidual, TanhAttentionPool, build_mixer, init_we
 from .patch_grid import PatchGrid, gather_from_grid, grid_from_coords, raster_grid, scatter_to_grid
 from .registry import MILOutput, register_aggregator
 
+LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
+
 FILTER_INITS = ("small", "identity")
 
 
@@ -148,6 +150,8 @@ class FMaMIL(nn.Module):
         return MILOutput(logits=logits, instance_scores=instance_scores, instance_logits=instance_logits)
 
 
-@register_aggregator("fmamil")
+# The frequency encoding lays instances on a 2-D grid (x, y): a third axis would be ignored, so k = 2 only.
+@register_aggregator("fmamil", coord_dims=(2,), uses_coords=True, out_dim="n_classes", license=LICENSE,
+                     reference="Cheng et al. 2025, FMaMIL stage 1, arXiv:2506.07652")
 def fmamil(in_dim: int, n_classes: int, **cfg) -> FMaMIL:
     return FMaMIL(in_dim, n_classes, **cfg)

@@ -53,6 +53,8 @@ from .coord_groups import DEFAULT_GROUP_CACHE, GroupCache, contiguous_groups
 from .mil_layers import PreNormResidual, TanhAttentionPool, build_mixer, init_weights
 from .registry import MILOutput, register_aggregator
 
+LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
+
 
 class IntraGroupMaskingMamba(nn.Module):
     """IMM: BiMamba → score → drop the lowest-scored instances → BiMamba → attention pooling.
@@ -200,6 +202,8 @@ class GMMamba(nn.Module):
                          instance_scores=torch.cat([r[1] for r in results]))
 
 
-@register_aggregator("gmmamba")
+# k-means groups work in any number of coordinate dimensions, so volumes (k = 3) group in 3-D.
+@register_aggregator("gmmamba", coord_dims=(2, 3), uses_coords=True, out_dim="n_classes", license=LICENSE,
+                     reference="Zheng et al., ICCV 2025 (GMMamba); github.com/titizheng/GMMamba")
 def gmmamba(in_dim: int, n_classes: int, **cfg) -> GMMamba:
     return GMMamba(in_dim, n_classes, **cfg)

@@ -32,7 +32,10 @@ import torch
 from torch import nn
 
 from .mil_layers import PreNormResidual, TanhAttentionPool, build_mixer, init_weights
-from .registry import MILOutput, register_aggregator
+from .registry import IGNORES_COORDS, MILOutput, register_aggregator
+
+LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
+REFERENCE = "Yang et al., MICCAI 2024 (MambaMIL); github.com/isyangshu/MambaMIL"
 
 
 class MambaMIL(nn.Module):
@@ -61,16 +64,16 @@ class MambaMIL(nn.Module):
         return MILOutput(logits=self.head(bag_embedding), instance_scores=attention)
 
 
-@register_aggregator("mambamil")
+@register_aggregator("mambamil", **IGNORES_COORDS, license=LICENSE, reference=REFERENCE)
 def mambamil(in_dim: int, n_classes: int, **cfg) -> MambaMIL:
     return MambaMIL(in_dim, n_classes, mixer="srmamba", **cfg)
 
 
-@register_aggregator("bimamba_mil")
+@register_aggregator("bimamba_mil", **IGNORES_COORDS, license=LICENSE, reference=REFERENCE)
 def bimamba_mil(in_dim: int, n_classes: int, **cfg) -> MambaMIL:
     return MambaMIL(in_dim, n_classes, mixer="bimamba", **cfg)
 
 
-@register_aggregator("mamba_mil")
+@register_aggregator("mamba_mil", **IGNORES_COORDS, license=LICENSE, reference=REFERENCE)
 def mamba_mil(in_dim: int, n_classes: int, **cfg) -> MambaMIL:
     return MambaMIL(in_dim, n_classes, mixer="mamba", **cfg)

@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import MILOutput, register_aggregator
+from .registry import IGNORES_COORDS, MILOutput, register_aggregator
+
+LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
+BASELINE_REFERENCE = "MIL pooling baselines, as in github.com/isyangshu/MambaMIL models/Mean_Max_MIL.py"
 
 
 def _instance_scores(instance_logits: torch.Tensor, slide_logits: torch.Tensor) -> torch.Tensor:
@@ -50,11 +53,11 @@ class PoolingMIL(nn.Module):
                          instance_logits=instance_logits)
 
 
-@register_aggregator("mean")
+@register_aggregator("mean", **IGNORES_COORDS, license=LICENSE, reference=BASELINE_REFERENCE)
 def mean_pooling(in_dim: int, n_classes: int, **cfg) -> PoolingMIL:
     return PoolingMIL(in_dim, n_classes, mode="mean", **cfg)
 
 
-@register_aggregator("max")
+@register_aggregator("max", **IGNORES_COORDS, license=LICENSE, reference=BASELINE_REFERENCE)
 def max_pooling(in_dim: int, n_classes: int, **cfg) -> PoolingMIL:
     return PoolingMIL(in_dim, n_classes, mode="max", **cfg)

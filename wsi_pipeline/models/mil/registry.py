@@ -1,17 +1,26 @@
-"""MIL aggregator registry (timm-style): `@register_aggregator("name")` + `create_aggregator`.
+"""MIL aggregator registry (timm-style): `@register_aggregator("name", **metadata)` + `create_aggregator`.
 
 Every aggregator maps one bag to slide logits and per-instance scores:
-    forward(features (B, L, D), coords (B, L, 2) level-0 px or None) -> MILOutput
-B is 1 in training (bags differ in length); models must accept any L ≥ 1.
+    forward(features (B, L, D), coords (B, L, k) level-0 px or None) -> MILOutput
+B is 1 in training (bags differ in length); models must accept any L ≥ 1. k = 2 for slides;
+an entry's ``coord_dims`` metadata lists the k it accepts (3 for volumes where the model can use
+or ignore a third axis).
+
+Metadata every aggregator declares (checked at registration, see :mod:`wsi_pipeline.models.registry`):
+    coord_dims   tuple of the instance coordinate dimensions k it accepts, e.g. (2, 3)
+    uses_coords  whether coordinates change its output (False: they are ignored)
+    out_dim      "n_classes": the logits have n_classes columns
+    license, reference
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
+
+from ..registry import Registry
 
 
 @dataclass
@@ -22,24 +31,21 @@ class MILOutput:
     aux_loss: torch.Tensor | None = None       # scalar added to the training loss, if a model needs one
 
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+AGGREGATORS = Registry("aggregator", fields={"coord_dims": (tuple,), "uses_coords": (bool,), "out_dim": (str,)})
+
+# Metadata shared by the aggregators that never read coordinates: any k is accepted.
+IGNORES_COORDS = {"coord_dims": (2, 3), "uses_coords": False, "out_dim": "n_classes"}
 
 
-def register_aggregator(name: str):
-    def decorate(builder: Callable[..., nn.Module]):
-        if name in _REGISTRY:
-            raise ValueError(f"aggregator {name!r} registered twice")
-        _REGISTRY[name] = builder
-        return builder
-    return decorate
+def register_aggregator(name: str, **metadata):
+    """Decorator registering a builder ``(in_dim, n_classes, **cfg) -> nn.Module`` under ``name``."""
+    return AGGREGATORS.register(name, **metadata)
 
 
 def list_aggregators() -> list[str]:
-    return sorted(_REGISTRY)
+    return AGGREGATORS.list()
 
 
 def create_aggregator(name: str, in_dim: int, n_classes: int, **cfg) -> nn.Module:
     """Build aggregator `name` for `in_dim`-d instance features and `n_classes` classes."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown aggregator {name!r}; registered: {', '.join(list_aggregators())}")
-    return _REGISTRY[name](in_dim=in_dim, n_classes=n_classes, **cfg)
+    return AGGREGATORS.create(name, in_dim=in_dim, n_classes=n_classes, **cfg)

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from ..nystrom_attention import NystromAttention, default_landmarks
-from .registry import MILOutput, register_aggregator
+from .registry import IGNORES_COORDS, MILOutput, register_aggregator
+
+LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
 
 
 class TransLayer(nn.Module):
@@ -89,6 +91,7 @@ class TransMIL(nn.Module):
         return MILOutput(logits=logits, instance_scores=instance_scores)
 
 
-@register_aggregator("transmil")
+@register_aggregator("transmil", **IGNORES_COORDS, license=LICENSE,
+                     reference="Shao et al., NeurIPS 2021 (TransMIL); github.com/szc19990412/TransMIL")
 def transmil(in_dim: int, n_classes: int, **cfg) -> TransMIL:
     return TransMIL(in_dim, n_classes, **cfg)

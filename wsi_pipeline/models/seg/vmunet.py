@@ -39,6 +39,10 @@ from wsi_pipeline.ssm import SSMBranch, ss2d_orders
 
 from .registry import register_segmenter
 
+# Any H, W >= 1 (padded internally); 4x4 patch embedding as in VM-UNet. No weights are shipped.
+VMUNET_METADATA = {"input_size_px": None, "patch_size_px": 4, "out_dim": "out_channels", "license": "Apache-2.0",
+                   "reference": "Ruan & Xiang 2024 (VM-UNet); github.com/JCruan519/VM-UNet"}
+
 
 def _init_linear(module: nn.Linear) -> None:
     nn.init.trunc_normal_(module.weight, std=0.02)
@@ -179,13 +183,13 @@ class VMUNet(nn.Module):
         return self.head(x)[..., :height, :width]
 
 
-@register_segmenter("vmunet_tiny")
+@register_segmenter("vmunet_tiny", **VMUNET_METADATA)
 def vmunet_tiny(**kwargs) -> VMUNet:
     """~110k parameters, three stages (16, 32, 64), one VSS block each, 4x4 patches (VM-UNet's): CPU-sized."""
     return VMUNet(**{"dims": (16, 32, 64), "depths": (1, 1, 1), "patch_size": 4, "d_state": 8, **kwargs})
 
 
-@register_segmenter("vmunet_small")
+@register_segmenter("vmunet_small", **VMUNET_METADATA)
 def vmunet_small(**kwargs) -> VMUNet:
     """Four stages (32 .. 256), two VSS blocks each, 4x4 patches (VM-UNet's layout, narrower): GPU."""
     return VMUNet(**{"dims": (32, 64, 128, 256), "depths": (2, 2, 2, 2), "patch_size": 4, "d_state": 16,
