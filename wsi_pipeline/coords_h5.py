@@ -1,9 +1,11 @@
 """`coords.h5`: a slide's patch coordinates, the contract between tiling and feature extraction.
 
 Layout (CLAM/TRIDENT-compatible: their readers take `f["coords"]` and its attrs):
-  coords           (N, 2) int64   level-0 top-left (x, y)
-  tissue_fraction  (N,)   float32 area fraction of tissue under each patch
-  attrs on coords: patch_size (px at target_mpp), patch_size_level0, patch_level, downsample,
+  coords           (N, k) int64   k = 2 for slides: level-0 top-left (x, y); k = 3 for volumes:
+                                  voxel corner (i, j, k) of the canonical RAS grid (volumes/instances.py)
+  tissue_fraction  (N,)   float32 area fraction of tissue (body, for volumes) under each instance
+  attrs on coords: coord_dims (k; files from before it have none and are k = 2),
+                   patch_size (px at target_mpp), patch_size_level0, patch_level, downsample,
                    read_size_px, stride_level0, overlap_px, target_mpp, slide_mpp, mpp_source,
                    level0_width, level0_height, slide_id, name, config_hash, n_patches, format_version,
                    and the slide file's identity: slide_size_bytes, slide_mtime_ns, slide_fingerprint,
@@ -18,6 +20,7 @@ import h5py
 import numpy as np
 
 from .io import atomic_path
+from .sources import COORD_DIMS
 from .slides.identity import SlideIdentity
 from .tiling import TileGrid
 
@@ -28,40 +31,54 @@ def write_coords_h5(path: str | Path, grid: TileGrid, *, slide_id: str, level0_w
                     mpp_source: str, config_hash: str, slide: SlideIdentity | None = None) -> None:
     """`slide`: the identity of the file tiled, so a rerun can tell when it was replaced."""
     g = grid.geometry
+    attrs = {
+        "patch_size": g.patch_size_px,
+        "patch_size_level0": g.patch_size_level0,
+        "patch_level": g.patch_level,
+        "downsample": g.level_downsample,
+        "read_size_px": g.read_size_px,
+        "stride_level0": g.stride_level0,
+        "overlap_px": g.overlap_px,
+        "target_mpp": g.target_mpp,
+        "slide_mpp": g.slide_mpp,
+        "mpp_source": mpp_source,
+        "level0_width": int(level0_wh[0]),
+        "level0_height": int(level0_wh[1]),
+        "slide_id": slide_id,
+        "name": slide_id,  # CLAM's name for it
+        "config_hash": config_hash,
+        "n_grid_positions": int(grid.n_grid),
+        **(slide.to_attrs() if slide is not None else {}),
+    }
+    write_instance_coords_h5(path, grid.coords, grid.tissue_fraction, attrs)
+
+
+def write_instance_coords_h5(path: str | Path, coords: np.ndarray, tissue_fraction: np.ndarray,
+                             attrs: dict) -> None:
+    """Any source's instance coordinates: coords (N, k) int64 with k = 2 or 3, tissue_fraction (N,).
+
+    `attrs` go on the `coords` dataset; `coord_dims`, `n_patches` and `format_version` are added."""
+    coords = np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1] not in COORD_DIMS:
+        raise ValueError(f"coords must be (N, 2) or (N, 3), got {coords.shape}")
+    if len(tissue_fraction) != len(coords):
+        raise ValueError(f"{len(tissue_fraction)} tissue fractions for {len(coords)} coords")
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("coords", data=grid.coords.astype(np.int64))
-            f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
-            attrs = {
-                "patch_size": g.patch_size_px,
-                "patch_size_level0": g.patch_size_level0,
-                "patch_level": g.patch_level,
-                "downsample": g.level_downsample,
-                "read_size_px": g.read_size_px,
-                "stride_level0": g.stride_level0,
-                "overlap_px": g.overlap_px,
-                "target_mpp": g.target_mpp,
-                "slide_mpp": g.slide_mpp,
-                "mpp_source": mpp_source,
-                "level0_width": int(level0_wh[0]),
-                "level0_height": int(level0_wh[1]),
-                "slide_id": slide_id,
-                "name": slide_id,  # CLAM's name for it
-                "config_hash": config_hash,
-                "n_patches": int(len(grid.coords)),
-                "n_grid_positions": int(grid.n_grid),
-                "format_version": FORMAT_VERSION,
-                **(slide.to_attrs() if slide is not None else {}),
-            }
-            for key, value in attrs.items():
+            ds = f.create_dataset("coords", data=coords.astype(np.int64))
+            f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32))
+            for key, value in {**attrs, "coord_dims": int(coords.shape[1]), "n_patches": int(len(coords)),
+                               "format_version": FORMAT_VERSION}.items():
                 ds.attrs[key] = value
 
 
 def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict]:
-    """(coords (N, 2) int64, attrs dict)."""
+    """(coords (N, k) int64, attrs dict); `attrs["coord_dims"]` is k (2 for files from before it)."""
     with h5py.File(path, "r") as f:
         ds = f["coords"]
-        return ds[()].astype(np.int64), {k: _plain(v) for k, v in ds.attrs.items()}
+        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+        attrs.setdefault("coord_dims", 2)
+        return ds[()].astype(np.int64), attrs
 
 
 def coords_h5_is_valid(path: str | Path, config_hash: str | None = None,
@@ -75,7 +92,8 @@ def coords_h5_is_valid(path: str | Path, config_hash: str | None = None,
     try:
         with h5py.File(path, "r") as f:
             ds = f["coords"]
-            ok = (ds.ndim == 2 and ds.shape[1] == 2 and ds.shape[0] == int(ds.attrs["n_patches"])
+            coord_dims = int(ds.attrs.get("coord_dims", 2))
+            ok = (ds.ndim == 2 and ds.shape[1] == coord_dims and coord_dims in COORD_DIMS and ds.shape[0] == int(ds.attrs["n_patches"])
                   and f["tissue_fraction"].shape == (ds.shape[0],)
                   and int(ds.attrs.get("format_version", 0)) == FORMAT_VERSION)
             if config_hash is not None:

@@ -2,8 +2,9 @@
 
 Layout (CLAM/TRIDENT names, so their readers work):
   features  (N, D) float32 (or float16 if configured)
-  coords    (N, 2) int64, identical to coords.h5 (level-0 top-left x, y)
-  attrs (file): encoder, weights_source, weights_sha256 ("random" when random on purpose),
+  coords    (N, k) int64, identical to coords.h5 (slides k = 2: level-0 top-left x, y;
+            volumes k = 3: voxel corner i, j, k of the canonical RAS grid)
+  attrs (file): coord_dims (k; absent in files from before it, which are k = 2), encoder, weights_source, weights_sha256 ("random" when random on purpose),
                 out_dim, input_size_px, mean, std, target_mpp, patch_size, patch_size_level0, ...
                 (every coords.h5 attr, prefixed "coords_" where names clash: among them the
                 slide file's identity, slide_size_bytes/_mtime_ns/_fingerprint/_level_dimensions),
@@ -18,6 +19,7 @@ import h5py
 import numpy as np
 
 from .io import atomic_path
+from .sources import COORD_DIMS
 
 FORMAT_VERSION = 1
 
@@ -26,20 +28,23 @@ def write_features_h5(path: str | Path, features: np.ndarray, coords: np.ndarray
                       dtype: str = "float32") -> None:
     if features.shape[0] != coords.shape[0]:
         raise ValueError(f"{features.shape[0]} features for {coords.shape[0]} coords")
+    if coords.ndim != 2 or coords.shape[1] not in COORD_DIMS:
+        raise ValueError(f"coords must be (N, 2) or (N, 3), got {coords.shape}")
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=features.astype(dtype))
             f.create_dataset("coords", data=coords.astype(np.int64))
-            for key, value in {**attrs, "n_patches": int(len(coords)),
+            for key, value in {**attrs, "coord_dims": int(coords.shape[1]), "n_patches": int(len(coords)),
                                "format_version": FORMAT_VERSION}.items():
                 f.attrs[key] = value
 
 
 def read_features_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(features (N, D) float32, coords (N, 2) int64, attrs)."""
+    """(features (N, D) float32, coords (N, k) int64, attrs); `attrs["coord_dims"]` is k."""
     with h5py.File(path, "r") as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
                  for k, v in f.attrs.items()}
+        attrs.setdefault("coord_dims", 2)
         return f["features"][()].astype(np.float32), f["coords"][()].astype(np.int64), attrs
 
 
@@ -52,7 +57,8 @@ def features_h5_is_valid(path: str | Path, config_hash: str | None = None,
     try:
         with h5py.File(path, "r") as f:
             feats, c = f["features"], f["coords"]
-            ok = (feats.ndim == 2 and c.shape == (feats.shape[0], 2)
+            coord_dims = int(f.attrs.get("coord_dims", 2))
+            ok = (feats.ndim == 2 and c.shape == (feats.shape[0], coord_dims) and coord_dims in COORD_DIMS
                   and feats.shape[0] == int(f.attrs["n_patches"])
                   and feats.shape[1] == int(f.attrs["out_dim"])
                   and int(f.attrs.get("format_version", 0)) == FORMAT_VERSION)

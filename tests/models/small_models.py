@@ -13,6 +13,7 @@ SMALL_CONFIGS = {
     "mean": {"hidden_dim": 32},
     "max": {"hidden_dim": 32},
     "mambamil": {**SSM_SMALL, "rate": 10},
+    "mambamil_3d": {**SSM_SMALL, "rate": 10},
     "bimamba_mil": SSM_SMALL,
     "mamba_mil": SSM_SMALL,
     "gmmamba": {**SSM_SMALL, "n_groups": 4, "n_heads": 4, "attention_dim": 16},

@@ -25,7 +25,12 @@ class Slide:
     """A whole-slide image. Coordinates are level-0 pixels (x, y) unless a name says otherwise.
 
     Open with `open_slide`. `mpp` is µm per level-0 pixel; `mpp_source` says where it came from.
+    A `Source` (wsi_pipeline/sources.py): `source_id`, `ndim` 2, `shape` (width, height),
+    `spacing` (mpp, mpp) in µm, `read_box` a level-0 read.
     """
+
+    ndim = 2
+    spacing_unit = "um"
 
     def __init__(self, backend, path: Path, slide_id: str, mpp_override: float | None = None):
         self._backend = backend
@@ -37,6 +42,25 @@ class Slide:
         self.level_dimensions: tuple[tuple[int, int], ...] = backend.level_dimensions
         self.level_downsamples: tuple[float, ...] = backend.level_downsamples
         self.mpp, self.mpp_source = self._resolve_mpp(mpp_override)
+
+    # -- Source protocol ---------------------------------------------------------------------
+    @property
+    def source_id(self) -> str:
+        return self.slide_id
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(width, height) of level 0: the coordinate order (x, y)."""
+        return self.level_dimensions[0]
+
+    @property
+    def spacing(self) -> tuple[float, float]:
+        """(µm per pixel along x, along y); the same value twice (one resolution is vouched for)."""
+        return (self.mpp, self.mpp)
+
+    def read_box(self, start, size) -> np.ndarray:
+        """Level-0 pixels of the box `start` = (x, y), `size` = (width, height): (H, W, 3) uint8."""
+        return self.read_region(tuple(start), 0, tuple(size))
 
     # -- geometry ---------------------------------------------------------------------------
     @property

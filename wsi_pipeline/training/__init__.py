@@ -4,7 +4,7 @@ Submodules are imported by name (`from wsi_pipeline.training.checkpoints import 
 this package imports nothing itself, so `bags`, `splits` and `metrics` stay usable without torch
 being loaded and the CLI starts fast.
 
-- bags:        load_bag(path) -> (features (N, D) float32, coords (N, 2) int64, attrs)
+- bags:        load_bag(path) -> (features (N, D) float32, coords (N, k) int64 (k = 2 or 3), attrs)
 - splits:      patient-level stratified k-fold + inner validation split, splits.json
 - trainer:     train_fold (AdamW, CE, early stopping), predict_probs
 - metrics:     AUC, balanced accuracy, macro F1 with bootstrap 95% CIs

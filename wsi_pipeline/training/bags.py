@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import SlideError
 from ..features_h5 import read_features_h5
+from ..sources import COORD_DIMS
 
 
 @dataclass
@@ -22,12 +23,13 @@ class Bag:
     patient_id: str
     label: int
     features: np.ndarray   # (N, D) float32
-    coords: np.ndarray     # (N, 2) int64, level-0 px (top-left of each patch)
+    coords: np.ndarray     # (N, k) int64: k = 2 level-0 px (x, y) of slides, k = 3 voxels (i, j, k) of volumes
     features_hash: str     # the features.h5 `config_hash` attr ("" where absent): part of the fold hash
 
 
 def load_bag(path: str | Path, slide_id: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read and check one features.h5 → (features (N, D) float32, coords (N, 2) int64, attrs).
+    """Read and check one features.h5 → (features (N, D) float32, coords (N, k) int64, attrs),
+    k = 2 (slides) or 3 (volumes), as the file's `coord_dims` attr says.
 
     `slide_id` (default: the file name's stem) names the slide in errors.
     """
@@ -39,9 +41,12 @@ def load_bag(path: str | Path, slide_id: str | None = None) -> tuple[np.ndarray,
         features, coords, attrs = read_features_h5(path)
     except (OSError, KeyError, ValueError) as exc:
         raise SlideError(slide_id, f"unreadable features file {path}: {exc}") from None
-    if features.ndim != 2 or coords.shape != (features.shape[0], 2):
+    coord_dims = int(attrs.get("coord_dims", 2))
+    if (features.ndim != 2 or coord_dims not in COORD_DIMS
+            or coords.shape != (features.shape[0], coord_dims)):
         raise SlideError(slide_id, f"{path}: features {features.shape} and coords {coords.shape} "
-                                   f"do not form a bag (need (N, D) and (N, 2))")
+                                   f"(coord_dims {coord_dims}) do not form a bag "
+                                   f"(need (N, D) and (N, k), k = 2 or 3)")
     if features.shape[0] == 0:
         raise SlideError(slide_id, f"{path}: no patches (empty bag)")
     finite = np.isfinite(features)

@@ -21,7 +21,7 @@ import numpy as np
 
 def kmeans_groups(coords: np.ndarray, n_groups: int, seed: int = 0, max_iter: int = 100,
                   tol: float = 1e-4) -> list[np.ndarray]:
-    """Cluster (L, 2) coordinates into at most ``n_groups`` non-empty groups.
+    """Cluster (L, k) coordinates (k = 2 or 3) into at most ``n_groups`` non-empty groups.
 
     Returns a list of int64 index arrays (ascending instance indices, so each group keeps the bag's
     order); groups are ordered by their first instance. Deterministic for a given ``seed``. Fewer

@@ -43,7 +43,7 @@ from torch import nn
 
 from .mil_layers import PreNormResidual, TanhAttentionPool, build_mixer, init_weights
 from .patch_grid import PatchGrid, gather_from_grid, grid_from_coords, raster_grid, scatter_to_grid
-from .registry import MILOutput, register_aggregator
+from .registry import MILOutput, check_coord_dims, register_aggregator
 
 LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
 
@@ -125,7 +125,9 @@ class FMaMIL(nn.Module):
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         """features (B, L, D), coords (B, L, 2) level-0 px or None → logits (B, C), instance_logits
-        (B, L, C) CAMs, instance_scores (B, L) min–max normalised CAM of the last class."""
+        (B, L, C) CAMs, instance_scores (B, L) min–max normalised CAM of the last class.
+        Volume coords (B, L, 3) are refused: the frequency encoding is a 2-D grid filter."""
+        check_coord_dims(coords, (2,), "fmamil")
         h = self.embed(features)
         n_instances = h.shape[1]
         encoded, orders = [], []

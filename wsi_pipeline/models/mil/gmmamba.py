@@ -51,7 +51,7 @@ from torch import nn
 
 from .coord_groups import DEFAULT_GROUP_CACHE, GroupCache, contiguous_groups
 from .mil_layers import PreNormResidual, TanhAttentionPool, build_mixer, init_weights
-from .registry import MILOutput, register_aggregator
+from .registry import MILOutput, check_coord_dims, register_aggregator
 
 LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
 
@@ -166,7 +166,7 @@ class GMMamba(nn.Module):
         init_weights(self.imm, init)
 
     def groups(self, n_instances: int, coords: torch.Tensor | None) -> list[torch.Tensor]:
-        """Index tensors of the groups of one bag; coords (L, 2) or None."""
+        """Index tensors of the groups of one bag; coords (L, k) or None."""
         if coords is None:
             groups = contiguous_groups(n_instances, self.n_groups)
         else:
@@ -195,7 +195,9 @@ class GMMamba(nn.Module):
         return logits, scores[None]
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
-        """features (B, L, D), coords (B, L, 2) level-0 px or None → logits (B, C), instance_scores (B, L)."""
+        """features (B, L, D), coords (B, L, k) (k = 2 level-0 px, 3 voxels) or None → logits (B, C),
+        instance_scores (B, L). Groups are k-means clusters in k dimensions."""
+        check_coord_dims(coords, (2, 3), "gmmamba")
         h = self.embed(features)
         results = [self.forward_bag(h[b:b + 1], None if coords is None else coords[b]) for b in range(h.shape[0])]
         return MILOutput(logits=torch.cat([r[0] for r in results]),

@@ -18,7 +18,11 @@ the sequence.
 
 Order-dependent: the scans read instances in the order given, so a shuffled bag gives different
 logits. The reference feeds patches in their features-file order (no sorting); our features.h5
-order is the tiling order, so train and infer with the same order. ``coords`` are ignored.
+order is the tiling order, so train and infer with the same order. With ``scan="bag"`` (default,
+the reference) ``coords`` are ignored. With ``scan`` a :class:`~wsi_pipeline.ssm.Raster3D`
+direction (``"zyx"``, ``"yxz"`` = SegMamba's inter-slice scan, ...), the layers read the instances
+in that 3-D raster order of their coordinates (:mod:`.coord_scan`; slides are depth-1 volumes),
+whatever the bag order; ``mambamil_3d`` registers that with ``"zyx"`` for volumes (coords (L, 3)).
 ``instance_scores`` is the attention A (rows sum to 1). B > 1 works for bags of equal length.
 
 ``init``: ``"mamba"`` (default) keeps Mamba's own init; ``"reference"`` reproduces the reference
@@ -32,19 +36,26 @@ import torch
 from torch import nn
 
 from .mil_layers import PreNormResidual, TanhAttentionPool, build_mixer, init_weights
-from .registry import IGNORES_COORDS, MILOutput, register_aggregator
+from wsi_pipeline.ssm import Raster3D
+
+from .coord_scan import coords_scan_permutation
+from .registry import IGNORES_COORDS, MILOutput, check_coord_dims, register_aggregator
 
 LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
+SCANS = ("bag",) + Raster3D.DIRECTIONS
 REFERENCE = "Yang et al., MICCAI 2024 (MambaMIL); github.com/isyangshu/MambaMIL"
 
 
 class MambaMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int, mixer: str = "srmamba", d_model: int = 512,
                  n_layers: int = 2, rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2,
-                 dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba"):
+                 dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba", scan: str = "bag"):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        if scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
+        self.scan = scan
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
         self.layers = nn.ModuleList(
             PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand))
@@ -56,10 +67,18 @@ class MambaMIL(nn.Module):
         init_weights(self, init)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
-        """features (B, L, D) → logits (B, C); instance_scores (B, L) attention. coords ignored."""
+        """features (B, L, D), coords (B, L, k) or None → logits (B, C); instance_scores (B, L)
+        attention (in bag order). coords are read only when ``scan`` is a raster direction."""
         h = self.embed(features)
+        order = None
+        if self.scan != "bag" and coords is not None:
+            check_coord_dims(coords, (2, 3), f"MambaMIL(scan={self.scan!r})")
+            order = torch.stack([coords_scan_permutation(c, self.scan) for c in coords]).to(h.device)
+            h = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))
         for layer in self.layers:
             h = layer(h)
+        if order is not None:   # back to bag order, so instance_scores line up with the bag
+            h = h.gather(1, torch.argsort(order, dim=1)[..., None].expand(-1, -1, h.shape[-1]))
         bag_embedding, attention = self.attention(self.norm(h))
         return MILOutput(logits=self.head(bag_embedding), instance_scores=attention)
 
@@ -77,3 +96,11 @@ def bimamba_mil(in_dim: int, n_classes: int, **cfg) -> MambaMIL:
 @register_aggregator("mamba_mil", **IGNORES_COORDS, license=LICENSE, reference=REFERENCE)
 def mamba_mil(in_dim: int, n_classes: int, **cfg) -> MambaMIL:
     return MambaMIL(in_dim, n_classes, mixer="mamba", **cfg)
+
+
+# SRMamba over the instances in 3-D raster order (slice by slice, row by row) of their coordinates;
+# for volumes (k = 3), and for slides (k = 2: a depth-1 volume, i.e. row-major over the tissue).
+@register_aggregator("mambamil_3d", coord_dims=(2, 3), uses_coords=True, out_dim="n_classes", license=LICENSE,
+                     reference=REFERENCE + "; scan orders: SegMamba (Xing et al., MICCAI 2024)")
+def mambamil_3d(in_dim: int, n_classes: int, **cfg) -> MambaMIL:
+    return MambaMIL(in_dim, n_classes, mixer="srmamba", **{"scan": "zyx", **cfg})

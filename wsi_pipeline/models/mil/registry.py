@@ -49,3 +49,13 @@ def list_aggregators() -> list[str]:
 def create_aggregator(name: str, in_dim: int, n_classes: int, **cfg) -> nn.Module:
     """Build aggregator `name` for `in_dim`-d instance features and `n_classes` classes."""
     return AGGREGATORS.create(name, in_dim=in_dim, n_classes=n_classes, **cfg)
+
+
+def check_coord_dims(coords: torch.Tensor | None, accepted: tuple[int, ...], model: str) -> None:
+    """A clear error where ``coords`` (B, L, k) has a k the model cannot use (None passes)."""
+    if coords is None:
+        return
+    if coords.ndim != 3 or coords.shape[-1] not in accepted:
+        raise ValueError(f"{model} takes coords (B, L, k) with k in {accepted}, got {tuple(coords.shape)}"
+                         + (" (3-D volume coords: use an aggregator whose coord_dims include 3)"
+                            if coords.ndim == 3 and coords.shape[-1] == 3 else ""))
