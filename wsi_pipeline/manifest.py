@@ -1,4 +1,7 @@
-"""Slide manifests: CSV rows `slide_id, path, patient_id, label, cohort` (+ optional `mpp`).
+"""Manifests: CSV rows `slide_id, path, patient_id, label, cohort` (+ optional `mpp`, `modality`).
+
+A row with `modality` CT or MR is a radiology volume (NIfTI file or DICOM series folder; its
+`slide_id` is the volume's id); empty or absent `modality` is a whole-slide image.
 
 Validation collects every problem (row and field named) and raises them together, so a user fixes a
 manifest in one pass. Missing slide files are reported here by `validate`, but batch stages treat
@@ -16,7 +19,8 @@ from .errors import ManifestError
 from .names import name_problem, short_repr
 
 REQUIRED_COLUMNS = ("slide_id", "path", "patient_id", "label", "cohort")
-OPTIONAL_COLUMNS = ("mpp",)
+OPTIONAL_COLUMNS = ("mpp", "modality")
+VOLUME_MODALITIES = ("CT", "MR")
 # slide_id and cohort become file and folder names under the run folder, Snakemake wildcards and
 # shell words: both follow the one name rule (wsi_pipeline.names). patient_id and label never become
 # paths (they are compared and written into CSV/JSON cells), so any text is fine there.
@@ -32,6 +36,11 @@ class SlideRecord:
     cohort: str
     mpp: float | None   # manifest override of the file's resolution, µm/px
     row: int            # 1-based data row number (header is row 0), for messages
+    modality: str = ""  # "" for a slide; "CT" or "MR" for a volume
+
+    @property
+    def is_volume(self) -> bool:
+        return self.modality in VOLUME_MODALITIES
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,12 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
             except ValueError:
                 problems.append(f"{where}: mpp must be a positive number of µm per pixel, got {mpp_text!r}")
                 mpp = None
+        modality = row.get("modality", "") or ""
+        if modality and modality not in VOLUME_MODALITIES:
+            problems.append(f"{where}: modality must be empty (a slide) or one of "
+                            f"{', '.join(VOLUME_MODALITIES)} (a volume), got {modality!r}")
+        if modality and mpp is not None:
+            problems.append(f"{where}: mpp is for slides; a volume's spacing comes from its file")
         patient, cohort = row.get("patient_id", ""), row.get("cohort", "")
         if patient and cohort:
             first = patient_cohort.setdefault(patient, (cohort, i))
@@ -132,9 +147,10 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
         slide_path = Path(row.get("path", "") or ".")
         if not slide_path.is_absolute():
             slide_path = (path.parent / slide_path).resolve()
-        if check_files and row.get("path") and not slide_path.is_file():
-            problems.append(f"{where}: slide file not found: {slide_path}")
-        records.append(SlideRecord(slide_id, slide_path, patient, label, cohort, mpp, i))
+        exists = slide_path.exists() if modality else slide_path.is_file()   # a DICOM series is a folder
+        if check_files and row.get("path") and not exists:
+            problems.append(f"{where}: {'volume' if modality else 'slide'} file not found: {slide_path}")
+        records.append(SlideRecord(slide_id, slide_path, patient, label, cohort, mpp, i, modality))
 
     if problems:
         raise ManifestError(path, problems)

@@ -1,0 +1,119 @@
+"""A synthetic CT-like cohort: `write_demo_volumes(out)` → NIfTI scans, truth masks, manifest.csv.
+
+Each patient is one abdominal-ish phantom defined in RAS millimetres and sampled on its own file
+grid, so the cohort mixes spacings (in-plane 1.2–2.4 mm, slices 2–5 mm) and orientations (RAS,
+LPS, and permuted axes such as slices first): reading must canonicalise to get it right.
+
+    body      ellipsoid of soft tissue (40 HU) in a 10 mm fat rim (-100 HU), air (-1000 HU) outside
+    organs    liver (60 HU, right), spleen (45 HU, left), two kidneys (30 HU), spine (700 HU bone),
+              a gas pocket (-700 HU); sizes and positions jittered per patient
+    lesions   positive scans: 1–2 hypodense spheres (liver -45 HU relative, radius 11–16 mm) inside
+              the liver; `{id}_lesion.nii.gz` is their truth mask on the scan's grid (empty for
+              negatives)
+    noise     Gaussian, σ 12 HU; stored as int16 HU
+
+The manifest has the slide manifest's columns plus `modality` (CT): see manifests/README.md.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from ..io import atomic_path
+from .explain import write_nifti
+
+# Signed axis permutations (rows: world R, A, S; columns: file axes) the cohort cycles through.
+ORIENTATIONS = {
+    "RAS": np.eye(3),
+    "LPS": np.diag([-1.0, -1.0, 1.0]),
+    "LAS": np.diag([-1.0, 1.0, 1.0]),
+    "SRA": np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=float),       # file axis 0 = S (slices first)
+    "PIL": np.array([[0, 0, -1], [-1, 0, 0], [0, -1, 0]], dtype=float),
+    "ASR": np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], dtype=float),
+}
+FOV_MM = np.array([200.0, 170.0, 110.0])    # R-L, A-P, S-I extent of every scan
+
+
+def _ellipsoid(points, centre, radii) -> np.ndarray:
+    return (((points - centre) / radii) ** 2).sum(axis=-1) <= 1.0
+
+
+def phantom(points_mm: np.ndarray, rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray]:
+    """HU and lesion truth at world points (..., 3) RAS mm for one random patient."""
+    scale = rng.uniform(0.9, 1.08)
+    body_r = np.array([88.0, 68.0, 80.0]) * scale
+    hu = np.full(points_mm.shape[:-1], -1000.0, dtype=np.float32)
+    body = _ellipsoid(points_mm, 0.0, body_r)
+    hu[body] = -100.0
+    hu[_ellipsoid(points_mm, 0.0, body_r - 10.0)] = 40.0
+    jitter = lambda s: rng.normal(0.0, s, 3)  # noqa: E731
+    liver_c, liver_r = np.array([-38.0, 8.0, 10.0]) + jitter(3), np.array([38.0, 40.0, 42.0]) * scale
+    organs = [
+        (liver_c, liver_r, 60.0),
+        (np.array([45.0, 5.0, 15.0]) + jitter(3), np.array([18.0, 26.0, 24.0]) * scale, 45.0),
+        (np.array([-35.0, -30.0, -10.0]) + jitter(2), np.array([14.0, 14.0, 26.0]), 30.0),
+        (np.array([35.0, -30.0, -10.0]) + jitter(2), np.array([14.0, 14.0, 26.0]), 30.0),
+        (np.array([10.0, 35.0, -25.0]) + jitter(4), np.array([16.0, 12.0, 12.0]), -700.0),
+    ]
+    for centre, radii, value in organs:
+        hu[_ellipsoid(points_mm, centre, radii) & body] = value
+    spine = (((points_mm[..., 0]) / 14.0) ** 2 + ((points_mm[..., 1] + 50.0) / 14.0) ** 2 <= 1.0) & body
+    hu[spine] = 700.0
+    lesion = np.zeros(hu.shape, dtype=bool)
+    if positive:
+        for _ in range(rng.integers(1, 3)):
+            radius = rng.uniform(11.0, 16.0)
+            # Inside the liver, far enough from its edge that the sphere stays in it.
+            direction = rng.normal(size=3)
+            direction /= np.linalg.norm(direction)
+            offset = direction * rng.uniform(0.0, 0.45) * (liver_r - radius)
+            sphere = _ellipsoid(points_mm, liver_c + offset, np.full(3, radius))
+            lesion |= sphere
+        hu[lesion] = 60.0 - 45.0
+    hu += rng.normal(0.0, 12.0, hu.shape).astype(np.float32)
+    return hu, lesion
+
+
+def file_grid(orientation: str, spacing_ras_mm: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+    """(shape, affine) of a file whose axes follow `orientation` and cover FOV_MM centred on 0."""
+    axes = ORIENTATIONS[orientation]                      # world axis w = axes @ file axis
+    file_spacing = np.abs(axes.T) @ spacing_ras_mm        # spacing per file axis
+    file_fov = np.abs(axes.T) @ FOV_MM
+    shape = tuple(int(round(f / s)) for f, s in zip(file_fov, file_spacing))
+    affine = np.eye(4)
+    affine[:3, :3] = axes * file_spacing[None, :]
+    # Centre the grid on the world origin: the middle voxel maps to 0.
+    affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    return shape, affine
+
+
+def write_demo_volumes(out: str | Path, n_patients: int = 40, seed: int = 0) -> Path:
+    """Write the cohort under `out` (volumes/, truth/, manifest.csv); returns the manifest path."""
+    out = Path(out)
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    (out / "truth").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(ORIENTATIONS)
+    rows = []
+    for n in range(n_patients):
+        positive = n % 2 == 1
+        volume_id = f"VOL-{n:03d}"
+        spacing = np.array([rng.uniform(1.2, 2.4)] * 2 + [rng.uniform(2.0, 5.0)])
+        shape, affine = file_grid(names[n % len(names)], spacing)
+        index = np.stack(np.meshgrid(*(np.arange(s) for s in shape), indexing="ij"), axis=-1).astype(np.float64)
+        points = index @ affine[:3, :3].T + affine[:3, 3]
+        hu, lesion = phantom(points, rng, positive)
+        write_nifti(out / "volumes" / f"{volume_id}.nii.gz", np.rint(hu).astype(np.int16), affine, dtype=np.int16)
+        write_nifti(out / "truth" / f"{volume_id}_lesion.nii.gz", lesion.astype(np.uint8), affine, dtype=np.uint8)
+        rows.append([volume_id, f"volumes/{volume_id}.nii.gz", f"P{n:03d}", "lesion" if positive else "normal",
+                     "demo_ct", "CT"])
+    manifest = out / "manifest.csv"
+    with atomic_path(manifest) as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["slide_id", "path", "patient_id", "label", "cohort", "modality"])
+            writer.writerows(rows)
+    return manifest
