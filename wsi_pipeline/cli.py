@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cohorts", default="demo", help="comma-separated cohort names (default demo)")
 
+    p = sub.add_parser("demo-volumes", help="synthetic CT cohort (NIfTI + truth masks + manifest), then "
+                                            "instances, MambaMIL 5-fold CV and NIfTI heatmaps end to end")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=40, help="number of patients, one volume each (default 40)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--model", default="mambamil_3d", help="MIL aggregator (default mambamil_3d)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generate-only", action="store_true", help="only write the cohort and its manifest")
+
     p = sub.add_parser("tile", help="stage 1: tissue detection and µm-exact patch coordinates")
     _add_run_args(p)
 
@@ -104,6 +113,20 @@ def _dispatch(args) -> int:
                                     mpp=args.mpp, seed=args.seed, cohorts=cohorts, progress=True)
         print(f"demo cohort: {args.n} slides; manifest {manifest}")
         return 0
+
+    if args.command == "demo-volumes":
+        from stages.volumes import format_summary, run_volume_demo
+
+        from .names import check_name
+
+        result = run_volume_demo(args.out, n_patients=args.n, epochs=args.epochs, model=check_name(args.model, "--model"),
+                                 seed=args.seed, generate_only=args.generate_only)
+        if args.generate_only:
+            print(f"demo volumes: {args.n} CT volumes; manifest {result}")
+            return 0
+        print(format_summary(result))
+        print(f"    {args.out}/run/volumes_summary.json")
+        return 0 if all(c["status"] == "done" for c in result["cohorts"].values()) else 1
 
     if args.command == "validate-manifest":
         from .manifest import load_manifest
