@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from wsi_pipeline.run_lock import one_run_per_folder
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO_ROOT / "workflow" / "Snakefile"
 PROFILES = REPO_ROOT / "workflow" / "profiles"
@@ -91,6 +93,7 @@ def snakemake_command(args) -> list[str]:
     return cmd
 
 
+@one_run_per_folder  # RUN/.wsi-pipeline.lock for the whole run (wsi_pipeline/run_lock.py)
 def cli(args) -> int:
     from wsi_pipeline.config import load_config
     from wsi_pipeline.run_folder import RunFolder
