@@ -1,7 +1,7 @@
 """`wsi-pipeline` command line. Wiring only: parse, load config/manifest, call a stage.
 
-Exit codes: 0 all slides fine; 1 some slides failed (see RUN/failures.csv); 2 bad usage, config or
-manifest (nothing was run).
+Exit codes: 0 all slides fine; 1 some slides failed (see RUN/failures.csv), or `run` found RUN in use
+by another run (wsi_pipeline/run_lock.py); 2 bad usage, config or manifest (nothing was run).
 """
 
 from __future__ import annotations
