@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .handcrafted import STAIN_TEXTURE_DIM, StainTextureFeatures
+from .handcrafted import STAIN_TEXTURE_DIM, STAIN_TEXTURE_VERSION, StainTextureFeatures
 from .registry import EncoderSpec, register_encoder
 
 
@@ -43,6 +43,6 @@ register_encoder(EncoderSpec(
 register_encoder(EncoderSpec(
     name="stain_texture", build=StainTextureFeatures, out_dim=STAIN_TEXTURE_DIM,
     # The descriptors take RGB in [0, 1]: Encoder.normalise divides by 255 and nothing else.
-    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), parameter_free=True,
+    mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), parameter_free=True, version=STAIN_TEXTURE_VERSION,
     notes="colour-deconvolution and texture descriptors, no weights (checkpoint: none); "
           "the offline demo's encoder, not a foundation-model substitute"))

@@ -34,6 +34,9 @@ class EncoderSpec:
     ignore_prefixes: tuple[str, ...] = ()  # checkpoint keys of parts this encoder removes
     notes: str = ""
     parameter_free: bool = False          # no weights at all (checkpoint: none)
+    # Bumped when a built-in encoder's outputs change for the same weights; > 1 enters the extract
+    # config hash (features of another version are re-extracted) and is recorded in features.h5.
+    version: int = 1
 
 
 _REGISTRY: dict[str, EncoderSpec] = {}
