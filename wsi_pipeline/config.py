@@ -137,8 +137,13 @@ class TrainConfig:
     device: str = "auto"
     # Bootstrap resamples (over patients) for the 95% CIs in metrics.json; 0: no CIs.
     bootstrap: int = 1000
+    # Standardise each feature dimension with the mean/std of the training fold's instances (stored
+    # in the fold checkpoint, applied by every consumer). training/standardize.py.
+    standardize: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.standardize, bool):
+            raise ConfigError(f"train.standardize: must be true or false, got {self.standardize!r}")
         if self.folds < 2:
             raise ConfigError("train.folds: must be >= 2")
         if not 0 < self.val_fraction < 1:
