@@ -124,6 +124,8 @@ class TrainConfig:
     val_fraction: float = 0.2
     epochs: int = 20
     patience: int = 5
+    # Linear learning-rate warm-up over the first this many epochs (0: none).
+    warmup_epochs: int = 0
     lr: float = 2.0e-4
     weight_decay: float = 1.0e-2
     # Bags per optimizer step (bags differ in length, so each bag is its own forward pass).
@@ -150,6 +152,8 @@ class TrainConfig:
             raise ConfigError("train.val_fraction: must be in (0, 1)")
         if self.balance not in ("class_weights", "sampler", "none"):
             raise ConfigError("train.balance: must be class_weights, sampler or none")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise ConfigError("train.warmup_epochs: must be >= 0 and < train.epochs")
         for name in ("epochs", "patience", "grad_accumulation"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1")

@@ -9,6 +9,9 @@ Class balance:
 - sampler: each epoch draws len(train) bags with replacement, with probability ∝ 1 / n_c.
 - none: plain cross-entropy, each bag once per epoch in a shuffled order.
 The model's `aux_loss`, when it returns one, is added to each bag's loss.
+Learning-rate warm-up: with `warmup_epochs` > 0 the rate rises linearly from lr/steps to lr over
+the optimizer steps of the first `warmup_epochs` epochs (a rare-positive cohort's first few bags
+otherwise push the attention towards whatever they happen to contain), then stays at lr.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ def predict_probs(model, bags: Sequence[Bag], device: torch.device) -> np.ndarra
 def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_classes: int,
                lr: float, weight_decay: float, epochs: int, patience: int, balance: str,
                grad_accumulation: int, seed: int, device: torch.device, progress: bool = False,
-               desc: str = "train") -> TrainResult:
+               desc: str = "train", warmup_epochs: int = 0) -> TrainResult:
     """Fit `model` in place; on return it holds the best epoch's weights and is in eval mode.
 
     Early stopping: after each epoch the validation loss is computed; the weights of the best epoch
@@ -143,6 +146,10 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
     if not val_bags:
         log.warning("%s: no validation bags; early stopping monitors the training loss", desc)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(train_bags) // grad_accumulation)
+    warmup_steps = max(0, warmup_epochs) * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
     rng = np.random.default_rng(seed)
     sample_p = weights[labels] / weights[labels].sum()
 
@@ -170,11 +177,13 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
             epoch_loss += loss.item()
             if step - group_start + 1 == group_size:
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         train_loss = epoch_loss / len(order)
         val_loss = evaluate_loss(model, val_bags, device, val_weights) if val_bags else None
         monitored = val_loss if val_bags else train_loss
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "lr": optimizer.param_groups[0]["lr"]})
         bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
         if monitored < best_loss:
             best_loss, best_epoch, since_best = monitored, epoch, 0
