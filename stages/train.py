@@ -250,7 +250,8 @@ def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str
         "in_dim": in_dim, "lr": train.lr, "weight_decay": train.weight_decay, "epochs": train.epochs,
         "patience": train.patience, "balance": train.balance, "grad_accumulation": train.grad_accumulation,
         "seed": train.seed, "deterministic": train.deterministic, "standardize": train.standardize,
-        "warmup_epochs": train.warmup_epochs, "fold": fold.fold,
+        "warmup_epochs": train.warmup_epochs, "instance_loss_weight": train.instance_loss_weight,
+        "instance_topk": train.instance_topk, "fold": fold.fold,
         "train": list(fold.train), "val": list(fold.val), "test": list(fold.test),
     }
 
@@ -321,7 +322,8 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
                     n_classes=len(classes), lr=train.lr, weight_decay=train.weight_decay,
                     epochs=train.epochs, patience=train.patience, balance=train.balance,
                     grad_accumulation=train.grad_accumulation, seed=train.seed + fold.fold,
-                    device=device, progress=progress, desc=desc, warmup_epochs=train.warmup_epochs)
+                    device=device, progress=progress, desc=desc, warmup_epochs=train.warmup_epochs,
+                    instance_loss_weight=train.instance_loss_weight, instance_topk=train.instance_topk)
             meta = {
                 "format_version": FOLD_FORMAT_VERSION,
                 "model": model_name, "in_dim": in_dim, "n_classes": len(classes), "classes": classes,

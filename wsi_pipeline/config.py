@@ -126,6 +126,10 @@ class TrainConfig:
     patience: int = 5
     # Linear learning-rate warm-up over the first this many epochs (0: none).
     warmup_epochs: int = 0
+    # Instance-level top-k cross-entropy added to the slide loss with this weight (0: off); needs
+    # instance logits (fmamil, mean, max). instance_topk: instances averaged per class.
+    instance_loss_weight: float = 0.0
+    instance_topk: int = 2
     lr: float = 2.0e-4
     weight_decay: float = 1.0e-2
     # Bags per optimizer step (bags differ in length, so each bag is its own forward pass).
@@ -154,7 +158,9 @@ class TrainConfig:
             raise ConfigError("train.balance: must be class_weights, sampler or none")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise ConfigError("train.warmup_epochs: must be >= 0 and < train.epochs")
-        for name in ("epochs", "patience", "grad_accumulation"):
+        if self.instance_loss_weight < 0:
+            raise ConfigError("train.instance_loss_weight: must be >= 0 (0: off)")
+        for name in ("epochs", "patience", "grad_accumulation", "instance_topk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1")
         _positive("train.lr", self.lr)

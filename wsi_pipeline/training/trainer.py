@@ -9,6 +9,11 @@ Class balance:
 - sampler: each epoch draws len(train) bags with replacement, with probability ∝ 1 / n_c.
 - none: plain cross-entropy, each bag once per epoch in a shuffled order.
 The model's `aux_loss`, when it returns one, is added to each bag's loss.
+Instance-level top-k loss (`instance_loss_weight` > 0; aggregators with instance logits: fmamil,
+mean, max): per class, the mean of the `instance_topk` highest instance logits forms a second
+slide prediction, and its cross-entropy with the bag label (times the weight) is added. With
+lesions of one or two patches it asks the instance CAM itself to single them out, rather than
+only the attention-pooled slide logits.
 Learning-rate warm-up: with `warmup_epochs` > 0 the rate rises linearly from lr/steps to lr over
 the optimizer steps of the first `warmup_epochs` epochs (a rare-positive cohort's first few bags
 otherwise push the attention towards whatever they happen to contain), then stays at lr.
@@ -95,11 +100,19 @@ def _forward(model, bag: Bag, device: torch.device):
     return model(features, coords)
 
 
-def _bag_loss(out, label: int, device: torch.device) -> torch.Tensor:
+def _bag_loss(out, label: int, device: torch.device, instance_loss_weight: float = 0.0,
+              instance_topk: int = 2) -> torch.Tensor:
     target = torch.tensor([label], device=device)
     loss = F.cross_entropy(out.logits.float(), target)
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
+    if instance_loss_weight > 0:
+        if out.instance_logits is None:
+            raise PipelineError("train.instance_loss_weight > 0 needs an aggregator with instance logits "
+                                "(fmamil, mean, max)")
+        il = out.instance_logits.float()                                    # (1, L, C)
+        pooled = il.topk(min(instance_topk, il.shape[1]), dim=1).values.mean(dim=1)
+        loss = loss + instance_loss_weight * F.cross_entropy(pooled, target)
     return loss
 
 
@@ -129,7 +142,8 @@ def predict_probs(model, bags: Sequence[Bag], device: torch.device) -> np.ndarra
 def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_classes: int,
                lr: float, weight_decay: float, epochs: int, patience: int, balance: str,
                grad_accumulation: int, seed: int, device: torch.device, progress: bool = False,
-               desc: str = "train", warmup_epochs: int = 0) -> TrainResult:
+               desc: str = "train", warmup_epochs: int = 0, instance_loss_weight: float = 0.0,
+               instance_topk: int = 2) -> TrainResult:
     """Fit `model` in place; on return it holds the best epoch's weights and is in eval mode.
 
     Early stopping: after each epoch the validation loss is computed; the weights of the best epoch
@@ -169,7 +183,8 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
             bag = train_bags[i]
             group_start = step - step % grad_accumulation
             group_size = min(grad_accumulation, len(order) - group_start)
-            loss = _bag_loss(_forward(model, bag, device), bag.label, device) * float(loss_weights[bag.label])
+            loss = _bag_loss(_forward(model, bag, device), bag.label, device, instance_loss_weight,
+                             instance_topk) * float(loss_weights[bag.label])
             if not torch.isfinite(loss):
                 raise PipelineError(f"{desc}: non-finite training loss at epoch {epoch} (slide "
                                     f"{bag.slide_id!r}); lower train.lr or check the features")
