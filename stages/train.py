@@ -248,7 +248,7 @@ def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str
     return {
         "model": model_name, "model_args": model_args, "classes": list(classes), "encoder": encoder,
         "in_dim": in_dim, "lr": train.lr, "weight_decay": train.weight_decay, "epochs": train.epochs,
-        "patience": train.patience, "balance": train.balance, "grad_accumulation": train.grad_accumulation,
+        "patience": train.patience, "min_delta": train.min_delta, "balance": train.balance, "grad_accumulation": train.grad_accumulation,
         "seed": train.seed, "deterministic": train.deterministic, "standardize": train.standardize,
         "warmup_epochs": train.warmup_epochs, "instance_loss_weight": train.instance_loss_weight,
         "instance_topk": train.instance_topk, "fold": fold.fold,
@@ -323,7 +323,8 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
                     epochs=train.epochs, patience=train.patience, balance=train.balance,
                     grad_accumulation=train.grad_accumulation, seed=train.seed + fold.fold,
                     device=device, progress=progress, desc=desc, warmup_epochs=train.warmup_epochs,
-                    instance_loss_weight=train.instance_loss_weight, instance_topk=train.instance_topk)
+                    instance_loss_weight=train.instance_loss_weight, instance_topk=train.instance_topk,
+                    min_delta=train.min_delta)
             meta = {
                 "format_version": FOLD_FORMAT_VERSION,
                 "model": model_name, "in_dim": in_dim, "n_classes": len(classes), "classes": classes,

@@ -124,6 +124,9 @@ class TrainConfig:
     val_fraction: float = 0.2
     epochs: int = 20
     patience: int = 5
+    # An epoch counts as an improvement for patience only when the monitored loss drops by more
+    # than this (absolute); the best epoch's weights are kept either way.
+    min_delta: float = 0.0
     # Linear learning-rate warm-up over the first this many epochs (0: none).
     warmup_epochs: int = 0
     # Instance-level top-k cross-entropy added to the slide loss with this weight (0: off); needs
@@ -158,6 +161,8 @@ class TrainConfig:
             raise ConfigError("train.balance: must be class_weights, sampler or none")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise ConfigError("train.warmup_epochs: must be >= 0 and < train.epochs")
+        if self.min_delta < 0:
+            raise ConfigError("train.min_delta: must be >= 0")
         if self.instance_loss_weight < 0:
             raise ConfigError("train.instance_loss_weight: must be >= 0 (0: off)")
         for name in ("epochs", "patience", "grad_accumulation", "instance_topk"):

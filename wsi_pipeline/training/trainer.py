@@ -143,11 +143,13 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
                lr: float, weight_decay: float, epochs: int, patience: int, balance: str,
                grad_accumulation: int, seed: int, device: torch.device, progress: bool = False,
                desc: str = "train", warmup_epochs: int = 0, instance_loss_weight: float = 0.0,
-               instance_topk: int = 2) -> TrainResult:
+               instance_topk: int = 2, min_delta: float = 0.0) -> TrainResult:
     """Fit `model` in place; on return it holds the best epoch's weights and is in eval mode.
 
     Early stopping: after each epoch the validation loss is computed; the weights of the best epoch
-    are kept, and training stops after `patience` epochs without improvement. Without validation
+    are kept, and training stops after `patience` epochs without an improvement of more than
+    `min_delta` (absolute) over the loss that last reset the count. A validation loss creeping
+    towards 0 by 1e-4 per epoch then no longer runs training to the epoch cap. Without validation
     bags the training loss is monitored instead (a warning says so).
     """
     if not train_bags:
@@ -168,6 +170,7 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
     sample_p = weights[labels] / weights[labels].sum()
 
     best_loss, best_epoch, best_state = float("inf"), 0, None
+    reference_loss = float("inf")
     history, since_best, stopped_early = [], 0, False
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", leave=False, disable=not progress,
                dynamic_ncols=True)
@@ -201,8 +204,10 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
                         "lr": optimizer.param_groups[0]["lr"]})
         bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
         if monitored < best_loss:
-            best_loss, best_epoch, since_best = monitored, epoch, 0
+            best_loss, best_epoch = monitored, epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        if monitored < reference_loss - min_delta:
+            reference_loss, since_best = monitored, 0
         else:
             since_best += 1
             if since_best >= patience:
