@@ -57,6 +57,13 @@ def weights_identity(checkpoint: str | None, encoder: str | None = None) -> str:
     return sha256_file(path)
 
 
+def _encoder_version(name: str) -> int:
+    """The registered spec's output version (1 for timm architectures and unknown names)."""
+    from wsi_pipeline.encoders import get_spec, list_encoders
+
+    return get_spec(name).version if name in list_encoders() else 1
+
+
 class Extractor:
     """Holds the (lazily built) encoder and the settings for one batch."""
 
@@ -65,6 +72,7 @@ class Extractor:
         self.run = run
         self.progress = progress
         self.weights_id = weights_identity(cfg.extract.checkpoint, cfg.extract.encoder)
+        self.encoder_version = _encoder_version(cfg.extract.encoder)
         self._encoder = None
 
     @property
@@ -81,6 +89,8 @@ class Extractor:
             # New pixels mean new features even where the grid came out the same; the train stage
             # folds this hash into its checkpoints' hashes, so they are retrained too.
             payload.append(slide_fingerprint)
+        if self.encoder_version > 1:  # version 1 hashes as before, so existing features stay valid
+            payload.append(f"encoder_version={self.encoder_version}")
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
     def __call__(self, record: SlideRecord, force: bool = False) -> str:
@@ -118,6 +128,7 @@ class Extractor:
             "weights_source": str(e.checkpoint),
             "weights_sha256": encoder.weights_sha256,
             "random_weights": encoder.weights_sha256 == "random",
+            "encoder_version": self.encoder_version,
             "out_dim": encoder.out_dim,
             "input_size_px": int(cattrs["patch_size"]),
             "encoder_native_input_px": encoder.input_size_px,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -28,7 +27,7 @@ from wsi_pipeline.config import Config
 from wsi_pipeline.errors import ConfigError, PipelineError, SlideError
 from wsi_pipeline.exports import export_heatmaps, export_paths, list_colormaps
 from wsi_pipeline.features_h5 import read_features_h5
-from wsi_pipeline.io import TMP_MARK, sha256_file, write_json_atomic
+from wsi_pipeline.io import remove_stale_temps, sha256_file, write_json_atomic
 from wsi_pipeline.manifest import Manifest, SlideRecord
 from wsi_pipeline.names import check_name
 from wsi_pipeline.run_folder import RunFolder
@@ -133,15 +132,11 @@ class HeatmapRunner:
         return self._ensembles[model_dir]
 
     def remove_stale_temps(self, slide_id: str) -> None:
-        """Temp files/folders a killed run left for this slide. Per slide, not per folder:
-        Snakemake runs other slides' jobs in the same folder at the same time."""
-        patterns = (f"{slide_id}{TMP_MARK}*", f"{slide_id}.done{TMP_MARK}*", f"{slide_id}_topk{TMP_MARK}*")
-        for pattern in patterns:
-            for p in self.out_dir.glob(pattern):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+        """Temp files/folders a killed run left for this slide. Per slide and by exact output name,
+        not per folder: Snakemake runs other slides' jobs in the same folder at the same time, and
+        slide `X`'s names must not match slide `X.done`'s."""
+        outputs = [*export_paths(self.out_dir, slide_id).values(), self.done_path(slide_id)]
+        remove_stale_temps(self.out_dir, outputs)
 
     def done_path(self, slide_id: str) -> Path:
         return self.run.inside(self.out_dir / f"{self.run.name(slide_id, 'slide_id')}.done.json")

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from wsi_pipeline.run_lock import one_run_per_folder
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO_ROOT / "workflow" / "Snakefile"
 PROFILES = REPO_ROOT / "workflow" / "profiles"
@@ -92,13 +94,19 @@ def snakemake_command(args) -> list[str]:
 
 
 def cli(args) -> int:
-    from wsi_pipeline.config import load_config
-    from wsi_pipeline.run_folder import RunFolder
     from wsi_pipeline.validation import validate_run_inputs
 
-    # Before Snakemake starts (and before RUN is created): every manifest/config/name/registry
-    # problem at once, as InputsError -> exit 2. Snakemake's own parse failure would exit 1.
+    # Before the lock, before Snakemake starts and before RUN is created: every manifest/config/
+    # name/registry problem at once, as InputsError -> exit 2 (even when RUN is in use by a run).
     validate_run_inputs(args.manifest, args.config, model=args.model)
+    return _run_workflow(args)
+
+
+@one_run_per_folder  # RUN/.wsi-pipeline.lock for the whole run (wsi_pipeline/run_lock.py)
+def _run_workflow(args) -> int:
+    from wsi_pipeline.config import load_config
+    from wsi_pipeline.run_folder import RunFolder
+
     cmd = snakemake_command(args)
     run_dir = Path(args.out).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,6 @@ working grid), and each self-correction round predicts every training slide once
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -46,7 +45,7 @@ import numpy as np
 
 from wsi_pipeline.config import Config
 from wsi_pipeline.errors import ConfigError, PipelineError, SlideError
-from wsi_pipeline.io import TMP_MARK, remove_stale_temps, sha256_file, write_csv_atomic, write_json_atomic
+from wsi_pipeline.io import remove_stale_temps, sha256_file, write_csv_atomic, write_json_atomic
 from wsi_pipeline.manifest import Manifest, SlideRecord
 from wsi_pipeline.names import check_name
 from wsi_pipeline.run_folder import RunFolder
@@ -396,12 +395,9 @@ class SegmentResult:
 
 
 def _remove_stale_temps(paths: SegmentPaths, slide_id: str) -> None:
-    """Temp files a killed run left for this slide's outputs ({id}.tmp-*.tif, {id}.done.tmp-*.json)."""
-    sid = glob.escape(slide_id)
-    for pattern in (f"{sid}{TMP_MARK}*", f"{sid}.done{TMP_MARK}*"):
-        for p in paths.root.glob(pattern):
-            if p.is_file():
-                p.unlink(missing_ok=True)
+    """Temp files a dead run left for exactly this slide's outputs ({id}.tif, .geojson, .done.json):
+    other slides' jobs share the folder, and slide `X`'s names must not match slide `X.done`'s."""
+    remove_stale_temps(paths.root, [paths.tif(slide_id), paths.geojson(slide_id), paths.done(slide_id)])
 
 
 def segment_slide(work: SlideWork, model, cfg: Config, paths: SegmentPaths, device) -> dict:
@@ -455,7 +451,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     run = RunFolder(run_dir)
     paths = SegmentPaths(run)
     paths.root.mkdir(parents=True, exist_ok=True)
-    # One process runs this cohort-level stage, so its own folders' leftovers can go.
+    # Leftovers of dead writers only: a second segment run on RUN may be writing here right now.
     remove_stale_temps(paths.cams_dir)
     remove_stale_temps(paths.model_dir)
     provider = CamProvider(cfg, run, paths, model_name, model_dir)

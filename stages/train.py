@@ -4,8 +4,9 @@ Reads RUN/features/{encoder}/{slide_id}.h5 and the manifest's labels; writes, pe
 RUN/mil/{model}/{cohort}/:
   splits.json                 the folds (reused on rerun while the cohort's rows and split settings
                               are unchanged, else recomputed with a warning: training/splits.py)
-  fold_{k}/model.safetensors  best-epoch weights (safetensors, no pickle)
-  fold_{k}/config.json        model, in_dim, n_classes, classes, model_args, encoder, fold, the
+  fold_{k}/model.safetensors  best-epoch weights (safetensors, no pickle), with train.standardize the
+                              training fold's per-dimension input_mean / input_std tensors
+  fold_{k}/config.json        model, in_dim, n_classes, classes, model_args, standardize, encoder, fold, the
                               train/val/test slide ids, best epoch, loss history, config hash, versions,
                               training_run_id (the training run the fold belongs to)
   predictions.csv             out-of-fold test predictions: slide_id, patient_id, cohort, fold, label,
@@ -257,8 +258,10 @@ def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str
     return {
         "model": model_name, "model_args": model_args, "classes": list(classes), "encoder": encoder,
         "in_dim": in_dim, "lr": train.lr, "weight_decay": train.weight_decay, "epochs": train.epochs,
-        "patience": train.patience, "balance": train.balance, "grad_accumulation": train.grad_accumulation,
-        "seed": train.seed, "deterministic": train.deterministic, "fold": fold.fold,
+        "patience": train.patience, "min_delta": train.min_delta, "balance": train.balance, "grad_accumulation": train.grad_accumulation,
+        "seed": train.seed, "deterministic": train.deterministic, "standardize": train.standardize,
+        "warmup_epochs": train.warmup_epochs, "instance_loss_weight": train.instance_loss_weight,
+        "instance_topk": train.instance_topk, "fold": fold.fold,
         "train": list(fold.train), "val": list(fold.val), "test": list(fold.test),
     }
 
@@ -286,6 +289,7 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
     from wsi_pipeline.training.metrics import classification_metrics
     from wsi_pipeline.training.runs import RUN_ID_KEY
     from wsi_pipeline.training.splits import load_or_make_splits
+    from wsi_pipeline.training.standardize import InputStandardizer
     from wsi_pipeline.training.trainer import (deterministic_algorithms, predict_probs, resolve_device,
                                                seed_everything, train_fold)
 
@@ -336,12 +340,16 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
             seed_everything(train.seed + fold.fold)
             with deterministic_algorithms(train.deterministic):
                 model = create_aggregator(model_name, in_dim, len(classes), **train.model_args)
+                if train.standardize:  # statistics of the training fold's instances only
+                    model = InputStandardizer.fit(model, [bags[s] for s in fold.train])
                 result = train_fold(
                     model, [bags[s] for s in fold.train], [bags[s] for s in fold.val],
                     n_classes=len(classes), lr=train.lr, weight_decay=train.weight_decay,
                     epochs=train.epochs, patience=train.patience, balance=train.balance,
                     grad_accumulation=train.grad_accumulation, seed=train.seed + fold.fold,
-                    device=device, progress=progress, desc=desc)
+                    device=device, progress=progress, desc=desc, warmup_epochs=train.warmup_epochs,
+                    instance_loss_weight=train.instance_loss_weight, instance_topk=train.instance_topk,
+                    min_delta=train.min_delta)
             meta = {
                 "format_version": FOLD_FORMAT_VERSION,
                 "model": model_name, "in_dim": in_dim, "n_classes": len(classes), "classes": classes,

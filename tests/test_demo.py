@@ -56,3 +56,28 @@ def test_lesions_look_different_and_stains_vary(demo_cohort):
     means = np.array(means)
     # Stain variation between slides: mean tissue colours differ by several grey levels.
     assert np.ptp(means, axis=0).max() > 4
+
+
+def test_hard_demo_small_lesions_confounders_and_holes(tmp_path):
+    """--hard: lesions of a few 112 µm patches, benign dense-nuclei clusters on normal slides too,
+    several glass holes; the truth files have the same layout as the normal demo's."""
+    from wsi_pipeline.cli import main
+
+    assert main(["demo-cohort", str(tmp_path), "--n", "2", "--hard", "--width", "2048", "--height", "1536"]) == 0
+    m = load_manifest(tmp_path / "manifest.csv", require_labels=True, check_files=True)
+    patch_area_um2 = 112.0 ** 2
+    for r in m:
+        truth = json.loads(r.path.with_suffix(".truth.json").read_text())
+        assert truth["hard"] is True
+        lesion = np.asarray(Image.open(r.path.parent / truth["lesion_mask"])) > 0
+        assert lesion.any() == truth["positive"]
+        if truth["positive"]:
+            assert 0.3 * patch_area_um2 <= truth["lesion_area_um2"] <= 2 * 4 * patch_area_um2
+        # Confounders: every slide has benign patches with many times the normal nuclear density
+        # (normal tissue: ~36 nuclei per 112 µm patch; clusters: ~1 per 45 µm²).
+        with open(r.path.with_suffix(".nuclei.csv")) as fh:
+            benign = np.array([[int(row["x"]), int(row["y"])] for row in csv.DictReader(fh)
+                               if row["in_lesion"] == "0"])
+        counts, _, _ = np.histogram2d(benign[:, 0], benign[:, 1], bins=(2048 // 224, 1536 // 224),
+                                      range=((0, 2048 // 224 * 224), (0, 1536 // 224 * 224)))
+        assert counts.max() > 120, counts.max()

@@ -40,8 +40,9 @@ def test_white_and_dark_patches_differ_in_stain_features():
     purple = torch.tensor([120, 60, 160], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 32, 32)
     with torch.inference_mode():
         fw, fp = enc(white)[0], enc(purple.contiguous())[0]
-    # Haematoxylin mean (index 15) is near zero on glass and clearly positive on purple stain.
-    assert fw[15] < 0.05 < fp[15]
+    # Haematoxylin mean (index 15) is near zero on glass and clearly positive on purple stain
+    # (version 2 scale: (concentration - 0.1) / 0.1, so 0.05 OD is -0.5).
+    assert fw[15] < -0.5 < fp[15]
 
 
 def _patches_and_lesion(path, size=112):
@@ -96,6 +97,7 @@ def test_extract_stage_records_a_parameter_free_encoder(demo_cohort, tmp_path):
     with h5py.File(tmp_path / "features" / "stain_texture" / f"{record.slide_id}.h5", "r") as f:
         assert f["features"].shape[1] == 60 and np.isfinite(f["features"][:]).all()
         assert f.attrs["weights_sha256"] == "none" and not f.attrs["random_weights"]
+        assert f.attrs["encoder_version"] == 2
     bad = config_from_dict({"extract": {"encoder": "stain_texture", "checkpoint": "random"}})
     report = None
     with pytest.raises(Exception, match="has no weights; set it to none"):

@@ -12,6 +12,8 @@ from wsi_pipeline.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.slides.tiff_writer import build_pyramid, write_aperio_tiff
 
+from .reliability.writers import leave_dead_temp
+
 
 @pytest.fixture
 def cohort_with_bad_slides(demo_cohort, tmp_path):
@@ -79,7 +81,7 @@ def test_tile_batch_survives_bad_slides_and_reruns_cleanly(cohort_with_bad_slide
     # A killed run's leftovers: a stray temp file and a truncated coords.h5 are not trusted.
     victim = run / "tiles" / f"{good[0].slide_id}.coords.h5"
     victim.write_bytes(victim.read_bytes()[:100])
-    (run / "tiles" / f"{good[1].slide_id}.coords.tmp-deadbeef.h5").write_bytes(b"partial")
+    leave_dead_temp(run / "tiles" / f"{good[1].slide_id}.coords.h5")  # its writer was killed
     assert main(args + ["--slides", ",".join(r.slide_id for r in good)]) == 0
     assert read_coords_h5(victim)[0].shape[1] == 2
     assert not list(run.rglob("*.tmp-*"))

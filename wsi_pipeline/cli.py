@@ -1,7 +1,7 @@
 """`wsi-pipeline` command line. Wiring only: parse, load config/manifest, call a stage.
 
-Exit codes: 0 all slides fine; 1 some slides failed (see RUN/failures.csv); 2 bad usage, config or
-manifest (nothing was run).
+Exit codes: 0 all slides fine; 1 some slides failed (see RUN/failures.csv), or `run` found RUN in use
+by another run (wsi_pipeline/run_lock.py); 2 bad usage, config or manifest (nothing was run).
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-cohort", help="write a synthetic H&E cohort with ground truth + manifest")
     p.add_argument("out", help="output folder")
     p.add_argument("--n", type=int, default=8, help="number of slides (default 8)")
-    p.add_argument("--width", type=int, default=6144, help="level-0 width px (default 6144)")
-    p.add_argument("--height", type=int, default=4096, help="level-0 height px (default 4096)")
+    p.add_argument("--width", type=int, default=None, help="level-0 width px (default 6144; --hard 4096)")
+    p.add_argument("--height", type=int, default=None, help="level-0 height px (default 4096; --hard 3072)")
     p.add_argument("--mpp", type=float, default=0.5, help="µm per level-0 pixel (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cohorts", default="demo", help="comma-separated cohort names (default demo)")
+    p.add_argument("--hard", action="store_true",
+                   help="hard cohort: lesions of 1-4 patches, benign dense-nuclei confounders on every "
+                        "slide, stronger stain shift, tissue holes (smaller slides by default)")
 
     p = sub.add_parser("demo-volumes", help="synthetic CT cohort (NIfTI + truth masks + manifest), then "
                                             "instances, MambaMIL 5-fold CV and NIfTI heatmaps end to end")
@@ -110,8 +113,9 @@ def _dispatch(args) -> int:
 
         cohorts = tuple(check_name(c.strip(), "--cohorts") for c in args.cohorts.split(",") if c.strip())
         manifest = make_demo_cohort(args.out, args.n, width_px=args.width, height_px=args.height,
-                                    mpp=args.mpp, seed=args.seed, cohorts=cohorts, progress=True)
-        print(f"demo cohort: {args.n} slides; manifest {manifest}")
+                                    mpp=args.mpp, seed=args.seed, cohorts=cohorts, progress=True,
+                                    hard=args.hard)
+        print(f"demo cohort: {args.n} {'hard ' if args.hard else ''}slides; manifest {manifest}")
         return 0
 
     if args.command == "demo-volumes":

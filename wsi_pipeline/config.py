@@ -137,6 +137,15 @@ class TrainConfig:
     val_fraction: float = 0.2
     epochs: int = 20
     patience: int = 5
+    # An epoch counts as an improvement for patience only when the monitored loss drops by more
+    # than this (absolute); the best epoch's weights are kept either way.
+    min_delta: float = 0.0
+    # Linear learning-rate warm-up over the first this many epochs (0: none).
+    warmup_epochs: int = 0
+    # Instance-level top-k cross-entropy added to the slide loss with this weight (0: off); needs
+    # instance logits (fmamil, mean, max). instance_topk: instances averaged per class.
+    instance_loss_weight: float = 0.0
+    instance_topk: int = 2
     lr: float = 2.0e-4
     weight_decay: float = 1.0e-2
     # Bags per optimizer step (bags differ in length, so each bag is its own forward pass).
@@ -150,16 +159,27 @@ class TrainConfig:
     device: str = "auto"
     # Bootstrap resamples (over patients) for the 95% CIs in metrics.json; 0: no CIs.
     bootstrap: int = 1000
+    # Standardise each feature dimension with the mean/std of the training fold's instances (stored
+    # in the fold checkpoint, applied by every consumer). training/standardize.py.
+    standardize: bool = True
 
     def __post_init__(self):
         check_name(self.model, "train.model")
+        if not isinstance(self.standardize, bool):
+            raise ConfigError(f"train.standardize: must be true or false, got {self.standardize!r}")
         if self.folds < 2:
             raise ConfigError("train.folds: must be >= 2")
         if not 0 < self.val_fraction < 1:
             raise ConfigError("train.val_fraction: must be in (0, 1)")
         if self.balance not in ("class_weights", "sampler", "none"):
             raise ConfigError("train.balance: must be class_weights, sampler or none")
-        for name in ("epochs", "patience", "grad_accumulation"):
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise ConfigError("train.warmup_epochs: must be >= 0 and < train.epochs")
+        if self.min_delta < 0:
+            raise ConfigError("train.min_delta: must be >= 0")
+        if self.instance_loss_weight < 0:
+            raise ConfigError("train.instance_loss_weight: must be >= 0 (0: off)")
+        for name in ("epochs", "patience", "grad_accumulation", "instance_topk"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1")
         _positive("train.lr", self.lr)

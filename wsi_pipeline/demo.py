@@ -5,6 +5,12 @@ OD = c_H · h + c_E · e (h, e: haematoxylin and eosin stain vectors), intensity
 Each slide perturbs the stain vectors and intensities (scanner/lab variation). Positive slides carry
 lesions: denser, larger, darker nuclei with mitoses, which a patch encoder can see.
 
+Hard mode (`hard=True`, `wsi-pipeline demo-cohort --hard`): lesions of about 1-4 patches (at
+0.5 µm/px, 224 px patches), benign confounders on every slide (clusters of dense, small, dark
+inflammatory-like nuclei, which raise haematoxylin as a lesion does), a stronger per-slide stain
+shift, and several glass holes in the tissue. Lesions differ from the confounders in nuclear size and
+pleomorphism, chromatin-poor eosin and mitoses, not in "more haematoxylin".
+
 Ground truth per slide: lesion mask PNG (+ its downsample in the JSON sidecar), nucleus and mitosis
 points (level-0 pixels) as CSV — for the heatmap, segmentation and detection stages to score against.
 """
@@ -40,6 +46,8 @@ class DemoSlideSpec:
     # Where the resolution is recorded: "aperio" (MPP in the description), "tiff-tags", or "none".
     mpp_metadata: str = "aperio"
     compression: str = "jpeg"
+    # Hard mode: small lesions, confounders, stronger stain shift, more holes (module docstring).
+    hard: bool = False
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -60,13 +68,28 @@ def _coarse_masks(rng, spec: DemoSlideSpec):
     cy, cx = gh * rng.uniform(0.42, 0.58), gw * rng.uniform(0.42, 0.58)
     envelope = 1.0 - (((yy - cy) / (0.40 * gh)) ** 2 + ((xx - cx) / (0.40 * gw)) ** 2)
     tissue = envelope + 0.35 * _smooth_noise(rng, (gh, gw), sigma_px=min(gh, gw) / 12) > 0.15
-    # A glass hole (fat vacuole / tear) inside the specimen.
-    hy, hx = cy + rng.uniform(-0.1, 0.1) * gh, cx + rng.uniform(-0.15, 0.15) * gw
-    hole_r = 0.06 * min(gh, gw)
-    tissue &= ((yy - hy) ** 2 + (xx - hx) ** 2) > hole_r ** 2
+    # Glass holes (fat vacuoles / tears) inside the specimen: one, or 3-5 in hard mode.
+    for _ in range(int(rng.integers(3, 6)) if spec.hard else 1):
+        hy, hx = cy + rng.uniform(-0.1, 0.1) * gh, cx + rng.uniform(-0.15, 0.15) * gw
+        if spec.hard:
+            hy, hx = cy + rng.uniform(-0.25, 0.25) * gh, cx + rng.uniform(-0.25, 0.25) * gw
+        hole_r = (rng.uniform(0.03, 0.06) if spec.hard else 0.06) * min(gh, gw)
+        tissue &= ((yy - hy) ** 2 + (xx - hx) ** 2) > hole_r ** 2
     tissue = ndimage.binary_opening(tissue, iterations=2)
     lesion = np.zeros_like(tissue)
-    if spec.positive:
+    if spec.positive and spec.hard:
+        # 1-2 small lesions of ~1-4 patches each: radius 50-110 µm (a 224 px patch at 0.5 µm/px
+        # is 112 µm square, i.e. an equal-area disc of radius 63 µm).
+        inner = ndimage.binary_erosion(tissue, iterations=8)
+        candidates = np.argwhere(inner) if inner.any() else np.argwhere(tissue)
+        cell_um = GT_DOWNSAMPLE * spec.mpp
+        for _ in range(int(rng.integers(1, 3))):
+            ly, lx = candidates[rng.integers(len(candidates))]
+            r = rng.uniform(50.0, 110.0) / cell_um
+            blob = ((yy - ly) / r) ** 2 + ((xx - lx) / (r * rng.uniform(0.8, 1.25))) ** 2
+            lesion |= blob + 0.2 * _smooth_noise(rng, (gh, gw), sigma_px=3.0) < 1.0
+        lesion &= tissue
+    elif spec.positive:
         inner = ndimage.binary_erosion(tissue, iterations=max(2, min(gh, gw) // 20))
         candidates = np.argwhere(inner)
         if len(candidates) == 0:
@@ -79,6 +102,23 @@ def _coarse_masks(rng, spec: DemoSlideSpec):
             lesion |= blob
         lesion &= tissue
     return tissue, lesion
+
+
+def _confounders(rng, tissue: np.ndarray, lesion: np.ndarray, spec: DemoSlideSpec) -> np.ndarray:
+    """Hard mode: 3-6 benign clusters of dense small nuclei (inflammation-like) on the coarse grid,
+    each about the size of a small lesion, outside the lesions."""
+    gh, gw = tissue.shape
+    yy, xx = np.mgrid[0:gh, 0:gw].astype(np.float32)
+    out = np.zeros_like(tissue)
+    candidates = np.argwhere(tissue & ~lesion)
+    if len(candidates) == 0:
+        return out
+    cell_um = GT_DOWNSAMPLE * spec.mpp
+    for _ in range(int(rng.integers(3, 7))):
+        cy, cx = candidates[rng.integers(len(candidates))]
+        r = rng.uniform(50.0, 120.0) / cell_um
+        out |= ((yy - cy) / r) ** 2 + ((xx - cx) / (r * rng.uniform(0.7, 1.4))) ** 2 < 1.0
+    return out & tissue & ~ndimage.binary_dilation(lesion, iterations=2)
 
 
 def _disc_offsets(radius_px: float) -> np.ndarray:
@@ -143,10 +183,14 @@ def render_slide(spec: DemoSlideSpec):
 
     normal_c = tissue_c & ~lesion_c
     nuclei_n = _sample_points(rng, normal_c, 1 / 350.0, spec)   # ~1 nucleus per 350 µm²
+    # Hard mode: benign dense clusters of small, round, very dark nuclei (lymphocyte-like).
+    inflamed_c = _confounders(rng, tissue_c, lesion_c, spec) if spec.hard else np.zeros_like(tissue_c)
+    nuclei_i = _sample_points(rng, inflamed_c, 1 / 45.0, spec)
     nuclei_l = _sample_points(rng, lesion_c, 1 / 110.0, spec)   # crowded lesion
     mitoses = _sample_points(rng, lesion_c, 1 / 20_000.0, spec)
     nucleus_field = np.zeros((H, W), dtype=np.float32)
     _stamp(nucleus_field, nuclei_n, 2.5 / um, 0.55)
+    _stamp(nucleus_field, nuclei_i, 2.0 / um, 1.0)
     large = rng.random(len(nuclei_l)) < 0.4  # pleomorphic: two sizes
     _stamp(nucleus_field, nuclei_l[~large], 3.5 / um, 0.85)
     _stamp(nucleus_field, nuclei_l[large], 4.5 / um, 0.85)
@@ -157,15 +201,19 @@ def render_slide(spec: DemoSlideSpec):
     conc_e = np.where(nucleus_field > 0, conc_e * 0.5, conc_e)
 
     # Per-slide stain variation: perturbed vectors and strengths, background brightness.
-    h_vec = _unit(_H_VEC + rng.normal(0, 0.05, 3).astype(np.float32))
-    e_vec = _unit(_E_VEC + rng.normal(0, 0.05, 3).astype(np.float32))
-    h_gain, e_gain = rng.uniform(0.8, 1.2), rng.uniform(0.8, 1.2)
-    background = rng.uniform(232, 246)
+    # Hard mode doubles the vector noise and widens gains and background.
+    vec_sd, gain, bg = (0.10, (0.65, 1.35), (222, 248)) if spec.hard else (0.05, (0.8, 1.2), (232, 246))
+    h_vec = _unit(_H_VEC + rng.normal(0, vec_sd, 3).astype(np.float32))
+    e_vec = _E_VEC + rng.normal(0, vec_sd, 3).astype(np.float32)
+    e_vec = _unit(np.abs(e_vec) if spec.hard else e_vec)  # hard: keep eosin absorbing in every channel
+    h_gain, e_gain = rng.uniform(*gain), rng.uniform(*gain)
+    background = rng.uniform(*bg)
     od = (conc_h[..., None] * h_gain * h_vec + conc_e[..., None] * e_gain * e_vec)
     rgb = background * np.power(10.0, -od, dtype=np.float32)
     rgb += rng.normal(0, 2.0, size=(H, W, 1)).astype(np.float32)
     rgb = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
+    nuclei_n = np.concatenate([nuclei_n, nuclei_i])
     nuclei = np.concatenate([
         np.column_stack([nuclei_n[:, 1], nuclei_n[:, 0], np.zeros(len(nuclei_n), dtype=np.int64)]),
         np.column_stack([nuclei_l[:, 1], nuclei_l[:, 0], np.ones(len(nuclei_l), dtype=np.int64)]),
@@ -201,22 +249,31 @@ def write_demo_slide(path: str | Path, spec: DemoSlideSpec) -> dict:
         "lesion_area_um2": float(lesion_c.sum() * (GT_DOWNSAMPLE * spec.mpp) ** 2),
         "n_nuclei": int(len(nuclei)),
         "n_mitoses": int(len(mitoses)),
+        "hard": spec.hard,
     }
     write_json_atomic(f"{stem}.truth.json", truth)
     return truth
 
 
-def make_demo_cohort(out_dir: str | Path, n_slides: int = 8, *, width_px: int = 6144,
-                     height_px: int = 4096, mpp: float = 0.5, seed: int = 0,
+HARD_SIZE_PX = (4096, 3072)  # hard-mode default: ~120 tissue patches per slide at 0.5 µm/px, 224 px
+
+
+def make_demo_cohort(out_dir: str | Path, n_slides: int = 8, *, width_px: int | None = None,
+                     height_px: int | None = None, mpp: float = 0.5, seed: int = 0,
                      cohorts: tuple[str, ...] = ("demo",), compression: str = "jpeg",
-                     progress: bool = False) -> Path:
+                     progress: bool = False, hard: bool = False) -> Path:
     """Write `n_slides` slides (half positive, alternating) + `manifest.csv` into `out_dir`.
+
+    Size defaults: 6144×4096 px, or 4096×3072 px with `hard` (see the module docstring).
 
     Patients own one or two slides (every third patient has two, same label), so patient-level
     splitting matters; patients are spread round-robin over `cohorts`. Returns the manifest path.
     """
     if n_slides < 1:
         raise ValueError("n_slides must be >= 1")
+    default_w, default_h = HARD_SIZE_PX if hard else (6144, 4096)
+    width_px = width_px or default_w
+    height_px = height_px or default_h
     out_dir = Path(out_dir)
     (out_dir / "slides").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -234,7 +291,8 @@ def make_demo_cohort(out_dir: str | Path, n_slides: int = 8, *, width_px: int = 
         for _ in range(min(n_for_patient, n_slides - slide_index)):
             slide_id = f"DEMO-{slide_index:03d}"
             spec = DemoSlideSpec(width_px=width_px, height_px=height_px, mpp=mpp, positive=positive,
-                                 seed=int(rng.integers(2**31)), compression=compression)
+                                 seed=int(rng.integers(2**31)), compression=compression,
+                                 hard=hard)
             write_demo_slide(out_dir / "slides" / f"{slide_id}.svs", spec)
             rows.append([slide_id, f"slides/{slide_id}.svs", patient_id,
                          "tumor" if positive else "normal", cohort])

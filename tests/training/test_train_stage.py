@@ -18,6 +18,7 @@ from wsi_pipeline.training.bags import load_bag
 from wsi_pipeline.training.checkpoints import load_ensemble, load_fold_model
 from wsi_pipeline.training.inference import ensemble_predict
 
+from ..reliability.writers import leave_dead_temp
 from .conftest import ENCODER, make_cohort, small_config
 
 
@@ -102,12 +103,12 @@ def test_rerun_resumes_and_retrains_only_what_changed(trained_copy, caplog):
     for p in (model_dir / "fold_2").iterdir():
         p.unlink()
     (model_dir / "fold_2").rmdir()
-    (model_dir / "fold_0" / "model.safetensors.tmp-dead").write_bytes(b"partial")
+    dead_temp = leave_dead_temp(model_dir / "fold_0" / "model.safetensors")  # its writer was killed
     mtime0 = (model_dir / "fold_0" / "model.safetensors").stat().st_mtime_ns
     resumed = run_train(manifest, cfg, run_dir, progress=False)["c1"]
     assert resumed["folds_trained"] == [1, 2] and resumed["folds_skipped"] == [0]
     assert (model_dir / "fold_0" / "model.safetensors").stat().st_mtime_ns == mtime0
-    assert not (model_dir / "fold_0" / "model.safetensors.tmp-dead").exists()
+    assert not dead_temp.exists()
     assert len(read_csv(model_dir / "predictions.csv")) == len(manifest)
 
     # Fewer folds: new splits (warned), every fold retrained, the stale fold_2 removed.

@@ -41,6 +41,9 @@ class EncoderSpec:
     license: str = ""                     # of the code that builds the architecture
     weights_license: str = ""             # of the weights the entry is meant for (they come from the user)
     reference: str = ""                   # paper / repository it follows
+    # Bumped when a built-in encoder's outputs change for the same weights; > 1 enters the extract
+    # config hash (features of another version are re-extracted) and is recorded in features.h5.
+    version: int = 1
 
     def __call__(self, **overrides) -> nn.Module:
         """The registry's builder: the architecture with random init (``overrides`` go to ``build``)."""
@@ -50,7 +53,8 @@ class EncoderSpec:
         return {"out_dim": self.out_dim, "input_size_px": self.input_size_px, "patch_size_px": self.patch_size_px,
                 "native_mpp": self.native_mpp, "mean": tuple(self.mean), "std": tuple(self.std),
                 "parameter_free": self.parameter_free, "license": self.license,
-                "weights_license": self.weights_license, "reference": self.reference, "notes": self.notes}
+                "weights_license": self.weights_license, "reference": self.reference, "notes": self.notes,
+                "version": self.version}
 
 
 ENCODERS = Registry("encoder", fields={

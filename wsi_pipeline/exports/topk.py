@@ -12,13 +12,12 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..io import TMP_MARK
+from ..io import temp_path
 
 INDEX_HEADER = ["kind", "rank", "file", "x", "y", "size_level0", "score", "score_normalized"]
 
@@ -59,7 +58,8 @@ def write_topk(out_dir: str | os.PathLike, slide, coords: np.ndarray, patch_size
     normalized = np.asarray(normalized, dtype=np.float64).reshape(-1)
     top, bottom = select_topk(scores, k)
     width = max(2, len(str(len(top))))
-    tmp = out_dir.with_name(f"{out_dir.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+    # Temp folders carry their writer like temp files, so a start-up clean-up spares a live job's.
+    tmp = temp_path(out_dir)
     tmp.mkdir(parents=True)
     rows = []
     try:
@@ -78,7 +78,7 @@ def write_topk(out_dir: str | os.PathLike, slide, coords: np.ndarray, patch_size
         # A directory cannot be os.replace'd onto a non-empty one: move the old aside first.
         old = None
         if out_dir.exists():
-            old = out_dir.with_name(f"{out_dir.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")
+            old = temp_path(out_dir)
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         if old is not None:

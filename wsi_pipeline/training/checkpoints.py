@@ -4,16 +4,26 @@ Weights are safetensors only — never a pickle, so loading a checkpoint runs no
 holds what `create_aggregator` needs (model, in_dim, n_classes, model_args) plus the classes, the
 fold's slides and provenance. It is written after the weights, so a fold folder with a config.json
 is complete (both files are written atomically).
+
+Input standardisation (training/standardize.py): a model trained behind an `InputStandardizer` is
+saved as the bare aggregator's weights (names unchanged) plus two tensors `input_mean` and
+`input_std` (D,) in the same model.safetensors, and config.json records `standardize: true`.
+`load_fold_model` wraps the rebuilt aggregator in an `InputStandardizer` whenever the tensors are
+there, so whoever loads a fold gets a model that standardises its input. A checkpoint from before
+standardisation existed (no tensors, no `standardize` key) loads as it was, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 from ..errors import PipelineError
 from ..io import atomic_path, write_json_atomic
+
+log = logging.getLogger("wsi_pipeline")
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "config.json"
@@ -29,10 +39,16 @@ def fold_is_complete(fold_dir: str | Path) -> bool:
 def save_fold_model(model, fold_dir: str | Path, meta: dict) -> None:
     """Write the model's weights (safetensors) then `meta` (config.json) into `fold_dir`.
 
-    `meta` must hold model, in_dim, n_classes, classes and model_args (JSON-serialisable).
+    `meta` must hold model, in_dim, n_classes, classes and model_args (JSON-serialisable). An
+    `InputStandardizer` is saved as its aggregator plus `input_mean` / `input_std`, and
+    meta["standardize"] is set to whether it was one.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import load_file, save_file, save_model
 
+    from .standardize import unwrap
+
+    model, stats = unwrap(model)
+    meta = {**meta, "standardize": stats is not None}
     missing = [k for k in _REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"fold meta lacks {missing}")
@@ -41,7 +57,14 @@ def save_fold_model(model, fold_dir: str | Path, meta: dict) -> None:
     (fold_dir / META_FILE).unlink(missing_ok=True)  # the folder is incomplete until meta is back
     with atomic_path(fold_dir / WEIGHTS_FILE) as tmp:
         # save_model (not save_file) de-duplicates tied weights, which save_file refuses.
-        save_model(model, str(tmp), metadata={"format": "pt", "model": str(meta["model"])})
+        metadata = {"format": "pt", "model": str(meta["model"])}
+        save_model(model, str(tmp), metadata=metadata)
+        if stats is not None:
+            tensors = load_file(str(tmp))  # save_model's de-duplicated tied weights, then the stats
+            clash = sorted(set(tensors) & set(stats))
+            if clash:
+                raise ValueError(f"aggregator {meta['model']!r} has parameters named {clash}")
+            save_file({**tensors, **stats}, str(tmp), metadata=metadata)
     write_json_atomic(fold_dir / META_FILE, meta)
 
 
@@ -61,10 +84,14 @@ def read_fold_meta(fold_dir: str | Path) -> dict:
 
 
 def load_fold_model(fold_dir: str | Path, device="cpu"):
-    """Rebuild a fold's aggregator from config.json + model.safetensors → (model in eval mode, meta)."""
-    from safetensors.torch import load_model
+    """Rebuild a fold's aggregator from config.json + model.safetensors → (model in eval mode, meta).
+
+    With input statistics in the weights file the model is an `InputStandardizer` around the
+    aggregator (module docstring)."""
+    from safetensors.torch import load_file
 
     from ..models.mil import create_aggregator, list_aggregators
+    from .standardize import STATS_KEYS, InputStandardizer
 
     fold_dir = Path(fold_dir)
     meta = read_fold_meta(fold_dir)
@@ -80,10 +107,40 @@ def load_fold_model(fold_dir: str | Path, device="cpu"):
     except TypeError as exc:
         raise PipelineError(f"{fold_dir}: cannot rebuild {meta['model']!r} from its model_args: {exc}") from None
     try:
-        load_model(model, weights, strict=True, device=str(device))
+        tensors = load_file(str(weights), device=str(device))
+        stats = {k: tensors.pop(k) for k in STATS_KEYS if k in tensors}
+        _load_state_strict(model, tensors)
+        if stats:
+            if len(stats) != len(STATS_KEYS):
+                raise ValueError(f"has {sorted(stats)} but not both of {list(STATS_KEYS)}")
+            model = InputStandardizer(model, stats["input_mean"].cpu(), stats["input_std"].cpu())
+            if model.input_mean.shape[0] != int(meta["in_dim"]):
+                raise ValueError(f"input statistics of dimension {model.input_mean.shape[0]}, "
+                                 f"in_dim {meta['in_dim']}")
     except (RuntimeError, OSError, ValueError) as exc:
         raise PipelineError(f"{weights}: weights do not fit aggregator {meta['model']!r}: {exc}") from None
+    if not stats:
+        if meta.get("standardize"):
+            raise PipelineError(f"{fold_dir}: config.json says the model was trained on standardised "
+                                f"inputs but {WEIGHTS_FILE} holds no input_mean/input_std (rerun training)")
+        if "standardize" not in meta:
+            log.warning("%s: checkpoint without input standardisation statistics (trained by an older "
+                        "version); features go in unstandardised, as it was trained. Retrain for "
+                        "train.standardize.", fold_dir)
     return model.to(device).eval(), meta
+
+
+def _load_state_strict(model, tensors: dict) -> None:
+    """`load_state_dict` that, like safetensors' load_model, accepts tied weights stored once."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"unexpected tensors {sorted(unexpected)}")
+    if missing:
+        state = model.state_dict()
+        loaded = {state[k].data_ptr() for k in tensors if k in state}
+        missing = [k for k in missing if state[k].data_ptr() not in loaded]
+        if missing:
+            raise ValueError(f"missing tensors {sorted(missing)}")
 
 
 def fold_dirs(model_dir: str | Path) -> list[Path]:

@@ -9,6 +9,14 @@ Class balance:
 - sampler: each epoch draws len(train) bags with replacement, with probability ∝ 1 / n_c.
 - none: plain cross-entropy, each bag once per epoch in a shuffled order.
 The model's `aux_loss`, when it returns one, is added to each bag's loss.
+Instance-level top-k loss (`instance_loss_weight` > 0; aggregators with instance logits: fmamil,
+mean, max): per class, the mean of the `instance_topk` highest instance logits forms a second
+slide prediction, and its cross-entropy with the bag label (times the weight) is added. With
+lesions of one or two patches it asks the instance CAM itself to single them out, rather than
+only the attention-pooled slide logits.
+Learning-rate warm-up: with `warmup_epochs` > 0 the rate rises linearly from lr/steps to lr over
+the optimizer steps of the first `warmup_epochs` epochs (a rare-positive cohort's first few bags
+otherwise push the attention towards whatever they happen to contain), then stays at lr.
 """
 
 from __future__ import annotations
@@ -92,11 +100,19 @@ def _forward(model, bag: Bag, device: torch.device):
     return model(features, coords)
 
 
-def _bag_loss(out, label: int, device: torch.device) -> torch.Tensor:
+def _bag_loss(out, label: int, device: torch.device, instance_loss_weight: float = 0.0,
+              instance_topk: int = 2) -> torch.Tensor:
     target = torch.tensor([label], device=device)
     loss = F.cross_entropy(out.logits.float(), target)
     if out.aux_loss is not None:
         loss = loss + out.aux_loss
+    if instance_loss_weight > 0:
+        if out.instance_logits is None:
+            raise PipelineError("train.instance_loss_weight > 0 needs an aggregator with instance logits "
+                                "(fmamil, mean, max)")
+        il = out.instance_logits.float()                                    # (1, L, C)
+        pooled = il.topk(min(instance_topk, il.shape[1]), dim=1).values.mean(dim=1)
+        loss = loss + instance_loss_weight * F.cross_entropy(pooled, target)
     return loss
 
 
@@ -126,11 +142,14 @@ def predict_probs(model, bags: Sequence[Bag], device: torch.device) -> np.ndarra
 def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_classes: int,
                lr: float, weight_decay: float, epochs: int, patience: int, balance: str,
                grad_accumulation: int, seed: int, device: torch.device, progress: bool = False,
-               desc: str = "train") -> TrainResult:
+               desc: str = "train", warmup_epochs: int = 0, instance_loss_weight: float = 0.0,
+               instance_topk: int = 2, min_delta: float = 0.0) -> TrainResult:
     """Fit `model` in place; on return it holds the best epoch's weights and is in eval mode.
 
     Early stopping: after each epoch the validation loss is computed; the weights of the best epoch
-    are kept, and training stops after `patience` epochs without improvement. Without validation
+    are kept, and training stops after `patience` epochs without an improvement of more than
+    `min_delta` (absolute) over the loss that last reset the count. A validation loss creeping
+    towards 0 by 1e-4 per epoch then no longer runs training to the epoch cap. Without validation
     bags the training loss is monitored instead (a warning says so).
     """
     if not train_bags:
@@ -143,10 +162,15 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
     if not val_bags:
         log.warning("%s: no validation bags; early stopping monitors the training loss", desc)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = -(-len(train_bags) // grad_accumulation)
+    warmup_steps = max(0, warmup_epochs) * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
     rng = np.random.default_rng(seed)
     sample_p = weights[labels] / weights[labels].sum()
 
     best_loss, best_epoch, best_state = float("inf"), 0, None
+    reference_loss = float("inf")
     history, since_best, stopped_early = [], 0, False
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", leave=False, disable=not progress,
                dynamic_ncols=True)
@@ -162,7 +186,8 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
             bag = train_bags[i]
             group_start = step - step % grad_accumulation
             group_size = min(grad_accumulation, len(order) - group_start)
-            loss = _bag_loss(_forward(model, bag, device), bag.label, device) * float(loss_weights[bag.label])
+            loss = _bag_loss(_forward(model, bag, device), bag.label, device, instance_loss_weight,
+                             instance_topk) * float(loss_weights[bag.label])
             if not torch.isfinite(loss):
                 raise PipelineError(f"{desc}: non-finite training loss at epoch {epoch} (slide "
                                     f"{bag.slide_id!r}); lower train.lr or check the features")
@@ -170,15 +195,19 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
             epoch_loss += loss.item()
             if step - group_start + 1 == group_size:
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         train_loss = epoch_loss / len(order)
         val_loss = evaluate_loss(model, val_bags, device, val_weights) if val_bags else None
         monitored = val_loss if val_bags else train_loss
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "lr": optimizer.param_groups[0]["lr"]})
         bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
         if monitored < best_loss:
-            best_loss, best_epoch, since_best = monitored, epoch, 0
+            best_loss, best_epoch = monitored, epoch
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        if monitored < reference_loss - min_delta:
+            reference_loss, since_best = monitored, 0
         else:
             since_best += 1
             if since_best >= patience:

@@ -1,0 +1,104 @@
+"""Per-dimension input standardisation of MIL instances, fitted on a training fold and stored with it.
+
+Why: encoders give features whose dimensions live on very different scales (a descriptor with std
+3e-5 next to one with std 0.7). A MIL model's first linear layer starts from weights of one scale
+for all inputs, so a signal carried by a low-variance dimension is invisible to it for as long as
+training lasts, while a linear probe behind a StandardScaler finds it at once.
+
+- `fit_input_stats(bags)`: mean and std per dimension over every instance of the given bags, in
+  float64, merged bag by bag (Chan et al.'s parallel update of count, mean and squared deviations),
+  so memory stays O(D) beyond one bag. No labels are used. The caller passes the training fold's bags
+  only, never validation or test bags.
+- Std floor: a dimension whose std is below `STD_FLOOR_REL * (1 + |mean|)` (1e-6: float32 rounding
+  of a constant) is constant on the training fold. It carries nothing the model could learn from;
+  dividing by its tiny std would amplify test-time noise ~1e6-fold, so it is centred only (std := 1).
+- `InputStandardizer(model, mean, std)`: wraps an aggregator; forward((x - mean) / std, coords). Its
+  buffers are stored in the fold's model.safetensors as tensors `input_mean` and `input_std` next to
+  the aggregator's own (unchanged) weight names; `training.checkpoints.load_fold_model` re-wraps the
+  model when they are present, so every consumer of a checkpoint (predict, heatmap, segment CAMs, the
+  train stage's own test predictions) goes through the same standardisation.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+STATS_KEYS = ("input_mean", "input_std")
+STD_FLOOR_REL = 1e-6
+
+
+def fit_input_stats(features: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension (mean, std) float64 over all rows of the (N_i, D) arrays in `features`.
+
+    Population std (ddof 0); near-constant dimensions get std 1 (see the module docstring).
+    """
+    count, mean, m2 = 0, None, None
+    for x in features:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or len(x) == 0:
+            continue
+        n_b = len(x)
+        mean_b = x.mean(axis=0)
+        m2_b = ((x - mean_b) ** 2).sum(axis=0)
+        if mean is None:
+            count, mean, m2 = n_b, mean_b, m2_b
+            continue
+        if mean_b.shape != mean.shape:
+            raise ValueError(f"bags of different dimensions: {mean.shape[0]} and {mean_b.shape[0]}")
+        total = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta ** 2 * (count * n_b / total)
+        count = total
+    if mean is None:
+        raise ValueError("no instances to fit the input statistics on")
+    std = np.sqrt(m2 / count)
+    constant = std < STD_FLOOR_REL * (1.0 + np.abs(mean))
+    std[constant] = 1.0
+    return mean, std
+
+
+class InputStandardizer(nn.Module):
+    """`model` behind a fixed per-dimension standardisation: forward((x - mean) / std, coords)."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(-1)
+        std = torch.as_tensor(np.asarray(std), dtype=torch.float32).reshape(-1)
+        if mean.shape != std.shape:
+            raise ValueError(f"input_mean {tuple(mean.shape)} and input_std {tuple(std.shape)} differ")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("input statistics must be finite with std > 0")
+        self.register_buffer("input_mean", mean)
+        self.register_buffer("input_std", std)
+
+    @classmethod
+    def fit(cls, model: nn.Module, bags) -> "InputStandardizer":
+        """Wrap `model` with statistics fitted on `bags` (objects with `.features`, or arrays)."""
+        mean, std = fit_input_stats(getattr(b, "features", b) for b in bags)
+        return cls(model, mean, std)
+
+    def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None):
+        x = (features.to(self.input_mean.dtype) - self.input_mean) / self.input_std
+        return self.model(x.to(features.dtype) if features.is_floating_point() else x, coords)
+
+    def __getattr__(self, name: str):
+        # Attributes of the wrapped aggregator (e.g. model-specific settings) stay reachable.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(super().__getattr__("model"), name)
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, dict | None]:
+    """(the bare aggregator, {"input_mean", "input_std"} CPU tensors or None)."""
+    if isinstance(model, InputStandardizer):
+        return model.model, {k: getattr(model, k).detach().cpu().contiguous() for k in STATS_KEYS}
+    return model, None
