@@ -69,7 +69,7 @@ def explain_volumes(manifest: Manifest, run: RunFolder, model_dir: Path, cfg: Co
             loaded[d] = load_fold_model(d)
         truth = truth_dir / f"{record.slide_id}_lesion.nii.gz" if truth_dir else None
         e = explain_volume(record, run, [loaded[d]], cfg.train.model, cfg.extract.encoder, params, truth)
-        rows.append({"volume_id": e.volume_id, "label": record.label, "prob_positive": e.prob_positive,
+        rows.append({"volume_id": e.volume_id, "label": record.label, "probs": e.probs,
                      "peak_source_vox": list(e.peak_source_vox), "peak_in_lesion": e.peak_in_lesion,
                      "dice": e.dice, "heatmap": str(e.heatmap_path), "mask": str(e.mask_path)})
     return rows
@@ -106,7 +106,8 @@ def run_volumes(manifest: Manifest, cfg: Config, run_dir: str | Path, params, tr
 
 def demo_config(epochs: int = 20, folds: int = 5, model: str = DEMO_MODEL, seed: int = 0) -> Config:
     return Config(extract=ExtractConfig(encoder="stain_texture", checkpoint="none"),
-                  train=TrainConfig(model=model, model_args=dict(DEMO_MODEL_ARGS), folds=folds, epochs=epochs,
+                  train=TrainConfig(model=model, model_args=dict(DEMO_MODEL_ARGS), classes=["normal", "lesion"],
+                                    folds=folds, epochs=epochs,
                                     patience=8, lr=5e-4, seed=seed, device="cpu", bootstrap=200))
 
 

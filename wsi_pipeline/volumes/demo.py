@@ -90,8 +90,9 @@ def file_grid(orientation: str, spacing_ras_mm: np.ndarray) -> tuple[tuple[int, 
     return shape, affine
 
 
-def write_demo_volumes(out: str | Path, n_patients: int = 40, seed: int = 0) -> Path:
-    """Write the cohort under `out` (volumes/, truth/, manifest.csv); returns the manifest path."""
+def write_demo_volumes(out: str | Path, n_patients: int = 40, seed: int = 0, spacing_scale: float = 1.0) -> Path:
+    """Write the cohort under `out` (volumes/, truth/, manifest.csv); returns the manifest path.
+    `spacing_scale` > 1 makes coarser (smaller) scans, e.g. for tests."""
     out = Path(out)
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     (out / "truth").mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def write_demo_volumes(out: str | Path, n_patients: int = 40, seed: int = 0) -> 
     for n in range(n_patients):
         positive = n % 2 == 1
         volume_id = f"VOL-{n:03d}"
-        spacing = np.array([rng.uniform(1.2, 2.4)] * 2 + [rng.uniform(2.0, 5.0)])
+        spacing = np.array([rng.uniform(1.2, 2.4)] * 2 + [rng.uniform(2.0, 5.0)]) * spacing_scale
         shape, affine = file_grid(names[n % len(names)], spacing)
         index = np.stack(np.meshgrid(*(np.arange(s) for s in shape), indexing="ij"), axis=-1).astype(np.float64)
         points = index @ affine[:3, :3].T + affine[:3, 3]

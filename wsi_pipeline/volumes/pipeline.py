@@ -50,7 +50,7 @@ class VolumeExplanation:
     peak_source_vox: tuple[int, int, int]
     peak_in_lesion: bool | None      # None without a truth mask
     dice: float | None
-    prob_positive: float
+    probs: dict                      # class name -> probability (mean over the models given)
 
 
 def explain_volume(record, run: RunFolder, models, model_name: str, encoder_name: str,
@@ -85,6 +85,5 @@ def explain_volume(record, run: RunFolder, models, model_name: str, encoder_name
         if truth.any():
             in_lesion = bool(truth[peak])
             score = dice(mask, truth)
-    positive = result.probs[-1]
-    return VolumeExplanation(record.slide_id, heatmap_path, montage_path, mask_path, peak, in_lesion, score,
-                             float(positive))
+    probs = {str(name): float(p) for name, p in zip(result.classes, result.probs)}
+    return VolumeExplanation(record.slide_id, heatmap_path, montage_path, mask_path, peak, in_lesion, score, probs)
