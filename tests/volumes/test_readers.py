@@ -78,6 +78,8 @@ def test_dicom_mr_series(tmp_path):
     folder, _ = _series(tmp_path, "mr", n=3, gaps=[1.5, 1.5, 1.5], test_file="MR_small.dcm")
     volume = read_dicom_series(folder, volume_id="mr", modality="MR")
     assert volume.shape == (64, 64, 3) and volume.spacing == pytest.approx((0.3125, 0.3125, 1.5), rel=1e-5)
+    with pytest.raises(VolumeError, match=r"mr.*Modality is MR, the manifest says CT"):
+        read_dicom_series(folder, volume_id="mr", modality="CT")
 
 
 def test_dicom_single_slice_is_2d_error_naming_the_file():

@@ -8,7 +8,8 @@ LPS, turned into RAS with nibabel's LPS→RAS convention, then canonicalised by 
 Every problem is a one-line `VolumeError` naming the volume and file: unreadable file, a 2-D image
 (or one slice) where a volume is expected, missing or non-positive spacing, header spacing that
 disagrees with the affine, a 4-D file without a chosen frame, several series in one folder,
-unequal slice spacing, slices of different size or orientation.
+unequal slice spacing, slices of different size or orientation, a series whose DICOM Modality is
+not the manifest's.
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ def read_dicom_series(source: str | Path | list, *, volume_id: str | None = None
                 raise VolumeError(volume_id, f"{f}: missing {tag} (spacing/orientation unknown)")
     if len(slices) < 2:
         raise VolumeError(volume_id, f"{where} is one 2-D slice, a volume is expected")
+    found = {str(ds.get("Modality", "")) for _, ds in slices}
+    if found & set(MODALITIES) and found != {modality}:
+        # HU windows on an MR series (or MR normalisation of CT) would silently give nonsense.
+        raise VolumeError(volume_id, f"{where}: the series' Modality is {', '.join(sorted(found))}, "
+                                     f"the manifest says {modality}")
     orientation = np.asarray(slices[0][1].ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
@@ -160,7 +166,6 @@ def read_dicom_series(source: str | Path | list, *, volume_id: str | None = None
     nib = _nibabel()
     image = nib.Nifti1Image(data, affine_ras)
     canonical = nib.as_closest_canonical(image)
-    found = {str(ds.get("Modality", "")) for _, ds in slices}
     return Volume(volume_id, np.asarray(canonical.get_fdata(dtype=np.float32)),
                   np.asarray(canonical.affine, dtype=np.float64), modality, data.shape, affine_ras, Path(where),
                   meta={"source_axcodes": "".join(nib.aff2axcodes(affine_ras)), "dicom_modality": ",".join(found),
