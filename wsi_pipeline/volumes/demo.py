@@ -5,7 +5,7 @@ grid, so the cohort mixes spacings (in-plane 1.2–2.4 mm, slices 2–5 mm) and 
 LPS, and permuted axes such as slices first): reading must canonicalise to get it right.
 
     body      ellipsoid of soft tissue (40 HU) in a 10 mm fat rim (-100 HU), air (-1000 HU) outside
-    organs    liver (60 HU, right), spleen (45 HU, left), two kidneys (30 HU), spine (700 HU bone),
+    organs    liver (60 HU, patient's right: +x in RAS), spleen (45 HU, left), two kidneys (30 HU), spine (700 HU bone),
               a gas pocket (-700 HU); sizes and positions jittered per patient
     lesions   positive scans: 1–2 hypodense spheres (liver -45 HU relative, radius 11–16 mm) inside
               the liver; `{id}_lesion.nii.gz` is their truth mask on the scan's grid (empty for
@@ -50,10 +50,10 @@ def phantom(points_mm: np.ndarray, rng: np.random.Generator, positive: bool) -> 
     hu[body] = -100.0
     hu[_ellipsoid(points_mm, 0.0, body_r - 10.0)] = 40.0
     jitter = lambda s: rng.normal(0.0, s, 3)  # noqa: E731
-    liver_c, liver_r = np.array([-38.0, 8.0, 10.0]) + jitter(3), np.array([38.0, 40.0, 42.0]) * scale
+    liver_c, liver_r = np.array([38.0, 8.0, 10.0]) + jitter(3), np.array([38.0, 40.0, 42.0]) * scale
     organs = [
         (liver_c, liver_r, 60.0),
-        (np.array([45.0, 5.0, 15.0]) + jitter(3), np.array([18.0, 26.0, 24.0]) * scale, 45.0),
+        (np.array([-45.0, 5.0, 15.0]) + jitter(3), np.array([18.0, 26.0, 24.0]) * scale, 45.0),
         (np.array([-35.0, -30.0, -10.0]) + jitter(2), np.array([14.0, 14.0, 26.0]), 30.0),
         (np.array([35.0, -30.0, -10.0]) + jitter(2), np.array([14.0, 14.0, 26.0]), 30.0),
         (np.array([10.0, 35.0, -25.0]) + jitter(4), np.array([16.0, 12.0, 12.0]), -700.0),
