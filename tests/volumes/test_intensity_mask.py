@@ -70,3 +70,17 @@ def test_slices_and_windows_channel_modes():
     at = {tuple(c): n for n, c in enumerate(instances.coords)}
     n = at[(8, 8, 13)]                          # slices 12, 13, 14: only the first is bright
     assert images[n, 0].mean() > images[n, 1].mean() + 50 and abs(int(images[n, 1].mean()) - int(images[n, 2].mean())) < 10
+
+
+def test_volume_is_a_source_with_padded_box_reads():
+    from wsi_pipeline.sources import Source, physical_extent
+
+    volume, _ = _phantom("CT", -1000.0, 40.0)
+    assert isinstance(volume, Source) and volume.ndim == 3 and volume.spacing_unit == "mm"
+    assert volume.spacing == (2.0, 2.0, 2.0) and physical_extent(volume) == (64.0, 64.0, 48.0)
+    np.testing.assert_array_equal(volume.read_box((4, 5, 6), (3, 2, 1)), volume.data[4:7, 5:7, 6:7])
+    edge = volume.read_box((-2, 30, 22), (4, 4, 4))           # partly outside: padded with the minimum
+    assert edge.shape == (4, 4, 4) and (edge[:2] == volume.data.min()).all()
+    np.testing.assert_array_equal(edge[2:, :2, :2], volume.data[0:2, 30:32, 22:24])
+    with pytest.raises(ValueError, match="ph: a box needs 3 start and size values"):
+        volume.read_box((0, 0), (1, 1))
