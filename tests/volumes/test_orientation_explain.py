@@ -13,7 +13,8 @@ from wsi_pipeline.manifest import load_manifest
 from wsi_pipeline.run_folder import RunFolder
 from wsi_pipeline.training.bags import load_bag
 from wsi_pipeline.volumes import (VolumeInstanceParams, axial_montage, cam_mask, dice, encode_instances,
-                                  heatmap_peak_vox, instance_heatmap, read_nifti, resample_to_spacing, to_source_grid,
+                                  heatmap_peak_vox, instance_heatmap, read_nifti, resample_to_spacing, smooth_heatmap,
+                                  to_source_grid,
                                   volume_instances, write_nifti)
 from wsi_pipeline.volumes.pipeline import extract_volume
 
@@ -124,5 +125,9 @@ def test_heatmap_cam_mask_dice_peak_and_montage(tmp_path):
     assert mask.sum() == 8 * 16 * 4 and mask[8:16, 8:24, 4:8].all()
     assert heatmap_peak_vox(heat) == (12, 16, 6)                        # centre, not the corner
     assert dice(mask, mask) == 1.0 and dice(mask, ~mask) == 0.0 and dice(mask & False, mask & False) == 1.0
+    smooth = smooth_heatmap(heat, (4, 4, 2))
+    assert smooth.max() == pytest.approx(1.0) and smooth[:, :, 11:].max() < 0.5
+    peak = np.unravel_index(smooth.argmax(), smooth.shape)
+    assert 8 <= peak[0] < 16 and 8 <= peak[1] < 24 and 4 <= peak[2] < 8     # inside the top box
     chosen = axial_montage(np.zeros((32, 32, 12), np.float32), heat, tmp_path / "m.png", n_slices=3)
     assert set(chosen) <= {4, 5, 6, 7} and Image.open(tmp_path / "m.png").size == (96, 32)

@@ -19,7 +19,8 @@ import numpy as np
 from ..coords_h5 import write_instance_coords_h5
 from ..features_h5 import read_features_h5, write_features_h5
 from ..run_folder import RunFolder
-from .explain import axial_montage, cam_mask, dice, heatmap_peak_vox, instance_heatmap, to_source_grid, write_nifti
+from .explain import (axial_montage, cam_mask, dice, heatmap_peak_vox, instance_heatmap, smooth_heatmap, to_source_grid,
+                      write_nifti)
 from .instances import VolumeInstanceParams, encode_instances, prepare, volume_instances
 from .readers import open_volume
 
@@ -55,9 +56,10 @@ class VolumeExplanation:
 
 def explain_volume(record, run: RunFolder, models, model_name: str, encoder_name: str,
                    params: VolumeInstanceParams = VolumeInstanceParams(), truth_path: str | Path | None = None,
-                   cam_threshold: float = 0.5) -> VolumeExplanation:
+                   cam_threshold: float = 0.5, smooth: bool = True) -> VolumeExplanation:
     """Heatmap, montage and CAM mask of one volume from fold `models` ([(model, meta)], as
-    `load_ensemble` gives; pass the fold that held the volume out for an honest figure)."""
+    `load_ensemble` gives; pass the fold that held the volume out for an honest figure).
+    `smooth`: Gaussian-smooth the box-painted map at half the instance lattice step (explain.py)."""
     from ..training.inference import ensemble_predict
 
     features, coords, attrs = read_features_h5(run.features_h5(encoder_name, record.slide_id))
@@ -68,6 +70,8 @@ def explain_volume(record, run: RunFolder, models, model_name: str, encoder_name
         raise ValueError(f"{record.slide_id}: the volume's grid differs from its features.h5 (re-extract)")
     box = (params.patch_size_vox, params.patch_size_vox, params.slice_step)
     heat_grid = instance_heatmap(coords, result.instance_scores, grid.shape, box)
+    if smooth:
+        heat_grid = smooth_heatmap(heat_grid, (params.stride_vox / 2, params.stride_vox / 2, params.slice_step / 2))
     heat = to_source_grid(heat_grid, grid.affine, volume.source_shape, volume.source_affine)
     folder = run.heatmaps_dir(model_name)
     heatmap_path = write_nifti(folder / f"{record.slide_id}.heatmap.nii.gz", heat, volume.source_affine)
