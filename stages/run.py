@@ -21,6 +21,9 @@ SNAKEFILE = REPO_ROOT / "workflow" / "Snakefile"
 PROFILES = REPO_ROOT / "workflow" / "profiles"
 
 
+HELP = "the whole workflow (Snakemake): tile -> extract -> train -> heatmap"
+
+
 def add_arguments(p) -> None:
     p.add_argument("--manifest", required=True, help="slide manifest CSV (see manifests/README.md)")
     p.add_argument("--config", default=None, help="pipeline YAML config (default: built-in defaults)")
