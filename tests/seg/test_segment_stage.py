@@ -128,8 +128,7 @@ def test_cams_come_from_the_fold_ensemble_and_follow_it(seg_cohort, tmp_path):
     """Without a CAM file, the stage asks the trained fold ensemble (fmamil: per-patch class logits)
     for the lesion class's probability per patch, caches it, and redoes it when the models change."""
     import torch
-
-        from wsi_pipeline.features_h5 import write_features_h5
+    from wsi_pipeline.features_h5 import write_features_h5
     from wsi_pipeline.models.mil import create_aggregator
     from wsi_pipeline.run_folder import RunFolder
     from wsi_pipeline.segmentation import load_patch_cams
