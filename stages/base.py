@@ -130,6 +130,11 @@ class Stage:
     check: Callable[[Config, argparse.Namespace], None] | None = None  # the config, before anything is written
     record_root_config: bool = False         # also RUN/config.yaml (the data stages, as before)
 
+    @property
+    def run_flag(self) -> str:
+        """The flag the workflow passes the run folder with (the required one of `run_arg`)."""
+        return "--" + self.run_arg[-1].replace("_", "-")
+
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for a in self.args:
             a.add_to(parser)
