@@ -9,6 +9,8 @@ For every trained model in RUN/mil/{model}/{cohort}/:
     them: training.inference.ensemble_predict) are ranked; k = ceil(10% of the slide's patches).
     hits = lesion patches (>= 50% of the patch on the truth mask) among the top k; a perfect map gets
     min(k, n_lesion). Reported: sum(hits) / sum(perfect) over the lesion slides with >= 1 lesion patch.
+    With lesions of 1-4 patches a decile (~12 patches) is lenient, so also: top-n recall, the share of
+    a slide's n lesion patches that are its n top-scored patches (pooled over slides).
 With RUN/segment/ (the segment stage): mean Dice on lesion slides (its metrics.csv) and the share of
 normal tissue marked: mask pixels outside the lesion over tissue pixels outside the lesion, pooled over
 all slides (tissue = the tile stage's patches, lesion = the truth mask).
@@ -54,7 +56,7 @@ def top_decile(model_dir: Path, run: RunFolder, records, encoder: str) -> tuple[
     from wsi_pipeline.training.inference import ensemble_predict
 
     ensemble = load_ensemble(model_dir)
-    hits = perfect = n = 0
+    hits = perfect = n = strict_hits = n_lesion_total = 0
     for r in records:
         truth, mask, ds = truth_of(r.path)
         if not truth["positive"]:
@@ -69,7 +71,10 @@ def top_decile(model_dir: Path, run: RunFolder, records, encoder: str) -> tuple[
         hits += int(lesion[top].sum())
         perfect += min(k, int(lesion.sum()))
         n += 1
-    return (hits / perfect if perfect else float("nan")), n
+        # Stricter: of the slide's n lesion patches, how many are its n top-scored patches.
+        strict_hits += int(lesion[np.argsort(-scores, kind="stable")[:int(lesion.sum())]].sum())
+        n_lesion_total += int(lesion.sum())
+    return (hits / perfect if perfect else float("nan")), n, (strict_hits / n_lesion_total if n_lesion_total else float("nan"))
 
 
 def segment_stats(run_dir: Path, records, run: RunFolder, encoder: str):
@@ -117,14 +122,19 @@ def main(argv=None) -> int:
     ap.add_argument("--cohort", default="demo")
     ap.add_argument("--encoder", default="stain_texture")
     ap.add_argument("--label", default="", help="a column value naming this run (e.g. 'hard, standardised')")
+    ap.add_argument("--models", default=None, type=lambda v: v.split(","), help="only these models")
+    ap.add_argument("--no-segment", action="store_true", help="skip the segment/ statistics")
     ap.add_argument("--out", default=None, help="append the table rows to this markdown file")
     args = ap.parse_args(argv)
     run_dir = Path(args.run)
     run = RunFolder(run_dir)
     records = [r for r in load_manifest(args.manifest, require_labels=True) if r.cohort == args.cohort]
-    lines = ["| run | model | CV AUC [95% CI] | folds at epoch cap | top-decile hits / perfect (lesion slides) |",
-             "|---|---|---|---|---|"]
+    lines = ["| run | model | CV AUC [95% CI] | folds at epoch cap | top-decile hits / perfect (lesion slides) "
+             "| top-n (n = lesion patches) recall |",
+             "|---|---|---|---|---|---|"]
     for model_dir in sorted((run_dir / "mil").glob(f"*/{args.cohort}")):
+        if not (model_dir / "metrics.json").is_file() or (args.models and model_dir.parent.name not in args.models):
+            continue
         metrics = json.loads((model_dir / "metrics.json").read_text())
         auc = metrics["pooled"]["auc"]
         ci = auc.get("ci95") or [float("nan")] * 2
@@ -133,10 +143,10 @@ def main(argv=None) -> int:
             meta = json.loads(cfg_path.read_text())
             n_folds += 1
             capped += int(meta["epochs_run"] == meta["train_config"]["epochs"] and not meta["stopped_early"])
-        ratio, n = top_decile(model_dir, run, records, args.encoder)
+        ratio, n, strict = top_decile(model_dir, run, records, args.encoder)
         lines.append(f"| {args.label} | {model_dir.parent.name} | {auc['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] "
-                     f"| {capped}/{n_folds} | {ratio:.2f} ({n}) |")
-    seg = segment_stats(run_dir, records, run, args.encoder)
+                     f"| {capped}/{n_folds} | {ratio:.2f} ({n}) | {strict:.2f} |")
+    seg = None if args.no_segment else segment_stats(run_dir, records, run, args.encoder)
     if seg:
         lines.append("")
         lines.append(f"segment ({args.label}): mean Dice on {seg['n_lesion_slides']} lesion slides "

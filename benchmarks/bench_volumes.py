@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.volumes import format_summary, run_volume_demo  # noqa: E402
+from wsi_pipeline.volumes.cohort import format_summary, run_volume_demo  # noqa: E402
 
 
 def main() -> int:

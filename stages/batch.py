@@ -14,8 +14,6 @@ batch goes on and the command exits 1.
 from __future__ import annotations
 
 import logging
-import traceback
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from tqdm import tqdm
@@ -25,33 +23,20 @@ from wsi_pipeline.io import STORAGE_ERRNOS, describe_os_error
 from wsi_pipeline.manifest import SlideRecord
 from wsi_pipeline.run_folder import RunFolder
 
+from .base import StageReport
+
 log = logging.getLogger("wsi_pipeline")
 
 
-@dataclass
-class BatchReport:
-    stage: str
-    done: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    # Run-level problems, one line each: failure records or failures.csv that could not be written.
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.problems
-
-    def summary(self) -> str:
-        text = (f"{self.stage}: {len(self.done)} done, {len(self.skipped)} already complete, "
-                f"{len(self.failed)} failed")
-        return text + "".join(f"\n{self.stage}: {p}" for p in self.problems)
+# The report every stage returns (stages/base.py); the old name stays for callers of run_batch.
+BatchReport = StageReport
 
 
 def run_batch(stage: str, records: Iterable[SlideRecord], run: RunFolder,
-              process: Callable[[SlideRecord], str], *, progress: bool = True) -> BatchReport:
+              process: Callable[[SlideRecord], str], *, progress: bool = True) -> StageReport:
     """Call `process(record)` for each slide; it returns "done" or "skipped" or raises."""
     records = list(records)
-    report = BatchReport(stage)
+    report = StageReport(stage)
     unrecorded: list[dict] = []
     bar = tqdm(records, desc=stage, unit="slide", disable=not progress, dynamic_ncols=True)
     for record in bar:
@@ -97,13 +82,5 @@ def _unexpected(stage: str, slide_id: str, run: RunFolder, exc: BaseException) -
 
 
 def write_traceback_log(run: RunFolder, stage: str, header: str) -> str:
-    """Append the current exception's traceback to RUN/logs/{stage}.log; returns 'traceback in
-    PATH', or why it could not be written (a full disk must not turn one failure into a crash)."""
-    log_path = run.root / "logs" / f"{stage}.log"
-    try:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(f"--- {header}\n{traceback.format_exc()}\n")
-    except OSError as exc:
-        return f"traceback not saved: {describe_os_error(exc)}"
-    return f"traceback in {log_path}"
+    """Append the current exception's traceback to RUN/logs/{stage}.log (`RunFolder.log_traceback`)."""
+    return run.log_traceback(stage, header)

@@ -20,9 +20,7 @@ from tqdm import tqdm
 
 from wsi_pipeline.config import Config
 from wsi_pipeline.coords_h5 import coords_h5_is_valid, read_coords_h5
-from wsi_pipeline.encoders import create_encoder
 from wsi_pipeline.errors import PipelineError, SlideError
-from wsi_pipeline.extraction import PatchSource, extract_features, resolve_device
 from wsi_pipeline.features_h5 import features_h5_is_valid, write_features_h5
 from wsi_pipeline.io import remove_stale_temps, sha256_file
 from wsi_pipeline.manifest import Manifest, SlideRecord
@@ -30,7 +28,8 @@ from wsi_pipeline.run_folder import RunFolder
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.slides.identity import SlideIdentity, slide_identity
 
-from .batch import BatchReport, run_batch
+from .base import CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
+from .batch import run_batch
 
 STAGE = "extract"
 
@@ -78,8 +77,11 @@ class Extractor:
     @property
     def encoder(self):
         if self._encoder is None:
+            from wsi_pipeline.devices import resolve_device
+            from wsi_pipeline.encoders import create_encoder
+
             e = self.cfg.extract
-            self._encoder = create_encoder(e.encoder, e.checkpoint, device=resolve_device(e.device))
+            self._encoder = create_encoder(e.encoder, e.checkpoint, device=resolve_device(e.device, "extract.device"))
         return self._encoder
 
     def config_hash(self, tiling_hash: str, slide_fingerprint: str | None = None) -> str:
@@ -106,6 +108,8 @@ class Extractor:
         _check_slide_matches_coords(record, self.cfg.slides.backend, cattrs)
         if not force and features_h5_is_valid(out, config_hash, coords):
             return "skipped"
+        from wsi_pipeline.extraction import PatchSource, extract_features
+
         encoder = self.encoder
         source = PatchSource(
             slide_path=str(record.path), slide_id=record.slide_id, backend=self.cfg.slides.backend,
@@ -180,9 +184,38 @@ def _check_slide_matches_coords(record: SlideRecord, backend: str, cattrs) -> No
 
 
 def run_extract(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: bool = False,
-                progress: bool = True) -> BatchReport:
+                progress: bool = True) -> StageReport:
     run = RunFolder(run_dir)
     extractor = Extractor(cfg, run, progress=progress)
     run.features_dir(cfg.extract.encoder).mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run.features_dir(cfg.extract.encoder))
-    return run_batch(STAGE, manifest, run, lambda r: extractor(r, force=force), progress=progress)
+    report = run_batch(STAGE, manifest, run, lambda r: extractor(r, force=force), progress=progress)
+    report.outputs = {sid: str(run.features_h5(cfg.extract.encoder, sid)) for sid in [*report.done, *report.skipped]}
+    return report
+
+
+def _check_encoder_name(args) -> None:
+    from wsi_pipeline.names import check_name
+
+    if args.encoder:
+        check_name(args.encoder, "--encoder")
+
+
+def _check_encoder(cfg: Config, args) -> None:
+    """Before any slide: else every slide fails with the same message."""
+    from wsi_pipeline.errors import ConfigError
+    from wsi_pipeline.validation import encoder_problem
+
+    problem = encoder_problem(cfg.extract.encoder, "--encoder" if args.encoder else "extract.encoder")
+    if problem:
+        raise ConfigError(problem)
+
+
+EXTRACT = Stage(
+    name=STAGE, sections=("tiling", "extract"), run=run_extract, record_root_config=True,
+    help="stage 2: patch features with a pretrained encoder",
+    args=(MANIFEST, CONFIG, arg("--out", required=True, help="run folder"), SLIDES, FORCE, NO_PROGRESS,
+          arg("--encoder", default=None, help="override extract.encoder"),
+          arg("--checkpoint", default=None, help="override extract.checkpoint (file, hf-hub:id, random)")),
+    overrides={"encoder": "extract.encoder", "checkpoint": "extract.checkpoint"},
+    check_args=_check_encoder_name, check=_check_encoder)

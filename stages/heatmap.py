@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -27,50 +26,31 @@ from wsi_pipeline.config import Config
 from wsi_pipeline.errors import ConfigError, PipelineError, SlideError
 from wsi_pipeline.exports import export_heatmaps, export_paths, list_colormaps
 from wsi_pipeline.features_h5 import read_features_h5
-from wsi_pipeline.io import remove_stale_temps, sha256_file, write_json_atomic
+from wsi_pipeline.io import remove_stale_temps, write_json_atomic
 from wsi_pipeline.manifest import Manifest, SlideRecord
 from wsi_pipeline.names import check_name
 from wsi_pipeline.run_folder import RunFolder
 from wsi_pipeline.slides import open_slide
 
-from .batch import BatchReport, run_batch
+from wsi_pipeline.training.ensemble import EnsembleCache
+
+from .base import CONFIG, check_model_arg, FORCE, MANIFEST, NO_PROGRESS, Stage, StageReport, arg
+from .batch import run_batch
 
 STAGE = "heatmap"
 DONE_FORMAT_VERSION = 1
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--manifest", required=True, help="slide manifest CSV (see manifests/README.md)")
-    p.add_argument("--run", required=True, help="run folder with features (and mil/ models)")
-    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("--model", default=None, help="MIL model name (default: train.model); outputs "
-                                                 "go to RUN/heatmaps/MODEL/")
-    p.add_argument("--model-dir", default=None,
-                   help="fold ensemble folder (fold_*/); default RUN/mil/MODEL/{slide's cohort}")
-    p.add_argument("--slides", default=None, help="comma-separated slide_ids (default: all)")
-    p.add_argument("--force", action="store_true", help="redo slides whose outputs are complete")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _load_training_api(device: str):
+    """(load(model_dir) -> ensemble on `device` ("auto": cuda if available), ensemble_predict).
 
+    Lazy: torch and the models load only when some slide needs scores."""
+    from wsi_pipeline.devices import resolve_device
+    from wsi_pipeline.training.checkpoints import load_ensemble
+    from wsi_pipeline.training.inference import ensemble_predict
 
-def cli(args) -> int:
-    from wsi_pipeline.config import load_config
-    from wsi_pipeline.manifest import load_manifest
-
-    cfg = load_config(args.config)
-    manifest = load_manifest(args.manifest)
-    slides = [s.strip() for s in args.slides.split(",") if s.strip()] if args.slides else None
-    report = run_heatmap(manifest, cfg, args.run, model_dir=args.model_dir, model=args.model,
-                         slides=slides, force=args.force, progress=not args.no_progress)
-    print(report.summary())
-    if report.failed:
-        print(f"failed slides are listed in {args.run}/failures.csv", file=sys.stderr)
-    return 0 if report.ok else 1
-
-
-def checkpoint_hashes(model_dir: Path) -> dict[str, str]:
-    """sha256 of every file under model_dir/fold_*/ (relative path -> hash): what the ensemble is."""
-    files = sorted(p for p in model_dir.glob("fold_*/**/*") if p.is_file())
-    return {p.relative_to(model_dir).as_posix(): sha256_file(p) for p in files}
+    resolved = resolve_device(device, "train.device")
+    return (lambda model_dir: load_ensemble(model_dir, device=resolved)), ensemble_predict
 
 
 def _features_identity(path: Path) -> dict:
@@ -84,24 +64,6 @@ def _features_identity(path: Path) -> dict:
             "config_hash": config_hash}
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def _load_training_api(device: str):
-    """(load(model_dir) -> ensemble on `device` ("auto": cuda if available), ensemble_predict).
-
-    Lazy: torch and the models load only when some slide needs scores."""
-    from wsi_pipeline.training.checkpoints import load_ensemble
-    from wsi_pipeline.training.inference import ensemble_predict
-    from wsi_pipeline.training.trainer import resolve_device
-
-    resolved = resolve_device(device)
-    return (lambda model_dir: load_ensemble(model_dir, device=resolved)), ensemble_predict
-
-
 class HeatmapRunner:
     """Per-batch state: model dirs' checkpoint hashes and loaded ensembles (one per cohort)."""
 
@@ -111,25 +73,13 @@ class HeatmapRunner:
         self.model_name = model_name
         self.model_dir = Path(model_dir) if model_dir else None
         self.out_dir = run.heatmaps_dir(model_name)
-        self._hashes: dict[Path, dict] = {}
-        self._ensembles: dict[Path, list] = {}
+        self.ensembles = EnsembleCache(cfg.train.device)   # models load on the first slide that needs them
 
     def model_dir_for(self, record: SlideRecord) -> Path:
         return self.model_dir or self.run.mil_dir(self.model_name, record.cohort)
 
     def hashes(self, model_dir: Path) -> dict[str, str]:
-        if model_dir not in self._hashes:
-            self._hashes[model_dir] = checkpoint_hashes(model_dir)
-        return self._hashes[model_dir]
-
-    def ensemble(self, model_dir: Path):
-        if model_dir not in self._ensembles:
-            load_ensemble, _ = _load_training_api(self.cfg.train.device)
-            models = load_ensemble(model_dir)
-            if not models:
-                raise PipelineError(f"no models loaded from {model_dir}")
-            self._ensembles[model_dir] = models
-        return self._ensembles[model_dir]
+        return self.ensembles.hashes(model_dir)
 
     def remove_stale_temps(self, slide_id: str) -> None:
         """Temp files/folders a killed run left for this slide. Per slide and by exact output name,
@@ -168,38 +118,26 @@ class HeatmapRunner:
     def scores(self, record: SlideRecord, model_dir: Path, features: np.ndarray,
                coords: np.ndarray) -> tuple[np.ndarray, list[str], dict]:
         """(scores (N, C'), names, prediction) with the mapped score in column 0."""
-        _, ensemble_predict = _load_training_api(self.cfg.train.device)
-        out = ensemble_predict(self.ensemble(model_dir), features, coords)
-        n = len(coords)
-        instance = np.asarray(out.instance_scores, dtype=np.float64).reshape(-1)
-        if len(instance) != n:
-            raise SlideError(record.slide_id,
-                             f"ensemble gave {len(instance)} instance scores for {n} patches")
-        classes = [str(c) for c in out.classes]
-        columns = {f"{self.model_name} score": instance}
-        logits = getattr(out, "instance_logits", None)
-        if logits is not None:
-            logits = np.asarray(logits, dtype=np.float64).reshape(n, -1)
-            if logits.shape[1] == len(classes) and len(classes) > 1:
-                probs = _softmax(logits)
-                for j, name in enumerate(classes):
-                    columns[f"{self.model_name} p({name})"] = probs[:, j]
+        if self.ensembles._load is None:
+            self.ensembles._load, self.ensembles._predict = _load_training_api(self.cfg.train.device)
+        try:
+            out = self.ensembles.score(model_dir, features, coords)
+        except ValueError as exc:
+            raise SlideError(record.slide_id, str(exc)) from None
+        columns = {f"{self.model_name} score": out.instance}
+        if out.class_probs is not None:
+            for j, name in enumerate(out.classes):
+                columns[f"{self.model_name} p({name})"] = out.class_probs[:, j]
         wanted = self.cfg.heatmap.score
-        if wanted == "instance":
-            primary = f"{self.model_name} score"
-        else:
-            primary = f"{self.model_name} p({wanted})"
-            if wanted not in classes:
-                raise ConfigError(f"heatmap.score: class {wanted!r} not among the model's classes {classes}")
-            if primary not in columns:
-                raise SlideError(record.slide_id,
-                                 f"heatmap.score {wanted!r} needs per-patch class logits, which model "
-                                 f"{self.model_name!r} does not give; use 'instance'")
+        primary = f"{self.model_name} score" if wanted == "instance" else f"{self.model_name} p({wanted})"
+        if wanted != "instance" and wanted not in out.classes:
+            raise ConfigError(f"heatmap.score: class {wanted!r} not among the model's classes {out.classes}")
+        if primary not in columns:
+            raise SlideError(record.slide_id, f"heatmap.score {wanted!r} needs per-patch class logits, which "
+                                              f"model {self.model_name!r} does not give; use 'instance'")
         names = [primary] + [k for k in columns if k != primary]
         table = np.column_stack([columns[k] for k in names])
-        prediction = {"classes": classes,
-                      "probs": [float(v) for v in np.asarray(out.probs, dtype=np.float64).reshape(-1)]}
-        return table, names, prediction
+        return table, names, {"classes": out.classes, "probs": [float(v) for v in out.slide_probs]}
 
     def __call__(self, record: SlideRecord, force: bool = False) -> str:
         # The exports' file names start with the slide_id (exports.export_paths): checked here once.
@@ -272,19 +210,37 @@ def prediction_caption(prediction: dict) -> str:
     return f"slide: {classes[best]} {probs[best]:.2f}"
 
 
-def run_heatmap(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
-                model_dir: str | os.PathLike | None = None, model: str | None = None,
-                slides: Iterable[str] | None = None, force: bool = False,
-                progress: bool = True) -> BatchReport:
-    """Heatmap exports for every slide of `manifest` (or the `slides` subset) into
-    RUN/heatmaps/{model}/; per-slide failures are recorded and the batch goes on."""
+def check_colormap(cfg: Config, args=None) -> None:
     if cfg.heatmap.colormap not in list_colormaps():
         raise ConfigError(f"heatmap.colormap: unknown {cfg.heatmap.colormap!r}; "
                           f"known: {', '.join(list_colormaps())}")
+
+
+def run_heatmap(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
+                model_dir: str | os.PathLike | None = None, model: str | None = None,
+                slides: Iterable[str] | None = None, force: bool = False,
+                progress: bool = True) -> StageReport:
+    """Heatmap exports for every slide of `manifest` (or the `slides` subset) into
+    RUN/heatmaps/{model}/; per-slide failures are recorded and the batch goes on."""
+    check_colormap(cfg)
     if slides is not None:
         manifest = manifest.select(slides)
     run = RunFolder(run_dir)
     model_name = check_name(model, "--model") if model else cfg.train.model
     runner = HeatmapRunner(cfg, run, model_name, model_dir)
     runner.out_dir.mkdir(parents=True, exist_ok=True)
-    return run_batch(STAGE, manifest, run, lambda r: runner(r, force=force), progress=progress)
+    report = run_batch(STAGE, manifest, run, lambda r: runner(r, force=force), progress=progress)
+    report.outputs = {sid: str(runner.done_path(sid)) for sid in [*report.done, *report.skipped]}
+    return report
+
+
+HEATMAP = Stage(
+    name=STAGE, sections=("heatmap",), run=run_heatmap, run_arg=("run",), check=check_colormap,
+    help="stage 4: per-patch score heatmaps (PNG overlay, pyramidal TIFF, QuPath GeoJSON, top-k patches)",
+    args=(MANIFEST, arg("--run", required=True, help="run folder with features (and mil/ models)"), CONFIG,
+          arg("--model", default=None, help="MIL model name (default: train.model); outputs "
+                                            "go to RUN/heatmaps/MODEL/"),
+          arg("--model-dir", default=None,
+              help="fold ensemble folder (fold_*/); default RUN/mil/MODEL/{slide's cohort}"),
+          arg("--slides", default=None, help="comma-separated slide_ids (default: all)"), FORCE, NO_PROGRESS),
+    options=lambda a: {"model": a.model, "model_dir": a.model_dir}, check_args=check_model_arg)

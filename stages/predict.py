@@ -10,30 +10,14 @@ skipped: the CSV holds the others and the command exits 1.
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsi_pipeline.errors import PipelineError
 from wsi_pipeline.manifest import Manifest
 
+from .base import CONFIG, NO_PROGRESS, Stage, StageReport, arg
 
-def add_arguments(p) -> None:
-    p.add_argument("--manifest", required=True, help="slide manifest CSV (labels not needed)")
-    p.add_argument("--run", required=True, metavar="RUN", help="run folder holding features/{encoder}/")
-    p.add_argument("--model-dir", required=True, help="trained cohort folder RUN/mil/{model}/{cohort}")
-    p.add_argument("--out", default=None, metavar="CSV",
-                   help="output CSV (default: MODEL_DIR/predictions_<manifest name>.csv)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-@dataclass
-class PredictReport:
-    out: Path
-    classes: list
-    predicted: list = field(default_factory=list)     # slide ids written to the CSV
-    skipped: dict = field(default_factory=dict)       # slide_id -> reason
+STAGE = "predict"
 
 
 def default_out(model_dir: str | Path, manifest_path: str | Path) -> Path:
@@ -41,8 +25,10 @@ def default_out(model_dir: str | Path, manifest_path: str | Path) -> Path:
 
 
 def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, out: str | Path | None = None,
-                *, device: str = "auto", progress: bool = True) -> PredictReport:
-    """Fold-ensemble probabilities for every slide of `manifest` that has features → CSV at `out`."""
+                *, device: str = "auto", progress: bool = True) -> StageReport:
+    """Fold-ensemble probabilities for every slide of `manifest` that has features → CSV at `out`.
+    The report: done = slides written; failed = slides without usable features (reason);
+    details out (the CSV) and classes."""
     from tqdm import tqdm
 
     from wsi_pipeline.errors import SlideError
@@ -50,11 +36,10 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
     from wsi_pipeline.names import check_name
     from wsi_pipeline.run_folder import RunFolder
     from wsi_pipeline.training.bags import load_bag
-    from wsi_pipeline.training.checkpoints import load_ensemble
+    from wsi_pipeline.training.ensemble import EnsembleCache
     from wsi_pipeline.training.inference import ensemble_predict
-    from wsi_pipeline.training.trainer import resolve_device
 
-    ensemble = load_ensemble(model_dir, device=resolve_device(device))
+    ensemble = EnsembleCache(device).models(model_dir)
     meta = ensemble[0][1]
     classes, in_dim = list(meta["classes"]), int(meta["in_dim"])
     encoder = meta.get("encoder")
@@ -64,7 +49,7 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
     check_name(encoder, f"{model_dir}: fold config.json encoder", error=PipelineError)
     out = Path(out) if out is not None else default_out(model_dir, manifest.path)
     run = RunFolder(run_dir)
-    report = PredictReport(out=out, classes=classes)
+    report = StageReport(STAGE, details={"out": out, "classes": classes}, failures_csv=False)
     rows = []
     for record in tqdm(list(manifest), desc="predict", unit="slide", disable=not progress, dynamic_ncols=True):
         try:
@@ -73,29 +58,27 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
                 raise SlideError(record.slide_id, f"features have D={features.shape[1]}, the models "
                                                   f"expect {in_dim} (encoder {encoder!r})")
         except SlideError as exc:
-            report.skipped[record.slide_id] = str(exc)
+            report.failed[record.slide_id] = str(exc)
             continue
         result = ensemble_predict(ensemble, features, coords)
         rows.append([record.slide_id, *[float(p) for p in result.probs], classes[int(result.probs.argmax())]])
-        report.predicted.append(record.slide_id)
+        report.done.append(record.slide_id)
     write_csv_atomic(out, ["slide_id", *[f"prob_{c}" for c in classes], "predicted"], rows)
+    report.notes.append(f"predict: {len(report.done)} slide(s) -> {out}")
+    if report.failed:
+        report.warnings += [f"{len(report.failed)} slide(s) skipped:", *(f"  {r}" for r in report.failed.values())]
     return report
 
 
-def cli(args) -> int:
-    from wsi_pipeline.manifest import load_manifest
-
-    try:
-        manifest = load_manifest(args.manifest)
-        report = run_predict(manifest, args.run, args.model_dir, args.out, device=args.device,
-                             progress=not args.no_progress)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"predict: {len(report.predicted)} slide(s) -> {report.out}")
-    if report.skipped:
-        print(f"{len(report.skipped)} slide(s) skipped:", file=sys.stderr)
-        for reason in report.skipped.values():
-            print(f"  {reason}", file=sys.stderr)
-        return 1
-    return 0
+PREDICT = Stage(
+    name=STAGE, sections=("train",), run_arg=("run",),
+    run=lambda manifest, cfg, run_dir, **options: run_predict(manifest, run_dir, device=cfg.train.device, **options),
+    help="apply a trained fold ensemble to slides with features",
+    args=(arg("--manifest", required=True, help="slide manifest CSV (labels not needed)"),
+          arg("--run", required=True, metavar="RUN", help="run folder holding features/{encoder}/"),
+          arg("--model-dir", required=True, help="trained cohort folder RUN/mil/{model}/{cohort}"),
+          arg("--out", default=None, metavar="CSV",
+              help="output CSV (default: MODEL_DIR/predictions_<manifest name>.csv)"),
+          CONFIG, arg("--device", default=None, help="auto, cpu, cuda or cuda:N (default: train.device, auto)"),
+          NO_PROGRESS),
+    overrides={"device": "train.device"}, options=lambda a: {"model_dir": a.model_dir, "out": a.out})

@@ -8,7 +8,6 @@ rebuilds RUN/failures.csv and prints where the results are and each cohort's CV 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -16,9 +15,25 @@ from pathlib import Path
 
 from wsi_pipeline.run_lock import one_run_per_folder
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SNAKEFILE = REPO_ROOT / "workflow" / "Snakefile"
-PROFILES = REPO_ROOT / "workflow" / "profiles"
+
+
+def workflow_dir() -> Path:
+    """The workflow (Snakefile, rules, profiles, schemas): package data `wsi_pipeline/workflow/` in an
+    installed wheel (pyproject maps the repository's workflow/ there), else the checkout's workflow/
+    beside this package (a source tree on sys.path, or an editable install)."""
+    from importlib.resources import files
+
+    packaged = Path(str(files("wsi_pipeline"))) / "workflow"
+    if (packaged / "Snakefile").is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "workflow"
+
+
+SNAKEFILE = workflow_dir() / "Snakefile"
+PROFILES = workflow_dir() / "profiles"
+
+
+HELP = "the whole workflow (Snakemake): tile -> extract -> train -> heatmap"
 
 
 def add_arguments(p) -> None:
@@ -111,9 +126,9 @@ def _run_workflow(args) -> int:
     run_dir = Path(args.out).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     print("running:", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    # The jobs import stages/ from this checkout, whatever the caller's working directory.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    code = subprocess.call(cmd, env=env)
+    # The jobs run this same Python (`sys.executable -m wsi_pipeline.cli`), so they import the
+    # installed wsi_pipeline and stages packages: no path is added.
+    code = subprocess.call(cmd)
     if args.dry_run:
         return code
 

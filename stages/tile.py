@@ -26,7 +26,8 @@ from wsi_pipeline.slides import open_slide
 from wsi_pipeline.slides.identity import SlideIdentity, slide_identity
 from wsi_pipeline.tiling import plan_geometry, tile_tissue, upsampling_needed
 
-from .batch import BatchReport, run_batch
+from .base import CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
+from .batch import run_batch
 
 STAGE = "tile"
 log = logging.getLogger("wsi_pipeline")
@@ -133,10 +134,17 @@ def _draw_patches(rgb: np.ndarray, coords: np.ndarray, size_level0: int,
 
 
 def run_tile(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: bool = False,
-             progress: bool = True) -> BatchReport:
+             progress: bool = True) -> StageReport:
     """Tile every slide in `manifest` into `run_dir`; failures are recorded, the batch goes on."""
     run = RunFolder(run_dir)
     run.tiles_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run.tiles_dir)
-    return run_batch(STAGE, manifest, run, lambda r: tile_slide(r, cfg, run, force=force),
-                     progress=progress)
+    report = run_batch(STAGE, manifest, run, lambda r: tile_slide(r, cfg, run, force=force), progress=progress)
+    report.outputs = {sid: str(run.coords_h5(sid)) for sid in [*report.done, *report.skipped]}
+    return report
+
+
+OUT = arg("--out", required=True, help="run folder")
+TILE = Stage(name=STAGE, sections=("slides", "tissue", "tiling"), run=run_tile, record_root_config=True,
+             help="stage 1: tissue detection and µm-exact patch coordinates",
+             args=(MANIFEST, CONFIG, OUT, SLIDES, FORCE, NO_PROGRESS))

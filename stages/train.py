@@ -27,81 +27,46 @@ k folds, missing or non-finite features) is a `PipelineError` raised before any 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import platform
-import shutil
-import sys
-from collections import defaultdict
 from pathlib import Path
 
 from wsi_pipeline.config import Config
-from wsi_pipeline.errors import PipelineError, SlideError
-from wsi_pipeline.io import STORAGE_ERRNOS, describe_os_error
-from wsi_pipeline.manifest import Manifest, SlideRecord
-from wsi_pipeline.names import check_name
+from wsi_pipeline.manifest import Manifest
 from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.training.cv import FOLD_FORMAT_VERSION, fold_config_hash  # noqa: F401 (public names)
 
-from .batch import write_traceback_log
+from .base import CONFIG, check_model_arg, NO_PROGRESS, Stage, StageReport, arg, split_list
 
 STAGE = "train"
-FOLD_FORMAT_VERSION = 1
-log = logging.getLogger("wsi_pipeline")
 
 
-# -- CLI ---------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--manifest", required=True, help="slide manifest CSV; every slide needs a label")
-    p.add_argument("--features", required=True, metavar="RUN",
-                   help="run folder holding features/{encoder}/ (mil/ is written here unless --out)")
-    p.add_argument("--out", default=None, metavar="RUN", help="run folder to write mil/ into (default: --features)")
-    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("--model", default=None, help="MIL aggregator (default: train.model)")
-    p.add_argument("--cohort", default=None, help="comma-separated cohorts to train (default: all)")
-    p.add_argument("--exclude-slides", default=None, metavar="A,B",
-                   help="comma-separated slide_ids to leave out (e.g. slides whose extraction failed)")
-    p.add_argument("--folds", type=int, default=None, help="override train.folds")
-    p.add_argument("--epochs", type=int, default=None, help="override train.epochs")
-    p.add_argument("--device", default=None, help="override train.device (auto, cpu, cuda, cuda:N)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+def run_train(manifest: Manifest, cfg: Config, run_dir: str | Path, *, model: str | None = None,
+              cohorts: list[str] | None = None, progress: bool = True,
+              features_run_dir: str | Path | None = None) -> StageReport:
+    """Cross-validate aggregator `model` (default cfg.train.model) on each cohort
+    (`wsi_pipeline.training.cv`).
 
+    Features are read from `features_run_dir` (default `run_dir`)/features/{cfg.extract.encoder}/;
+    outputs go to run_dir/mil/{model}/{cohort}/. Input problems raise `PipelineError` before any
+    training. The report's items are the cohorts: report[cohort]["status"] is "done" (with model_dir,
+    splits, folds_trained, folds_skipped, metrics (pooled), predictions, metrics_path) or "failed"
+    (error): a cohort failing during training does not stop the others.
+    """
+    from wsi_pipeline.training.cv import cross_validate
 
-def cli(args) -> int:
-    import dataclasses
-
-    from wsi_pipeline.config import load_config
-    from wsi_pipeline.manifest import load_manifest
-
-    run_dir = Path(args.out or args.features)
-    try:
-        cfg = load_config(args.config)
-        if args.model is not None:
-            check_name(args.model, "--model")
-        overrides = {k: v for k, v in (("model", args.model), ("folds", args.folds),
-                                       ("epochs", args.epochs), ("device", args.device)) if v is not None}
-        if overrides:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **overrides))
-        manifest = load_manifest(args.manifest, require_labels=True)
-        if args.exclude_slides:
-            manifest = manifest.without(s.strip() for s in args.exclude_slides.split(","))
-        cohorts = ([check_name(c.strip(), "--cohort") for c in args.cohort.split(",") if c.strip()]
-                   if args.cohort else None)
-        results = run_train(manifest, cfg, run_dir, cohorts=cohorts, progress=not args.no_progress,
-                            features_run_dir=args.features)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    failed = 0
+    model_name = model or cfg.train.model
+    features_run = RunFolder(features_run_dir if features_run_dir is not None else run_dir)
+    results = cross_validate(manifest, cfg, RunFolder(run_dir), features_run, model_name, cohorts, progress)
+    report = StageReport(STAGE, outputs=results, failures_csv=False)
     for cohort, result in results.items():
         if result["status"] != "done":
-            failed += 1
-            print(f"{cfg.train.model} / {cohort}: FAILED: {result['error']}", file=sys.stderr)
+            report.failed[cohort] = result["error"]
+            report.warnings.append(f"{model_name} / {cohort}: FAILED: {result['error']}")
             continue
-        print(f"{cfg.train.model} / {cohort}: {format_pooled(result['metrics'])} "
-              f"({len(result['folds_trained'])} fold(s) trained, {len(result['folds_skipped'])} reused)")
-        print(f"    {result['model_dir']}")
-    return 1 if failed else 0
+        report.done.append(cohort)
+        report.notes.append(f"{model_name} / {cohort}: {format_pooled(result['metrics'])} "
+                            f"({len(result['folds_trained'])} fold(s) trained, "
+                            f"{len(result['folds_skipped'])} reused)\n    {result['model_dir']}")
+    return report
 
 
 def format_pooled(pooled: dict) -> str:
@@ -116,341 +81,29 @@ def format_pooled(pooled: dict) -> str:
     return f"{text} over {pooled['n_slides']} slides"
 
 
-# -- stage -------------------------------------------------------------------------------------
-def run_train(manifest: Manifest, cfg: Config, run_dir: str | Path, *, model: str | None = None,
-              cohorts: list[str] | None = None, progress: bool = True,
-              features_run_dir: str | Path | None = None) -> dict:
-    """Cross-validate aggregator `model` (default cfg.train.model) on each cohort.
+def _check_names(args) -> None:
+    from wsi_pipeline.names import check_name
 
-    Features are read from `features_run_dir` (default `run_dir`)/features/{cfg.extract.encoder}/;
-    outputs go to run_dir/mil/{model}/{cohort}/. Input problems raise `PipelineError` before any
-    training. Returns {cohort: result}; result["status"] is "done" (with model_dir, splits,
-    folds_trained, folds_skipped, metrics (pooled), predictions, metrics_path) or "failed" (error):
-    a cohort failing during training does not stop the others.
-    """
-    train = cfg.train
-    model_name = model or train.model
-    run = RunFolder(run_dir)
-    features_run = RunFolder(features_run_dir if features_run_dir is not None else run_dir)
-    plans = _preflight(manifest, cfg, model_name, cohorts, features_run)
-
-    results = {}
-    for plan in plans:
-        try:
-            results[plan["cohort"]] = _train_cohort(plan, cfg, model_name, run, features_run, progress)
-        except PipelineError as exc:
-            log.error("train %s / %s failed: %s", model_name, plan["cohort"], exc)
-            results[plan["cohort"]] = {"status": "failed", "error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 — other cohorts still train; keep the traceback
-            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:  # disk full, read-only: one line
-                message = describe_os_error(exc)
-            else:
-                where = write_traceback_log(run, STAGE, f"{model_name} / cohort {plan['cohort']}")
-                message = f"unexpected {type(exc).__name__}: {exc} ({where})"
-            log.error("train %s / %s failed: %s", model_name, plan["cohort"], message)
-            results[plan["cohort"]] = {"status": "failed", "error": message}
-        finally:
-            plan["bags"] = None  # free the cohort's features before the next one
-    return results
+    check_model_arg(args)
+    for cohort in split_list(args.cohort) or []:
+        check_name(cohort, "--cohort")
 
 
-def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, features_run: RunFolder) -> list[dict]:
-    """Check every input of every requested cohort; returns one plan per cohort or raises."""
-    from wsi_pipeline.models.mil import create_aggregator, list_aggregators
-    from wsi_pipeline.training.splits import check_cohort_size
-
-    train = cfg.train
-    if model_name not in list_aggregators():
-        raise PipelineError(f"unknown model {model_name!r}; registered aggregators: {', '.join(list_aggregators())}")
-    known = sorted({r.cohort for r in manifest})
-    wanted = known if cohorts is None else list(dict.fromkeys(cohorts))
-    unknown = [c for c in wanted if c not in known]
-    if unknown:
-        raise PipelineError(f"cohort(s) {', '.join(map(repr, unknown))} not in the manifest; "
-                            f"its cohorts: {', '.join(known)}")
-
-    # Cheap checks first (labels, classes, sizes, files), all reported together.
-    problems, plans = [], []
-    encoder = cfg.extract.encoder
-    for cohort in wanted:
-        records = sorted((r for r in manifest if r.cohort == cohort), key=lambda r: r.slide_id)
-        unlabelled = [r.slide_id for r in records if not r.label]
-        if unlabelled:
-            problems.append(f"cohort {cohort!r}: slide(s) without a label: {', '.join(unlabelled)}")
-            continue
-        classes = [str(c) for c in train.classes] or sorted({r.label for r in records})
-        outside = [r for r in records if r.label not in classes]
-        for r in outside:
-            problems.append(f"slide {r.slide_id!r} (cohort {cohort!r}): label {r.label!r} is not one of "
-                            f"the classes {classes}")
-        if outside:
-            continue
-        if len(classes) < 2:
-            problems.append(f"cohort {cohort!r}: only one class ({classes[0]!r}); training needs >= 2 "
-                            f"(set train.classes or add slides of another class)")
-            continue
-        try:
-            check_cohort_size(records, classes, train.folds, cohort)
-        except PipelineError as exc:
-            problems.append(str(exc))
-        missing = [r for r in records if not features_run.features_h5(encoder, r.slide_id).is_file()]
-        if missing:
-            folder = features_run.features_dir(encoder)
-            hint = "" if folder.is_dir() else f"; the folder {folder} does not exist"
-            problems.append(f"cohort {cohort!r}: {len(missing)} slide(s) without features in {folder} "
-                            f"(run the extract stage with encoder {encoder!r}{hint}): "
-                            f"{', '.join(r.slide_id for r in missing)}")
-        plans.append({"cohort": cohort, "records": records, "classes": classes, "bags": None})
-    _raise_problems(problems)
-
-    # Then the features' contents. One cohort (the Snakemake job) keeps its bags from this scan;
-    # with several, each cohort is re-read when it trains so only one is in memory at a time.
-    for plan in plans:
-        bags, dims, bag_problems = _load_bags(plan["records"], plan["classes"], encoder, features_run)
-        problems += bag_problems
-        if len(dims) > 1:
-            by_dim = sorted(dims.items(), key=lambda kv: -len(kv[1]))
-            problems.append(f"cohort {plan['cohort']!r}: features of different dimensions: " + "; ".join(
-                f"D={d}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}" for d, ids in by_dim))
-        plan["in_dim"] = next(iter(dims)) if len(dims) == 1 else None
-        plan["bags"] = bags if len(plans) == 1 else None
-    _raise_problems(problems)
-
-    for plan in plans:
-        try:
-            create_aggregator(model_name, plan["in_dim"], len(plan["classes"]), **train.model_args)
-        except TypeError as exc:
-            raise PipelineError(f"train.model_args {train.model_args!r} do not fit aggregator "
-                                f"{model_name!r}: {exc}") from None
-        except ValueError as exc:
-            raise PipelineError(f"aggregator {model_name!r} rejects its settings "
-                                f"(train.model_args {train.model_args!r}): {exc}") from None
-    return plans
-
-
-def _raise_problems(problems: list[str]) -> None:
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise PipelineError(f"train: {len(problems)} problem(s), nothing was trained\n{lines}")
-
-
-def _load_bags(records: list[SlideRecord], classes: list[str], encoder: str, features_run: RunFolder):
-    """Load every slide's bag → ({slide_id: Bag}, {dim: [slide_ids]}, problems)."""
-    from wsi_pipeline.training.bags import Bag, load_bag
-
-    class_index = {c: i for i, c in enumerate(classes)}
-    bags, dims, problems = {}, defaultdict(list), []
-    for r in records:
-        try:
-            features, coords, attrs = load_bag(features_run.features_h5(encoder, r.slide_id), r.slide_id)
-        except SlideError as exc:
-            problems.append(str(exc))
-            continue
-        dims[features.shape[1]].append(r.slide_id)
-        bags[r.slide_id] = Bag(r.slide_id, r.patient_id, class_index[r.label], features, coords,
-                               str(attrs.get("config_hash", "")))
-    return bags, dict(dims), problems
-
-
-def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str, in_dim: int,
-                     train, fold) -> dict:
-    """What a fold's checkpoint depends on; hashed into config.json's config_hash."""
-    return {
-        "model": model_name, "model_args": model_args, "classes": list(classes), "encoder": encoder,
-        "in_dim": in_dim, "lr": train.lr, "weight_decay": train.weight_decay, "epochs": train.epochs,
-        "patience": train.patience, "min_delta": train.min_delta, "balance": train.balance, "grad_accumulation": train.grad_accumulation,
-        "seed": train.seed, "deterministic": train.deterministic, "standardize": train.standardize,
-        "warmup_epochs": train.warmup_epochs, "instance_loss_weight": train.instance_loss_weight,
-        "instance_topk": train.instance_topk, "fold": fold.fold,
-        "train": list(fold.train), "val": list(fold.val), "test": list(fold.test),
-    }
-
-
-def _hash(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _fold_hash(fold, model_name: str, train, classes, encoder: str, in_dim: int, bags: dict) -> str:
-    """A fold checkpoint's config hash: its settings, its split and each of its slides' features hash."""
-    payload = fold_config_hash(model_name=model_name, model_args=train.model_args, classes=classes,
-                               encoder=encoder, in_dim=in_dim, train=train, fold=fold)
-    payload["features"] = {sid: bags[sid].features_hash for sid in fold.train + fold.val + fold.test}
-    return _hash(payload)
-
-
-def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, features_run: RunFolder,
-                  progress: bool) -> dict:
-    import numpy as np
-
-    from wsi_pipeline.io import remove_stale_temps, write_csv_atomic, write_json_atomic
-    from wsi_pipeline.models.mil import create_aggregator
-    from wsi_pipeline.training.checkpoints import (fold_dirs, fold_is_complete, load_fold_model,
-                                                   read_fold_meta, save_fold_model, stamp_training_run)
-    from wsi_pipeline.training.metrics import classification_metrics
-    from wsi_pipeline.training.runs import RUN_ID_KEY
-    from wsi_pipeline.training.splits import load_or_make_splits
-    from wsi_pipeline.training.standardize import InputStandardizer
-    from wsi_pipeline.training.trainer import (deterministic_algorithms, predict_probs, resolve_device,
-                                               seed_everything, train_fold)
-
-    train, encoder = cfg.train, cfg.extract.encoder
-    cohort, records, classes = plan["cohort"], plan["records"], plan["classes"]
-    out_dir = run.mil_dir(model_name, cohort)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out_dir)
-    device = resolve_device(train.device)
-
-    splits, split_status = load_or_make_splits(out_dir / "splits.json", records, classes, train.folds,
-                                               train.val_fraction, train.seed, cohort)
-    log.info("train %s / %s: %d slides, classes %s, %d folds (splits %s)", model_name, cohort,
-             len(records), classes, train.folds, split_status)
-    for stale in fold_dirs(out_dir):  # a previous run with more folds
-        if int(stale.name.split("_")[1]) >= splits.n_folds:
-            log.warning("removing %s: not a fold of the current %d-fold split", stale, splits.n_folds)
-            shutil.rmtree(stale)
-
-    bags = plan["bags"]
-    if bags is None:
-        bags, _, problems = _load_bags(records, classes, encoder, features_run)
-        _raise_problems(problems)
-    in_dim = plan["in_dim"]
-    by_id = {r.slide_id: r for r in records}
-
-    # Which folds are current is decided before any is touched: a run that will change any of
-    # them is a new training run (see _start_training_run).
-    hashes = {f.fold: _fold_hash(f, model_name, train, classes, encoder, in_dim, bags) for f in splits.folds}
-    current = {k: fold_is_complete(out_dir / f"fold_{k}") and _meta_hash(out_dir / f"fold_{k}", read_fold_meta) == h
-               for k, h in hashes.items()}
-    run_id = _start_training_run(out_dir, current)
-
-    rows, fold_metrics, trained, skipped = [], [], [], []
-    for fold in splits.folds:
-        fold_dir = out_dir / f"fold_{fold.fold}"
-        remove_stale_temps(fold_dir)
-        config_hash = hashes[fold.fold]
-        test_bags = [bags[s] for s in fold.test]
-        desc = f"{cohort} fold {fold.fold}"
-        if current[fold.fold]:
-            model, meta = load_fold_model(fold_dir, device=device)
-            if run_id is not None:  # this run adopts the fold (no write when it is already its own)
-                meta = stamp_training_run(fold_dir, run_id)
-            skipped.append(fold.fold)
-            log.info("%s: checkpoint complete and current, not retrained", desc)
-        else:
-            seed_everything(train.seed + fold.fold)
-            with deterministic_algorithms(train.deterministic):
-                model = create_aggregator(model_name, in_dim, len(classes), **train.model_args)
-                if train.standardize:  # statistics of the training fold's instances only
-                    model = InputStandardizer.fit(model, [bags[s] for s in fold.train])
-                result = train_fold(
-                    model, [bags[s] for s in fold.train], [bags[s] for s in fold.val],
-                    n_classes=len(classes), lr=train.lr, weight_decay=train.weight_decay,
-                    epochs=train.epochs, patience=train.patience, balance=train.balance,
-                    grad_accumulation=train.grad_accumulation, seed=train.seed + fold.fold,
-                    device=device, progress=progress, desc=desc, warmup_epochs=train.warmup_epochs,
-                    instance_loss_weight=train.instance_loss_weight, instance_topk=train.instance_topk,
-                    min_delta=train.min_delta)
-            meta = {
-                "format_version": FOLD_FORMAT_VERSION,
-                "model": model_name, "in_dim": in_dim, "n_classes": len(classes), "classes": classes,
-                "model_args": train.model_args, "encoder": encoder, "cohort": cohort,
-                "fold": fold.fold, "n_folds": splits.n_folds,
-                "train_slide_ids": list(fold.train), "val_slide_ids": list(fold.val),
-                "test_slide_ids": list(fold.test),
-                "best_epoch": result.best_epoch, "best_monitored_loss": result.best_val_loss,
-                "monitored": result.monitored, "epochs_run": result.epochs_run,
-                "stopped_early": result.stopped_early, "history": result.history,
-                "config_hash": config_hash, "train_config": _jsonable(train), "device": str(device),
-                "versions": _versions(),
-                RUN_ID_KEY: run_id,
-            }
-            save_fold_model(model, fold_dir, meta)
-            trained.append(fold.fold)
-            log.info("%s: best epoch %d of %d (%s %.4f)", desc, result.best_epoch, result.epochs_run,
-                     result.monitored, result.best_val_loss)
-        probs = predict_probs(model, test_bags, device)
-        for bag, p in zip(test_bags, probs):
-            r = by_id[bag.slide_id]
-            rows.append([r.slide_id, r.patient_id, cohort, fold.fold, r.label, *[float(x) for x in p]])
-        y = np.array([b.label for b in test_bags])
-        fold_metrics.append({"fold": fold.fold, "best_epoch": meta["best_epoch"],
-                             **classification_metrics(y, probs, n_bootstrap=train.bootstrap, seed=train.seed,
-                                                      groups=[b.patient_id for b in test_bags])})
-        del model
-
-    rows.sort(key=lambda row: row[0])
-    header = ["slide_id", "patient_id", "cohort", "fold", "label", *[f"prob_{c}" for c in classes]]
-    predictions_path = out_dir / "predictions.csv"
-    write_csv_atomic(predictions_path, header, rows)
-
-    class_index = {c: i for i, c in enumerate(classes)}
-    y_all = np.array([class_index[row[4]] for row in rows])
-    probs_all = np.array([row[5:] for row in rows], dtype=np.float64)
-    pooled = classification_metrics(y_all, probs_all, n_bootstrap=train.bootstrap, seed=train.seed,
-                                     groups=[row[1] for row in rows])
-    pooled["n_patients"] = len({row[1] for row in rows})
-    metrics = {
-        "model": model_name, "cohort": cohort, "encoder": encoder, "classes": classes,
-        "n_folds": splits.n_folds, RUN_ID_KEY: run_id,
-        "auc": ("ROC AUC of prob_" + classes[-1] if len(classes) == 2 else "one-vs-rest macro ROC AUC"),
-        "ci": (f"95% percentile bootstrap over patients, {train.bootstrap} resamples, seed {train.seed}; "
-               f"resamples where a metric is undefined are skipped"),
-        "pooled": pooled,
-        "folds": fold_metrics,
-    }
-    metrics_path = out_dir / "metrics.json"
-    write_json_atomic(metrics_path, metrics)
-    return {"status": "done", "model_dir": str(out_dir), "splits": split_status, "folds_trained": trained,
-            "folds_skipped": skipped, "metrics": pooled, "predictions": str(predictions_path),
-            "metrics_path": str(metrics_path)}
-
-
-def _start_training_run(out_dir: Path, current: dict[int, bool]) -> str | None:
-    """The training run id this pass records in its folds and metrics.json.
-
-    When every fold is current and the folds already share one run id, nothing is retrained and
-    that run goes on (None: old checkpoints without ids, left as they are). Otherwise this is a new
-    run: metrics.json and predictions.csv describe the folds about to change, so they are removed
-    before any training (a retrain killed part-way leaves none, rather than the old run's), and
-    each fold gets the new id as it is trained or reused (see training/runs.py).
-    """
-    from wsi_pipeline.training.checkpoints import read_fold_meta
-    from wsi_pipeline.training.runs import RUN_ID_KEY, new_training_run_id
-
-    if all(current.values()):
-        ids = {read_fold_meta(out_dir / f"fold_{k}").get(RUN_ID_KEY) for k in current}
-        if len(ids) == 1:
-            return ids.pop()
-    for name in ("metrics.json", "predictions.csv"):
-        (out_dir / name).unlink(missing_ok=True)
-    run_id = new_training_run_id()
-    log.info("training run %s in %s (%d of %d fold(s) current)", run_id, out_dir,
-             sum(current.values()), len(current))
-    return run_id
-
-
-def _meta_hash(fold_dir: Path, read_fold_meta) -> str | None:
-    try:
-        return read_fold_meta(fold_dir).get("config_hash")
-    except PipelineError:
-        return None
-
-
-def _jsonable(section) -> dict:
-    import dataclasses
-
-    return json.loads(json.dumps(dataclasses.asdict(section), default=str))
-
-
-def _versions() -> dict:
-    import h5py
-    import numpy as np
-    import safetensors
-    import sklearn
-    import torch
-
-    from wsi_pipeline import __version__
-
-    return {"wsi_pipeline": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "scikit_learn": sklearn.__version__, "safetensors": safetensors.__version__,
-            "h5py": h5py.__version__, "python": platform.python_version()}
+TRAIN = Stage(
+    name=STAGE, sections=("extract", "train"), run=run_train, run_arg=("out", "features"),
+    help="stage 3: cross-validated MIL training per cohort (features -> fold models, predictions, metrics)",
+    args=(arg("--manifest", required=True, help="slide manifest CSV; every slide needs a label"),
+          arg("--features", required=True, metavar="RUN",
+              help="run folder holding features/{encoder}/ (mil/ is written here unless --out)"),
+          arg("--out", default=None, metavar="RUN", help="run folder to write mil/ into (default: --features)"),
+          CONFIG, arg("--model", default=None, help="MIL aggregator (default: train.model)"),
+          arg("--cohort", default=None, help="comma-separated cohorts to train (default: all)"),
+          arg("--exclude-slides", default=None, metavar="A,B",
+              help="comma-separated slide_ids to leave out (e.g. slides whose extraction failed)"),
+          arg("--folds", type=int, default=None, help="override train.folds"),
+          arg("--epochs", type=int, default=None, help="override train.epochs"),
+          arg("--device", default=None, help="override train.device (auto, cpu, cuda, cuda:N)"),
+          arg("--no-progress", action="store_true", help="no progress bars")),
+    overrides={"model": "train.model", "folds": "train.folds", "epochs": "train.epochs", "device": "train.device"},
+    options=lambda a: {"cohorts": split_list(a.cohort), "features_run_dir": a.features},
+    require_labels=True, check_args=_check_names)

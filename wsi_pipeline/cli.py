@@ -7,21 +7,10 @@ by another run (wsi_pipeline/run_lock.py); 2 bad usage, config or manifest (noth
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import sys
 
-from .errors import ConfigError, PipelineError
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifest", required=True, help="slide manifest CSV (see manifests/README.md)")
-    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--slides", default=None, help="comma-separated slide_ids to process (default: all)")
-    p.add_argument("--force", action="store_true", help="redo slides whose outputs are complete")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+from .errors import PipelineError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,21 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generate-only", action="store_true", help="only write the cohort and its manifest")
 
-    p = sub.add_parser("tile", help="stage 1: tissue detection and µm-exact patch coordinates")
-    _add_run_args(p)
+    # One subcommand per stage, built from its description (stages/base.py: name, help, arguments).
+    # Stage modules import torch lazily, inside run(), so `wsi-pipeline --help` stays fast.
+    from stages import all_stages
 
-    p = sub.add_parser("extract", help="stage 2: patch features with a pretrained encoder")
-    _add_run_args(p)
-    p.add_argument("--encoder", default=None, help="override extract.encoder")
-    p.add_argument("--checkpoint", default=None, help="override extract.checkpoint (file, hf-hub:id, random)")
+    for stage in all_stages():
+        stage.add_arguments(sub.add_parser(stage.name, help=stage.help))
 
-    # Later stages own their arguments: each stages/<name>.py has add_arguments(p) and cli(args) -> int.
-    # Their modules import torch lazily, inside cli(), so `wsi-pipeline --help` stays fast.
-    for name, help_text in _STAGE_COMMANDS.items():
-        if importlib.util.find_spec(f"stages.{name}") is None:
-            continue  # stage not part of this installation
-        p = sub.add_parser(name, help=help_text)
-        _stage_module(name).add_arguments(p)
+    from stages import run as workflow
+
+    workflow.add_arguments(sub.add_parser("run", help=workflow.HELP))
 
     p = sub.add_parser("encoders", help="list registered encoders")
 
@@ -72,19 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-labels", action="store_true")
     p.add_argument("--no-check-files", action="store_true", help="do not check that slide files exist")
     return parser
-
-
-_STAGE_COMMANDS = {
-    "train": "stage 3: cross-validated MIL training per cohort (features -> fold models, predictions, metrics)",
-    "predict": "apply a trained fold ensemble to slides with features",
-    "heatmap": "stage 4: per-patch score heatmaps (PNG overlay, pyramidal TIFF, QuPath GeoJSON, top-k patches)",
-    "segment": "stage 4b: weakly supervised lesion segmentation from CAMs (FMaMIL stage 2)",
-    "run": "the whole workflow (Snakemake): tile -> extract -> train -> heatmap",
-}
-
-
-def _stage_module(name: str):
-    return importlib.import_module(f"stages.{name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +90,7 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "demo-volumes":
-        from stages.volumes import format_summary, run_volume_demo
+        from .volumes.cohort import format_summary, run_volume_demo
 
         from .names import check_name
 
@@ -141,32 +112,14 @@ def _dispatch(args) -> int:
               f"{len({r.patient_id for r in m})} patients, cohorts: {sorted({r.cohort for r in m})} — OK")
         return 0
 
-    if args.command == "tile":
-        from stages.tile import run_tile
+    from stages import STAGE_NAMES, get_stage, invoke
 
-        cfg, manifest = _load_inputs(args)
-        report = run_tile(manifest, cfg, args.out, force=args.force, progress=not args.no_progress)
-        return _finish(report, args.out)
-    if args.command == "extract":
-        from stages.extract import run_extract
+    if args.command in STAGE_NAMES:
+        return invoke(get_stage(args.command), args)
+    if args.command == "run":
+        from stages import run as workflow
 
-        from .names import check_name
-        from .validation import encoder_problem
-
-        def check_encoder(cfg):  # before any slide: else every slide fails with the same message
-            problem = encoder_problem(cfg.extract.encoder, "--encoder" if args.encoder else "extract.encoder")
-            if problem:
-                raise ConfigError(problem)
-
-        if args.encoder:
-            check_name(args.encoder, "--encoder")
-        overrides = {k: v for k, v in (("encoder", args.encoder), ("checkpoint", args.checkpoint)) if v}
-        cfg, manifest = _load_inputs(args, check=check_encoder, extract=overrides)
-        report = run_extract(manifest, cfg, args.out, force=args.force, progress=not args.no_progress)
-        return _finish(report, args.out)
-
-    if args.command in _STAGE_COMMANDS:
-        return _stage_module(args.command).cli(args)
+        return workflow.cli(args)
 
     if args.command == "encoders":
         from .encoders import get_spec, list_encoders
@@ -178,34 +131,6 @@ def _dispatch(args) -> int:
         print("(any timm architecture name works too)")
         return 0
     raise AssertionError(args.command)
-
-
-def _load_inputs(args, check=None, **section_overrides):
-    """Config (with CLI overrides per section), manifest (optionally a subset); saves the config
-    once `check(cfg)` (if given) has passed."""
-    import dataclasses
-
-    from .config import load_config, save_resolved_config
-    from .manifest import load_manifest
-
-    cfg = load_config(args.config)
-    for section, values in section_overrides.items():
-        if values:
-            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
-    manifest = load_manifest(args.manifest)
-    if args.slides:
-        manifest = manifest.select(s.strip() for s in args.slides.split(",") if s.strip())
-    if check is not None:
-        check(cfg)
-    save_resolved_config(cfg, args.out)
-    return cfg, manifest
-
-
-def _finish(report, run_dir) -> int:
-    print(report.summary())
-    if report.failed and not any("failures.csv" in p for p in report.problems):
-        print(f"failed slides are listed in {run_dir}/failures.csv", file=sys.stderr)
-    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import yaml
 
 from .errors import ConfigError
 from .names import check_name
+from .segmentation.params import SegmenterFitParams
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,10 @@ class HeatmapConfig:
 
 
 @dataclass(frozen=True)
-class SegmentConfig:
+class SegmentConfig(SegmenterFitParams):
+    """The segment section: the segmenter's training parameters (`SegmenterFitParams`: epochs,
+    steps_per_epoch, batch_size, crop_px, lr, correct_*, window_px, overlap, seed, under the same
+    keys) composed with the stage's own settings below."""
     # Registered segmenter (wsi_pipeline.models.seg): vmunet_tiny (CPU), vmunet_small (GPU).
     model: str = "vmunet_tiny"
     # Extra keyword arguments for the segmenter (e.g. {dims: [16, 32, 64], patch_size: 4}).
@@ -264,23 +268,9 @@ class SegmentConfig:
     lesion_class: str = ""
     # Slides labelled (manifest) with another class are all background for training.
     negatives_background: bool = True
-    epochs: int = 10
-    steps_per_epoch: int = 20
-    batch_size: int = 8
-    # Training crop side in working pixels.
-    crop_px: int = 64
-    lr: float = 1.0e-3
-    # Self-correction after each epoch from this one on (1-based); 0: never.
-    correct_from_epoch: int = 5
-    correct_confidence: float = 0.9
-    correct_blend: float = 0.5
-    # Sliding-window inference: window side (working px) and overlap fraction.
-    window_px: int = 128
-    overlap: float = 0.5
     # Probability threshold of the mask, and the smallest lesion piece kept (µm²).
     threshold: float = 0.5
     min_lesion_area_um2: float = 2_000.0
-    seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
@@ -424,13 +414,18 @@ def _coerce(hint, value, key: str, source: str):
     return value
 
 
-def save_resolved_config(cfg: Config, run_dir: str | Path) -> Path:
-    """Write the config actually used to RUN/config.yaml (with its hash), atomically."""
+def save_resolved_config(cfg: Config, run_dir: str | Path, stage: str | None = None) -> Path:
+    """Write the config actually used (with its hash), atomically: RUN/config.yaml, or with `stage`
+    RUN/configs/{stage}.yaml (each stage's own record, overrides included: parallel jobs of one stage
+    write the same text, and jobs of different stages never write the same file)."""
     from .io import write_text_atomic  # local: io is a leaf module, config stays import-light
+    from .names import check_name
 
     payload = cfg.to_dict()
     full_hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     text = f"# resolved wsi-pipeline config; hash {full_hash}\n" + yaml.safe_dump(payload, sort_keys=False)
     path = Path(run_dir) / "config.yaml"
+    if stage is not None:
+        path = Path(run_dir) / "configs" / f"{check_name(stage, 'stage')}.yaml"
     write_text_atomic(path, text)
     return path

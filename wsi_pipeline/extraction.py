@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .devices import resolve_device as _resolve_device
 from .encoders import Encoder
 from .errors import SlideError
 from .slides import open_slide
@@ -136,9 +137,7 @@ def _row_runs(coords: np.ndarray, size_level0: int, downsample: int) -> list[lis
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return _resolve_device(device, "extract.device")
 
 
 def autocast_for(device: torch.device, precision: str):

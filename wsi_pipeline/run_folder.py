@@ -73,7 +73,51 @@ class RunFolder:
 
     @property
     def segment_dir(self) -> Path:
+        """RUN/segment/: cams/, model/, per-slide {id}.tif/.geojson/.done.json, metrics.csv."""
         return self.root / "segment"
+
+    def _segment_file(self, folder: Path, slide_id: str, suffix: str) -> Path:
+        return self.inside(folder / f"{self.name(slide_id, 'slide_id')}{suffix}")
+
+    @property
+    def segment_cams_dir(self) -> Path:
+        return self.segment_dir / "cams"
+
+    def segment_cams(self, slide_id: str) -> Path:
+        return self._segment_file(self.segment_cams_dir, slide_id, ".npz")
+
+    @property
+    def segment_model_dir(self) -> Path:
+        return self.segment_dir / "model"
+
+    def segment_tif(self, slide_id: str) -> Path:
+        return self._segment_file(self.segment_dir, slide_id, ".tif")
+
+    def segment_geojson(self, slide_id: str) -> Path:
+        return self._segment_file(self.segment_dir, slide_id, ".geojson")
+
+    def segment_done(self, slide_id: str) -> Path:
+        return self._segment_file(self.segment_dir, slide_id, ".done.json")
+
+    @property
+    def segment_metrics_csv(self) -> Path:
+        return self.segment_dir / "metrics.csv"
+
+    def log_traceback(self, stage: str, header: str) -> str:
+        """Append the current exception's traceback to RUN/logs/{stage}.log; returns 'traceback in
+        PATH', or why it could not be written (a full disk must not turn one failure into a crash)."""
+        import traceback
+
+        from .io import describe_os_error
+
+        log_path = self.root / "logs" / f"{self.name(stage, 'stage')}.log"
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(f"--- {header}\n{traceback.format_exc()}\n")
+        except OSError as exc:
+            return f"traceback not saved: {describe_os_error(exc)}"
+        return f"traceback in {log_path}"
 
     # -- failures ---------------------------------------------------------------------------
     def _failure_file(self, stage: str, slide_id: str) -> Path:

@@ -187,17 +187,18 @@ def test_train_start_up_spares_live_writers_in_the_cohort_and_fold_folders(tmp_p
 
 
 def test_segment_start_up_spares_live_writers_in_cams_and_model(demo_cohort, tmp_path):
-    from stages.segment import SegmentPaths, run_segment
+    from stages.segment import run_segment
 
     run = tmp_path / "run"
-    paths = SegmentPaths(RunFolder(run))
+    paths = RunFolder(run)
     manifest = load_manifest(demo_cohort)
-    with HeldWriter(paths.cams_dir / "OTHER.npz") as cams, HeldWriter(paths.model_dir / "other.json") as model:
-        dead = [leave_dead_temp(paths.cams(manifest.records[0].slide_id)),
-                leave_dead_temp(paths.model_dir / "model.safetensors")]
+    with HeldWriter(paths.segment_cams_dir / "OTHER.npz") as cams, \
+            HeldWriter(paths.segment_model_dir / "other.json") as model:
+        dead = [leave_dead_temp(paths.segment_cams(manifest.records[0].slide_id)),
+                leave_dead_temp(paths.segment_model_dir / "model.safetensors")]
         result = run_segment(manifest, config_from_dict({}), run, progress=False)
         # No CAMs and no ensemble here: every slide fails with its own line, after the start-up.
-        assert set(result.report.failed) == {r.slide_id for r in manifest}
+        assert set(result.failed) == {r.slide_id for r in manifest}
         assert cams.tmp.exists() and model.tmp.exists()
         assert not any(p.exists() for p in dead)
         cams.assert_finished()
@@ -230,13 +231,14 @@ def test_heatmap_per_slide_clean_up_is_exact_and_spares_live_writers(tmp_path):
 
 
 def test_segment_per_slide_clean_up_is_exact_and_spares_live_writers(tmp_path):
-    from stages.segment import SegmentPaths, _remove_stale_temps
+    from stages.segment import remove_slide_temps
 
-    paths = SegmentPaths(RunFolder(tmp_path / "run"))
-    mine = [leave_dead_temp(p) for p in (paths.tif("X"), paths.geojson("X"), paths.done("X"))]
-    neighbour = [leave_dead_temp(p) for p in (paths.tif("X.done"), paths.geojson("X.done"), paths.done("X.done"))]
-    with HeldWriter(paths.geojson("X")) as live:
-        _remove_stale_temps(paths, "X")
+    run = RunFolder(tmp_path / "run")
+    mine = [leave_dead_temp(p) for p in (run.segment_tif("X"), run.segment_geojson("X"), run.segment_done("X"))]
+    neighbour = [leave_dead_temp(p) for p in (run.segment_tif("X.done"), run.segment_geojson("X.done"),
+                                              run.segment_done("X.done"))]
+    with HeldWriter(run.segment_geojson("X")) as live:
+        remove_slide_temps(run, "X")
         assert not any(p.exists() for p in mine)
         assert all(p.exists() for p in neighbour)
         assert live.tmp.exists()

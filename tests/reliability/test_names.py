@@ -90,11 +90,9 @@ def test_run_folder_paths_stay_as_before_for_safe_names(tmp_path):
 
 
 def test_segment_paths_refuse_names_that_leave_the_run_folder(tmp_path):
-    from stages.segment import SegmentPaths
-
-    paths = SegmentPaths(RunFolder(tmp_path))
-    assert paths.cams("A") == tmp_path / "segment" / "cams" / "A.npz"
-    for call in (paths.cams, paths.tif, paths.geojson, paths.done):
+    run = RunFolder(tmp_path)
+    assert run.segment_cams("A") == tmp_path / "segment" / "cams" / "A.npz"
+    for call in (run.segment_cams, run.segment_tif, run.segment_geojson, run.segment_done):
         with pytest.raises(UnsafePathError):
             call("../../outside")
 

@@ -37,8 +37,8 @@ def segmented(seg_cohort, tmp_path_factory):
 
 def test_stage2_beats_the_cam_and_reaches_dice_06(segmented):
     _, run, _, _, result = segmented
-    assert result.report.ok and sorted(result.report.done) == ["DEMO-000", "DEMO-001"]
-    assert result.trained
+    assert result.ok and sorted(result.done) == ["DEMO-000", "DEMO-001"]
+    assert result.details["trained"]
     m = result.metrics["DEMO-001"]
     print(f"\nDEMO-001 Dice: CAM only {m['dice_cam']:.3f}, stage 2 {m['dice']:.3f} "
           f"(IoU {m['iou_cam']:.3f} -> {m['iou']:.3f}); DEMO-000 (no lesion): {result.metrics['DEMO-000']}")
@@ -97,7 +97,7 @@ def test_rerun_skips_and_cli_reports(segmented, capsys):
 
     manifest, run, config_path, cfg, _ = segmented
     again = run_segment(load_manifest(manifest), cfg, run, progress=False)
-    assert not again.trained and sorted(again.report.skipped) == ["DEMO-000", "DEMO-001"]
+    assert not again.details["trained"] and sorted(again.skipped) == ["DEMO-000", "DEMO-001"]
     rc = main(["segment", "--manifest", str(manifest), "--run", str(run), "--config", str(config_path),
                "--no-progress"])
     out = capsys.readouterr().out
@@ -109,8 +109,8 @@ def test_slides_without_cams_fail_one_by_one(seg_cohort, tmp_path):
 
     manifest, _ = seg_cohort
     result = run_segment(load_manifest(manifest), Config(), tmp_path / "empty_run", progress=False)
-    assert sorted(result.report.failed) == ["DEMO-000", "DEMO-001"]
-    assert "no CAMs" in result.report.failed["DEMO-001"]
+    assert sorted(result.failed) == ["DEMO-000", "DEMO-001"]
+    assert "no CAMs" in result.failed["DEMO-001"]
     assert (tmp_path / "empty_run" / "failures.csv").read_text().count(",segment,") == 2
 
 
@@ -128,12 +128,11 @@ def test_cams_come_from_the_fold_ensemble_and_follow_it(seg_cohort, tmp_path):
     """Without a CAM file, the stage asks the trained fold ensemble (fmamil: per-patch class logits)
     for the lesion class's probability per patch, caches it, and redoes it when the models change."""
     import torch
-
-    from stages.segment import CamProvider, SegmentPaths
     from wsi_pipeline.features_h5 import write_features_h5
     from wsi_pipeline.models.mil import create_aggregator
     from wsi_pipeline.run_folder import RunFolder
     from wsi_pipeline.segmentation import load_patch_cams
+    from wsi_pipeline.segmentation.slide_work import CamProvider
     from wsi_pipeline.training.checkpoints import save_fold_model
 
     manifest, seg_run = seg_cohort
@@ -150,15 +149,15 @@ def test_cams_come_from_the_fold_ensemble_and_follow_it(seg_cohort, tmp_path):
     torch.manual_seed(0)
     save_fold_model(create_aggregator("fmamil", 8, 2, **model_args), fold, meta)
 
-    provider = CamProvider(Config(), run, SegmentPaths(run), "fmamil", None)
+    provider = CamProvider(Config(), run, "fmamil", None)
     cams = provider(record)
     assert cams.source == "ensemble:instance_logits" and cams.lesion_class == "tumor"
     assert len(cams.scores) == len(coords) and cams.patch_size_level0 == 224
     assert 0 <= cams.scores.min() < cams.scores.max() <= 1
-    cached = SegmentPaths(run).cams(record.slide_id)
+    cached = run.segment_cams(record.slide_id)
     assert load_patch_cams(cached).model_hash == cams.model_hash
 
     torch.manual_seed(1)   # retrained models: the cached CAMs are stale and made again
     save_fold_model(create_aggregator("fmamil", 8, 2, **model_args), fold, meta)
-    fresh = CamProvider(Config(), run, SegmentPaths(run), "fmamil", None)(record)
+    fresh = CamProvider(Config(), run, "fmamil", None)(record)
     assert fresh.model_hash != cams.model_hash and not np.allclose(fresh.scores, cams.scores)

@@ -124,7 +124,7 @@ def test_consumers_apply_the_stored_stats(tmp_path):
                                                                   "label": "neg", "cohort": "c1"}]))
     out_std = run_predict(manifest, tmp_path / "raw", std_dir, tmp_path / "a.csv", device="cpu", progress=False)
     out_bare = run_predict(manifest, tmp_path / "hand", bare_dir, tmp_path / "b.csv", device="cpu", progress=False)
-    assert out_std.predicted == out_bare.predicted == ["s1"]
+    assert out_std.done == out_bare.done == ["s1"]
     rows = [np.genfromtxt(p, delimiter=",", skip_header=1, usecols=(1, 2)) for p in (tmp_path / "a.csv", tmp_path / "b.csv")]
     np.testing.assert_allclose(rows[0], rows[1], rtol=1e-5, atol=1e-6)
 

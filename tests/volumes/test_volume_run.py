@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from stages.volumes import demo_config, run_volumes
+from wsi_pipeline.volumes.cohort import demo_config, run_volumes
 from wsi_pipeline.manifest import load_manifest
 from wsi_pipeline.volumes.demo import write_demo_volumes
 from wsi_pipeline.volumes.instances import VolumeInstanceParams

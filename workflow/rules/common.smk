@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 
+from stages import get_stage
 from wsi_pipeline.names import NAME_CHARS
 from wsi_pipeline.validation import validate_run_inputs
 
@@ -66,6 +67,13 @@ EXCLUDE_ARG = f"--exclude-slides {shlex.quote(','.join(EXCLUDED))}" if EXCLUDED 
 def section_hash(*sections):
     """Params that make Snakemake rerun a rule exactly when the config sections it reads change."""
     return CFG.section_hash(*sections)
+
+
+# Each rule reruns when the config sections its stage reads change (the stage's description,
+# stages/). Its shell line spells the stage's CLI words (name, run-folder flag) as literals, so that
+# every placeholder in it stays visibly quoted; tests/workflow/test_stage_rules.py checks they match.
+def stage_hash(name):
+    return section_hash(*get_stage(name).sections)
 
 
 def slide_row_hash(slide):

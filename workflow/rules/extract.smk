@@ -5,7 +5,7 @@ rule extract:
     output:
         f"features/{ENCODER}/{{slide}}.h5",
     params:
-        config_hash=section_hash("tiling", "extract"),
+        config_hash=stage_hash("extract"),
     log:
         "logs/snakemake/extract/{slide}.log",
     benchmark:

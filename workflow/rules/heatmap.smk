@@ -12,7 +12,7 @@ rule heatmap:
         f"heatmaps/{MODEL}/{{slide}}.done.json",
     params:
         model=MODEL,
-        config_hash=section_hash("heatmap"),
+        config_hash=stage_hash("heatmap"),
     log:
         f"logs/snakemake/heatmap/{MODEL}/{{slide}}.log",
     benchmark:

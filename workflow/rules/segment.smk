@@ -15,7 +15,7 @@ rule segment:
         SEGMENT_DONE,
     params:
         model=MODEL,
-        config_hash=section_hash("segment", "tissue"),
+        config_hash=stage_hash("segment"),
         rows_hash=hashlib.sha256(
             json.dumps([[r.slide_id, str(r.path), r.label, r.mpp] for r in INCLUDED]).encode()
         ).hexdigest()[:16],

@@ -7,7 +7,7 @@ rule tile:
     output:
         "tiles/{slide}.coords.h5",
     params:
-        config_hash=section_hash("slides", "tissue", "tiling"),
+        config_hash=stage_hash("tile"),
         row_hash=lambda wc: slide_row_hash(wc.slide),
     log:
         "logs/snakemake/tile/{slide}.log",

@@ -7,7 +7,7 @@ rule train:
         f"mil/{MODEL}/{{cohort}}/predictions.csv",
     params:
         model=MODEL,
-        config_hash=section_hash("extract", "train"),
+        config_hash=stage_hash("train"),
         rows_hash=lambda wc: cohort_rows_hash(wc.cohort),
     log:
         f"logs/snakemake/train/{MODEL}/{{cohort}}.log",

@@ -11,14 +11,30 @@
 functions that run a model.
 """
 
-from .cam import PatchCams, cam_map, estimate_stride, load_patch_cams, patch_coverage, save_patch_cams
-from .export import lesion_geojson, lesion_mask, write_mask_tiff
-from .grid import SlideGrid, read_grid_image, resample
-from .inference import (blending_window, predict_probability_map, segmenter_predictor,
-                        sliding_window_predict)
-from .metrics import dice, iou, mask_on_grid, score_mask
-from .pseudo_labels import PseudoLabels, make_pseudo_labels
-from .train import TrainHistory, TrainingSlide, TrainParams, segmentation_loss, self_correct, train_segmenter
+# Names are loaded on first use (PEP 562): `config` imports `segmentation.params` and must not pull
+# scipy/tifffile in with it, or every CLI call would pay for them.
+_MODULE_OF = {
+    **dict.fromkeys(("PatchCams", "cam_map", "estimate_stride", "load_patch_cams", "patch_coverage",
+                     "save_patch_cams"), "cam"),
+    **dict.fromkeys(("lesion_geojson", "lesion_mask", "write_mask_tiff"), "export"),
+    **dict.fromkeys(("SlideGrid", "read_grid_image", "resample"), "grid"),
+    **dict.fromkeys(("blending_window", "predict_probability_map", "segmenter_predictor",
+                     "sliding_window_predict"), "inference"),
+    **dict.fromkeys(("dice", "iou", "mask_on_grid", "score_mask"), "metrics"),
+    **dict.fromkeys(("PseudoLabels", "make_pseudo_labels"), "pseudo_labels"),
+    **dict.fromkeys(("TrainHistory", "TrainingSlide", "TrainParams", "segmentation_loss", "self_correct",
+                     "train_segmenter"), "train"),
+}
+
+
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
 
 __all__ = [
     "PatchCams", "cam_map", "estimate_stride", "load_patch_cams", "patch_coverage", "save_patch_cams",

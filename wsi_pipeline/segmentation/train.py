@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from .inference import images_to_tensor, predict_probability_map
+from .params import SegmenterFitParams
 from .pseudo_labels import PseudoLabels
 
 log = logging.getLogger("wsi_pipeline")
@@ -52,22 +53,12 @@ class TrainingSlide:
 
 
 @dataclass(frozen=True)
-class TrainParams:
-    epochs: int = 10
-    steps_per_epoch: int = 20
-    batch_size: int = 8
-    crop_px: int = 64
-    lr: float = 1e-3
+class TrainParams(SegmenterFitParams):
+    """The config's segment training parameters (`SegmenterFitParams`) plus the trainer's own."""
     weight_decay: float = 1e-4
     dice_weight: float = 1.0
     # Fraction of crops centred on a pixel whose current target is >= 0.5 (when there are any).
     positive_fraction: float = 0.5
-    correct_from_epoch: int = 5
-    correct_confidence: float = 0.9
-    correct_blend: float = 0.5
-    window_px: int = 128
-    overlap: float = 0.5
-    seed: int = 0
 
     def __post_init__(self):
         if min(self.epochs, self.steps_per_epoch, self.batch_size, self.crop_px, self.window_px) < 1:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..devices import resolve_device as _resolve_device
 from ..errors import PipelineError
 from .bags import Bag
 
@@ -42,11 +43,7 @@ log = logging.getLogger("wsi_pipeline")
 
 def resolve_device(device: str) -> torch.device:
     """auto → cuda if available else cpu; asking for cuda without one is a `PipelineError`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"train.device {device!r}: no CUDA device available (use auto or cpu)")
-    return torch.device(device)
+    return _resolve_device(device, "train.device")
 
 
 def seed_everything(seed: int) -> None:

@@ -5,7 +5,7 @@
                                                    .cam_mask.nii.gz, and numbers (peak, Dice)
 
 The files are the slides' layouts with coords (N, 3) (`coord_dims` 3) and the volume's grid
-recorded (spacing_mm, affine, source_shape, source_affine), so training (stages/train.py) reads
+recorded (spacing_mm, affine, source_shape, source_affine), so training (training/cv.py, the train stage) reads
 volume bags exactly like slide bags.
 """
 

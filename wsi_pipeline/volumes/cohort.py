@@ -1,5 +1,6 @@
-"""Volumes end to end: a manifest's CT/MR rows → coords.h5 + features.h5 → patient-level CV of one
-MIL aggregator (the slides' train stage, unchanged) → NIfTI heatmaps, montages, CAM masks.
+"""A volume cohort end to end: a manifest's CT/MR rows → coords.h5 + features.h5 → patient-level CV
+of one MIL aggregator (`training.cv.cross_validate`, the train stage's own) → NIfTI heatmaps,
+montages, CAM masks.
 
     run_volumes(manifest, cfg, run_dir, params)   the whole path for the manifest's volume rows
     run_volume_demo(out)                           `wsi-pipeline demo-volumes OUT`: generate + run
@@ -11,18 +12,16 @@ a model that trained on it). Results: RUN/volumes_summary.json (CV AUC, peak-in-
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
 
-from wsi_pipeline.config import Config, ExtractConfig, TrainConfig
-from wsi_pipeline.errors import PipelineError
-from wsi_pipeline.io import write_json_atomic
-from wsi_pipeline.manifest import Manifest, load_manifest
-from wsi_pipeline.run_folder import RunFolder
+from ..config import Config, ExtractConfig, TrainConfig
+from ..errors import PipelineError
+from ..io import write_json_atomic
+from ..manifest import Manifest, load_manifest
+from ..run_folder import RunFolder
 
-from .train import run_train
 
 log = logging.getLogger("wsi_pipeline")
 DEMO_MODEL = "mambamil_3d"
@@ -32,8 +31,8 @@ DEMO_MODEL_ARGS = {"d_model": 64, "d_state": 8, "expand": 1, "n_layers": 1, "rat
 def extract_volumes(manifest: Manifest, run: RunFolder, encoder_name: str, checkpoint, params) -> dict:
     """coords.h5 + features.h5 of every volume row; {volume_id: error} for those that failed (the
     others go on; each failure is also recorded in RUN/failures.csv)."""
-    from wsi_pipeline.encoders.registry import create_encoder
-    from wsi_pipeline.volumes.pipeline import extract_volume
+    from ..encoders.registry import create_encoder
+    from .pipeline import extract_volume
 
     encoder = create_encoder(encoder_name, checkpoint)
     failed = {}
@@ -53,8 +52,8 @@ def extract_volumes(manifest: Manifest, run: RunFolder, encoder_name: str, check
 def explain_volumes(manifest: Manifest, run: RunFolder, model_dir: Path, cfg: Config, params,
                     truth_dir: Path | None) -> list[dict]:
     """Per volume: the held-out fold's heatmap/montage/CAM mask and localisation numbers."""
-    from wsi_pipeline.training.checkpoints import fold_dirs, load_fold_model, read_fold_meta
-    from wsi_pipeline.volumes.pipeline import explain_volume
+    from ..training.checkpoints import fold_dirs, load_fold_model, read_fold_meta
+    from .pipeline import explain_volume
 
     fold_of = {}
     for d in fold_dirs(model_dir):
@@ -83,7 +82,9 @@ def run_volumes(manifest: Manifest, cfg: Config, run_dir: str | Path, params, tr
     t_extract = time.perf_counter() - t0
     if failed:
         manifest = manifest.without(failed)
-    results = run_train(manifest, cfg, run_dir, progress=progress)
+    from ..training.cv import cross_validate
+
+    results = cross_validate(manifest, cfg, run, run, cfg.train.model, None, progress)
     t_train = time.perf_counter() - t0 - t_extract
     summary = {"model": cfg.train.model, "model_args": cfg.train.model_args, "encoder": cfg.extract.encoder,
                "instances": dataclasses.asdict(params), "failed": failed, "seconds_extract": round(t_extract, 1),
@@ -105,16 +106,18 @@ def run_volumes(manifest: Manifest, cfg: Config, run_dir: str | Path, params, tr
 
 
 def demo_config(epochs: int = 20, folds: int = 5, model: str = DEMO_MODEL, seed: int = 0) -> Config:
+    """The demo's settings; the small Mamba width applies to the Mamba aggregators only."""
+    model_args = dict(DEMO_MODEL_ARGS) if "mamba" in model else {}
     return Config(extract=ExtractConfig(encoder="stain_texture", checkpoint="none"),
-                  train=TrainConfig(model=model, model_args=dict(DEMO_MODEL_ARGS), classes=["normal", "lesion"],
+                  train=TrainConfig(model=model, model_args=model_args, classes=["normal", "lesion"],
                                     folds=folds, epochs=epochs,
                                     patience=8, lr=5e-4, seed=seed, device="cpu", bootstrap=200))
 
 
 def run_volume_demo(out: str | Path, n_patients: int = 40, epochs: int = 20, model: str = DEMO_MODEL,
                     seed: int = 0, generate_only: bool = False) -> dict | Path:
-    from wsi_pipeline.volumes.demo import write_demo_volumes
-    from wsi_pipeline.volumes.instances import VolumeInstanceParams
+    from .demo import write_demo_volumes
+    from .instances import VolumeInstanceParams
 
     out = Path(out)
     manifest_path = write_demo_volumes(out, n_patients=n_patients, seed=seed)
@@ -137,6 +140,3 @@ def format_summary(summary: dict) -> str:
                      f"mean CAM-mask Dice {c['mean_dice']:.3f}")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps(run_volume_demo("/tmp/vdemo_full"), indent=1, default=str)[:2000])

@@ -1,0 +1,200 @@
+"""One shape for every stage: a `Stage` description and the `StageReport` its `run` returns.
+
+    Stage(name, help, sections, run, args, ...)
+        sections   the config sections the stage's outputs depend on (the Snakefile hashes them)
+        run        the Python API: run(manifest, cfg, run_dir, **options) -> StageReport
+        args       the CLI arguments of `wsi-pipeline {name}` (cli.py builds its subcommands from
+                   `stages.STAGES`; the workflow's rules call those same words)
+        overrides  CLI arguments that override a config key ({"epochs": "train.epochs"})
+        options    CLI arguments -> run()'s keyword options
+
+`invoke(stage, args)` is what `wsi-pipeline {name}` does: config (with overrides), manifest, the
+resolved config recorded as RUN/configs/{name}.yaml, run, print the report. So calling `run` from
+Python with the same config and options does exactly what the command does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from wsi_pipeline.config import Config
+
+
+@dataclass
+class StageReport:
+    """Per-item status (done / skipped / failed with its one-line error), outputs and run problems.
+
+    Items are slides for most stages, cohorts for train. `outputs[item]` is what the stage wrote
+    for the item (a dict of results, or a path); `details` holds stage-wide results (also readable
+    as attributes: `report.metrics_csv`). `report[item]` gives one item's record."""
+
+    stage: str
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    # Run-level problems, one line each: failure records or failures.csv that could not be written.
+    problems: list[str] = field(default_factory=list)
+    outputs: dict[str, object] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)      # extra result lines (stdout)
+    warnings: list[str] = field(default_factory=list)   # extra problem lines (stderr)
+    failures_csv: bool = True                           # failures go to RUN/failures.csv
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.problems
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def status(self, item: str) -> str | None:
+        if item in self.failed:
+            return "failed"
+        return "done" if item in self.done else "skipped" if item in self.skipped else None
+
+    def __getitem__(self, item: str) -> dict:
+        if self.status(item) is None and item not in self.outputs:
+            raise KeyError(item)
+        record = {"status": self.status(item)}
+        if item in self.failed:
+            record["error"] = self.failed[item]
+        output = self.outputs.get(item)
+        record.update(output if isinstance(output, dict) else {} if output is None else {"output": output})
+        return record
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*self.outputs, *self.done, *self.skipped, *self.failed]))
+
+    def items(self):
+        return [(item, self[item]) for item in self]
+
+    def __getattr__(self, name: str):
+        details = self.__dict__.get("details") or {}
+        if name in details:
+            return details[name]
+        raise AttributeError(name)
+
+    def merge(self, other: "StageReport") -> None:
+        self.done.extend(other.done)
+        self.skipped.extend(other.skipped)
+        self.failed.update(other.failed)
+        self.problems.extend(other.problems)
+
+    def summary(self) -> str:
+        text = (f"{self.stage}: {len(self.done)} done, {len(self.skipped)} already complete, "
+                f"{len(self.failed)} failed")
+        return "\n".join([text, *(f"{self.stage}: {p}" for p in self.problems), *self.notes])
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One CLI argument: argparse's flags and keywords, kept as data so the CLI is built from it."""
+    flags: tuple[str, ...]
+    options: dict
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(*self.flags, **self.options)
+
+
+def arg(*flags: str, **options) -> Arg:
+    return Arg(tuple(flags), options)
+
+
+# Arguments most stages share.
+MANIFEST = arg("--manifest", required=True, help="slide manifest CSV (see manifests/README.md)")
+CONFIG = arg("--config", default=None, help="YAML config (default: built-in defaults)")
+SLIDES = arg("--slides", default=None, help="comma-separated slide_ids to process (default: all)")
+EXCLUDE = arg("--exclude-slides", default=None, metavar="A,B",
+              help="comma-separated slide_ids to leave out (e.g. slides whose extraction failed)")
+FORCE = arg("--force", action="store_true", help="redo slides whose outputs are complete")
+NO_PROGRESS = arg("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    sections: tuple[str, ...]
+    run: Callable[..., StageReport]
+    args: tuple[Arg, ...] = ()
+    run_arg: tuple[str, ...] = ("out",)      # the argument naming the run folder (first one given)
+    overrides: dict[str, str] = field(default_factory=dict)
+    options: Callable[[argparse.Namespace], dict] = lambda args: {}
+    require_labels: bool = False
+    check_args: Callable[[argparse.Namespace], None] | None = None     # names in the arguments, first
+    check: Callable[[Config, argparse.Namespace], None] | None = None  # the config, before anything is written
+    record_root_config: bool = False         # also RUN/config.yaml (the data stages, as before)
+
+    @property
+    def run_flag(self) -> str:
+        """The flag the workflow passes the run folder with (the required one of `run_arg`)."""
+        return "--" + self.run_arg[-1].replace("_", "-")
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        for a in self.args:
+            a.add_to(parser)
+
+    def config(self, args: argparse.Namespace) -> Config:
+        """The config file (or defaults) with this stage's CLI overrides applied."""
+        import dataclasses
+
+        from wsi_pipeline.config import load_config
+
+        cfg = load_config(getattr(args, "config", None))
+        by_section: dict[str, dict] = {}
+        for dest, key in self.overrides.items():
+            value = getattr(args, dest, None)
+            if value is not None:
+                section, name = key.split(".")
+                by_section.setdefault(section, {})[name] = value
+        for section, values in by_section.items():
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+        return cfg
+
+
+def check_model_arg(args: argparse.Namespace) -> None:
+    """--model names a folder under RUN: a safe name, checked before anything is written."""
+    from wsi_pipeline.names import check_name
+
+    if getattr(args, "model", None) is not None:
+        check_name(args.model, "--model")
+
+
+def split_list(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def invoke(stage: Stage, args: argparse.Namespace) -> int:
+    """`wsi-pipeline {stage.name} ...`: the stage's `run` on the inputs the arguments name."""
+    from wsi_pipeline.config import save_resolved_config
+    from wsi_pipeline.manifest import load_manifest
+
+    if stage.check_args is not None:
+        stage.check_args(args)
+    cfg = stage.config(args)
+    manifest = load_manifest(args.manifest, require_labels=stage.require_labels)
+    if getattr(args, "exclude_slides", None):
+        manifest = manifest.without(split_list(args.exclude_slides))
+    if getattr(args, "slides", None):
+        manifest = manifest.select(split_list(args.slides))
+    if stage.check is not None:
+        stage.check(cfg, args)
+    run_dir = Path(next(v for v in (getattr(args, a) for a in stage.run_arg) if v))
+    if stage.record_root_config:
+        save_resolved_config(cfg, run_dir)
+    save_resolved_config(cfg, run_dir, stage=stage.name)
+    options = stage.options(args)
+    if hasattr(args, "force"):
+        options["force"] = args.force
+    report = stage.run(manifest, cfg, run_dir, progress=not args.no_progress, **options)
+    print(report.summary())
+    for line in report.warnings:
+        print(line, file=sys.stderr)
+    if report.failed and report.failures_csv and not any("failures.csv" in p for p in report.problems):
+        print(f"failed slides are listed in {run_dir}/failures.csv", file=sys.stderr)
+    return report.exit_code

@@ -1,0 +1,356 @@
+"""Patient-level k-fold cross-validation of one MIL aggregator per cohort (the train stage's work).
+
+`cross_validate(manifest, cfg, run, features_run, model_name, cohorts, progress)` checks every input
+of every requested cohort before any training (`PipelineError` listing all problems), then per
+cohort: splits (reused while rows and settings are unchanged), one checkpoint per fold (skipped when
+current: its config hash covers settings, split and each slide's features hash), out-of-fold
+predictions.csv and metrics.json. File layout and guarantees: stages/train.py's docstring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from ..config import Config
+from ..errors import PipelineError, SlideError
+from ..io import STORAGE_ERRNOS, describe_os_error
+from ..manifest import Manifest, SlideRecord
+from ..run_folder import RunFolder
+
+STAGE = "train"
+FOLD_FORMAT_VERSION = 1
+log = logging.getLogger("wsi_pipeline")
+
+
+def cross_validate(manifest: Manifest, cfg: Config, run: RunFolder, features_run: RunFolder, model_name: str,
+                   cohorts: list[str] | None = None, progress: bool = True) -> dict:
+    """{cohort: result}; result["status"] is "done" (with model_dir, splits, folds_trained,
+    folds_skipped, metrics (pooled), predictions, metrics_path) or "failed" (error): a cohort failing
+    during training does not stop the others. Input problems raise before any training."""
+    plans = _preflight(manifest, cfg, model_name, cohorts, features_run)
+    results = {}
+    for plan in plans:
+        try:
+            results[plan["cohort"]] = _train_cohort(plan, cfg, model_name, run, features_run, progress)
+        except PipelineError as exc:
+            log.error("train %s / %s failed: %s", model_name, plan["cohort"], exc)
+            results[plan["cohort"]] = {"status": "failed", "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 — other cohorts still train; keep the traceback
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:  # disk full, read-only: one line
+                message = describe_os_error(exc)
+            else:
+                where = run.log_traceback(STAGE, f"{model_name} / cohort {plan['cohort']}")
+                message = f"unexpected {type(exc).__name__}: {exc} ({where})"
+            log.error("train %s / %s failed: %s", model_name, plan["cohort"], message)
+            results[plan["cohort"]] = {"status": "failed", "error": message}
+        finally:
+            plan["bags"] = None  # free the cohort's features before the next one
+    return results
+
+
+def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, features_run: RunFolder) -> list[dict]:
+    """Check every input of every requested cohort; returns one plan per cohort or raises."""
+    from ..models.mil import create_aggregator, list_aggregators
+    from .splits import check_cohort_size
+
+    train = cfg.train
+    if model_name not in list_aggregators():
+        raise PipelineError(f"unknown model {model_name!r}; registered aggregators: {', '.join(list_aggregators())}")
+    known = sorted({r.cohort for r in manifest})
+    wanted = known if cohorts is None else list(dict.fromkeys(cohorts))
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise PipelineError(f"cohort(s) {', '.join(map(repr, unknown))} not in the manifest; "
+                            f"its cohorts: {', '.join(known)}")
+
+    # Cheap checks first (labels, classes, sizes, files), all reported together.
+    problems, plans = [], []
+    encoder = cfg.extract.encoder
+    for cohort in wanted:
+        records = sorted((r for r in manifest if r.cohort == cohort), key=lambda r: r.slide_id)
+        unlabelled = [r.slide_id for r in records if not r.label]
+        if unlabelled:
+            problems.append(f"cohort {cohort!r}: slide(s) without a label: {', '.join(unlabelled)}")
+            continue
+        classes = [str(c) for c in train.classes] or sorted({r.label for r in records})
+        outside = [r for r in records if r.label not in classes]
+        for r in outside:
+            problems.append(f"slide {r.slide_id!r} (cohort {cohort!r}): label {r.label!r} is not one of "
+                            f"the classes {classes}")
+        if outside:
+            continue
+        if len(classes) < 2:
+            problems.append(f"cohort {cohort!r}: only one class ({classes[0]!r}); training needs >= 2 "
+                            f"(set train.classes or add slides of another class)")
+            continue
+        try:
+            check_cohort_size(records, classes, train.folds, cohort)
+        except PipelineError as exc:
+            problems.append(str(exc))
+        missing = [r for r in records if not features_run.features_h5(encoder, r.slide_id).is_file()]
+        if missing:
+            folder = features_run.features_dir(encoder)
+            hint = "" if folder.is_dir() else f"; the folder {folder} does not exist"
+            problems.append(f"cohort {cohort!r}: {len(missing)} slide(s) without features in {folder} "
+                            f"(run the extract stage with encoder {encoder!r}{hint}): "
+                            f"{', '.join(r.slide_id for r in missing)}")
+        plans.append({"cohort": cohort, "records": records, "classes": classes, "bags": None})
+    _raise_problems(problems)
+
+    # Then the features' contents. One cohort (the Snakemake job) keeps its bags from this scan;
+    # with several, each cohort is re-read when it trains so only one is in memory at a time.
+    for plan in plans:
+        bags, dims, bag_problems = _load_bags(plan["records"], plan["classes"], encoder, features_run)
+        problems += bag_problems
+        if len(dims) > 1:
+            by_dim = sorted(dims.items(), key=lambda kv: -len(kv[1]))
+            problems.append(f"cohort {plan['cohort']!r}: features of different dimensions: " + "; ".join(
+                f"D={d}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}" for d, ids in by_dim))
+        plan["in_dim"] = next(iter(dims)) if len(dims) == 1 else None
+        plan["bags"] = bags if len(plans) == 1 else None
+    _raise_problems(problems)
+
+    for plan in plans:
+        try:
+            create_aggregator(model_name, plan["in_dim"], len(plan["classes"]), **train.model_args)
+        except TypeError as exc:
+            raise PipelineError(f"train.model_args {train.model_args!r} do not fit aggregator "
+                                f"{model_name!r}: {exc}") from None
+        except ValueError as exc:
+            raise PipelineError(f"aggregator {model_name!r} rejects its settings "
+                                f"(train.model_args {train.model_args!r}): {exc}") from None
+    return plans
+
+
+def _raise_problems(problems: list[str]) -> None:
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise PipelineError(f"train: {len(problems)} problem(s), nothing was trained\n{lines}")
+
+
+def _load_bags(records: list[SlideRecord], classes: list[str], encoder: str, features_run: RunFolder):
+    """Load every slide's bag → ({slide_id: Bag}, {dim: [slide_ids]}, problems)."""
+    from .bags import Bag, load_bag
+
+    class_index = {c: i for i, c in enumerate(classes)}
+    bags, dims, problems = {}, defaultdict(list), []
+    for r in records:
+        try:
+            features, coords, attrs = load_bag(features_run.features_h5(encoder, r.slide_id), r.slide_id)
+        except SlideError as exc:
+            problems.append(str(exc))
+            continue
+        dims[features.shape[1]].append(r.slide_id)
+        bags[r.slide_id] = Bag(r.slide_id, r.patient_id, class_index[r.label], features, coords,
+                               str(attrs.get("config_hash", "")))
+    return bags, dict(dims), problems
+
+
+def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str, in_dim: int,
+                     train, fold) -> dict:
+    """What a fold's checkpoint depends on; hashed into config.json's config_hash."""
+    return {
+        "model": model_name, "model_args": model_args, "classes": list(classes), "encoder": encoder,
+        "in_dim": in_dim, "lr": train.lr, "weight_decay": train.weight_decay, "epochs": train.epochs,
+        "patience": train.patience, "min_delta": train.min_delta, "balance": train.balance, "grad_accumulation": train.grad_accumulation,
+        "seed": train.seed, "deterministic": train.deterministic, "standardize": train.standardize,
+        "warmup_epochs": train.warmup_epochs, "instance_loss_weight": train.instance_loss_weight,
+        "instance_topk": train.instance_topk, "fold": fold.fold,
+        "train": list(fold.train), "val": list(fold.val), "test": list(fold.test),
+    }
+
+
+def _hash(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fold_hash(fold, model_name: str, train, classes, encoder: str, in_dim: int, bags: dict) -> str:
+    """A fold checkpoint's config hash: its settings, its split and each of its slides' features hash."""
+    payload = fold_config_hash(model_name=model_name, model_args=train.model_args, classes=classes,
+                               encoder=encoder, in_dim=in_dim, train=train, fold=fold)
+    payload["features"] = {sid: bags[sid].features_hash for sid in fold.train + fold.val + fold.test}
+    return _hash(payload)
+
+
+def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, features_run: RunFolder,
+                  progress: bool) -> dict:
+    import numpy as np
+
+    from ..io import remove_stale_temps, write_csv_atomic, write_json_atomic
+    from ..models.mil import create_aggregator
+    from .checkpoints import (fold_dirs, fold_is_complete, load_fold_model, read_fold_meta, save_fold_model,
+                              stamp_training_run)
+    from .metrics import classification_metrics
+    from .runs import RUN_ID_KEY
+    from .splits import load_or_make_splits
+    from .standardize import InputStandardizer
+    from .trainer import (deterministic_algorithms, predict_probs, resolve_device,
+                           seed_everything, train_fold)
+
+    train, encoder = cfg.train, cfg.extract.encoder
+    cohort, records, classes = plan["cohort"], plan["records"], plan["classes"]
+    out_dir = run.mil_dir(model_name, cohort)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)
+    device = resolve_device(train.device)
+
+    splits, split_status = load_or_make_splits(out_dir / "splits.json", records, classes, train.folds,
+                                               train.val_fraction, train.seed, cohort)
+    log.info("train %s / %s: %d slides, classes %s, %d folds (splits %s)", model_name, cohort,
+             len(records), classes, train.folds, split_status)
+    for stale in fold_dirs(out_dir):  # a previous run with more folds
+        if int(stale.name.split("_")[1]) >= splits.n_folds:
+            log.warning("removing %s: not a fold of the current %d-fold split", stale, splits.n_folds)
+            shutil.rmtree(stale)
+
+    bags = plan["bags"]
+    if bags is None:
+        bags, _, problems = _load_bags(records, classes, encoder, features_run)
+        _raise_problems(problems)
+    in_dim = plan["in_dim"]
+    by_id = {r.slide_id: r for r in records}
+
+    # Which folds are current is decided before any is touched: a run that will change any of
+    # them is a new training run (see _start_training_run).
+    hashes = {f.fold: _fold_hash(f, model_name, train, classes, encoder, in_dim, bags) for f in splits.folds}
+    current = {k: fold_is_complete(out_dir / f"fold_{k}") and _meta_hash(out_dir / f"fold_{k}", read_fold_meta) == h
+               for k, h in hashes.items()}
+    run_id = _start_training_run(out_dir, current)
+
+    rows, fold_metrics, trained, skipped = [], [], [], []
+    for fold in splits.folds:
+        fold_dir = out_dir / f"fold_{fold.fold}"
+        remove_stale_temps(fold_dir)
+        config_hash = hashes[fold.fold]
+        test_bags = [bags[s] for s in fold.test]
+        desc = f"{cohort} fold {fold.fold}"
+        if current[fold.fold]:
+            model, meta = load_fold_model(fold_dir, device=device)
+            if run_id is not None:  # this run adopts the fold (no write when it is already its own)
+                meta = stamp_training_run(fold_dir, run_id)
+            skipped.append(fold.fold)
+            log.info("%s: checkpoint complete and current, not retrained", desc)
+        else:
+            seed_everything(train.seed + fold.fold)
+            with deterministic_algorithms(train.deterministic):
+                model = create_aggregator(model_name, in_dim, len(classes), **train.model_args)
+                if train.standardize:  # statistics of the training fold's instances only
+                    model = InputStandardizer.fit(model, [bags[s] for s in fold.train])
+                result = train_fold(
+                    model, [bags[s] for s in fold.train], [bags[s] for s in fold.val],
+                    n_classes=len(classes), lr=train.lr, weight_decay=train.weight_decay,
+                    epochs=train.epochs, patience=train.patience, balance=train.balance,
+                    grad_accumulation=train.grad_accumulation, seed=train.seed + fold.fold,
+                    device=device, progress=progress, desc=desc, warmup_epochs=train.warmup_epochs,
+                    instance_loss_weight=train.instance_loss_weight, instance_topk=train.instance_topk,
+                    min_delta=train.min_delta)
+            meta = {
+                "format_version": FOLD_FORMAT_VERSION,
+                "model": model_name, "in_dim": in_dim, "n_classes": len(classes), "classes": classes,
+                "model_args": train.model_args, "encoder": encoder, "cohort": cohort,
+                "fold": fold.fold, "n_folds": splits.n_folds,
+                "train_slide_ids": list(fold.train), "val_slide_ids": list(fold.val),
+                "test_slide_ids": list(fold.test),
+                "best_epoch": result.best_epoch, "best_monitored_loss": result.best_val_loss,
+                "monitored": result.monitored, "epochs_run": result.epochs_run,
+                "stopped_early": result.stopped_early, "history": result.history,
+                "config_hash": config_hash, "train_config": _jsonable(train), "device": str(device),
+                "versions": _versions(),
+                RUN_ID_KEY: run_id,
+            }
+            save_fold_model(model, fold_dir, meta)
+            trained.append(fold.fold)
+            log.info("%s: best epoch %d of %d (%s %.4f)", desc, result.best_epoch, result.epochs_run,
+                     result.monitored, result.best_val_loss)
+        probs = predict_probs(model, test_bags, device)
+        for bag, p in zip(test_bags, probs):
+            r = by_id[bag.slide_id]
+            rows.append([r.slide_id, r.patient_id, cohort, fold.fold, r.label, *[float(x) for x in p]])
+        y = np.array([b.label for b in test_bags])
+        fold_metrics.append({"fold": fold.fold, "best_epoch": meta["best_epoch"],
+                             **classification_metrics(y, probs, n_bootstrap=train.bootstrap, seed=train.seed,
+                                                      groups=[b.patient_id for b in test_bags])})
+        del model
+
+    rows.sort(key=lambda row: row[0])
+    header = ["slide_id", "patient_id", "cohort", "fold", "label", *[f"prob_{c}" for c in classes]]
+    predictions_path = out_dir / "predictions.csv"
+    write_csv_atomic(predictions_path, header, rows)
+
+    class_index = {c: i for i, c in enumerate(classes)}
+    y_all = np.array([class_index[row[4]] for row in rows])
+    probs_all = np.array([row[5:] for row in rows], dtype=np.float64)
+    pooled = classification_metrics(y_all, probs_all, n_bootstrap=train.bootstrap, seed=train.seed,
+                                     groups=[row[1] for row in rows])
+    pooled["n_patients"] = len({row[1] for row in rows})
+    metrics = {
+        "model": model_name, "cohort": cohort, "encoder": encoder, "classes": classes,
+        "n_folds": splits.n_folds, RUN_ID_KEY: run_id,
+        "auc": ("ROC AUC of prob_" + classes[-1] if len(classes) == 2 else "one-vs-rest macro ROC AUC"),
+        "ci": (f"95% percentile bootstrap over patients, {train.bootstrap} resamples, seed {train.seed}; "
+               f"resamples where a metric is undefined are skipped"),
+        "pooled": pooled,
+        "folds": fold_metrics,
+    }
+    metrics_path = out_dir / "metrics.json"
+    write_json_atomic(metrics_path, metrics)
+    return {"status": "done", "model_dir": str(out_dir), "splits": split_status, "folds_trained": trained,
+            "folds_skipped": skipped, "metrics": pooled, "predictions": str(predictions_path),
+            "metrics_path": str(metrics_path)}
+
+
+def _start_training_run(out_dir: Path, current: dict[int, bool]) -> str | None:
+    """The training run id this pass records in its folds and metrics.json.
+
+    When every fold is current and the folds already share one run id, nothing is retrained and
+    that run goes on (None: old checkpoints without ids, left as they are). Otherwise this is a new
+    run: metrics.json and predictions.csv describe the folds about to change, so they are removed
+    before any training (a retrain killed part-way leaves none, rather than the old run's), and
+    each fold gets the new id as it is trained or reused (see training/runs.py).
+    """
+    from .checkpoints import read_fold_meta
+    from .runs import RUN_ID_KEY, new_training_run_id
+
+    if all(current.values()):
+        ids = {read_fold_meta(out_dir / f"fold_{k}").get(RUN_ID_KEY) for k in current}
+        if len(ids) == 1:
+            return ids.pop()
+    for name in ("metrics.json", "predictions.csv"):
+        (out_dir / name).unlink(missing_ok=True)
+    run_id = new_training_run_id()
+    log.info("training run %s in %s (%d of %d fold(s) current)", run_id, out_dir,
+             sum(current.values()), len(current))
+    return run_id
+
+
+def _meta_hash(fold_dir: Path, read_fold_meta) -> str | None:
+    try:
+        return read_fold_meta(fold_dir).get("config_hash")
+    except PipelineError:
+        return None
+
+
+def _jsonable(section) -> dict:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(section), default=str))
+
+
+def _versions() -> dict:
+    import h5py
+    import numpy as np
+    import safetensors
+    import sklearn
+    import torch
+
+    from wsi_pipeline import __version__
+
+    return {"wsi_pipeline": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "scikit_learn": sklearn.__version__, "safetensors": safetensors.__version__,
+            "h5py": h5py.__version__, "python": platform.python_version()}
