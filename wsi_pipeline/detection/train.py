@@ -241,7 +241,7 @@ def train_detector(train_items: Sequence[TrainSlide], val_items: Sequence[TrainS
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if params.hard_negative_fraction > 0:
                 _mine_hard_negatives(train, out, origins, params)
         model.eval()
