@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Later stages own their arguments: each stages/<name>.py has add_arguments(p) and cli(args) -> int.
     # Their modules import torch lazily, inside cli(), so `wsi-pipeline --help` stays fast.
     for name, help_text in _STAGE_COMMANDS.items():
-        if importlib.util.find_spec(f"stages.{name}") is None:
+        if importlib.util.find_spec(f"stages.{_STAGE_MODULES.get(name, name)}") is None:
             continue  # stage not part of this installation
         p = sub.add_parser(name, help=help_text)
-        _stage_module(name).add_arguments(p)
+        _stage_entry(name)[0](p)
 
     p = sub.add_parser("encoders", help="list registered encoders")
 
@@ -68,11 +68,23 @@ _STAGE_COMMANDS = {
     "heatmap": "stage 4: per-patch score heatmaps (PNG overlay, pyramidal TIFF, QuPath GeoJSON, top-k patches)",
     "segment": "stage 4b: weakly supervised lesion segmentation from CAMs (FMaMIL stage 2)",
     "run": "the whole workflow (Snakemake): tile -> extract -> train -> heatmap",
+    "train-detector": "train a cell/mitosis detector (Mamba CenterNet) on annotated slides",
+    "detect": "whole-slide cell/mitosis detection: QuPath GeoJSON, CSV, MIDOG JSON, summary with hotspot",
+    "eval-detect": "MIDOG-style evaluation: thresholds on validation slides, F1 on held-out slides",
 }
+# Commands served by a stage module of another name; such a module has COMMANDS = {command: (add_arguments, cli)}.
+_STAGE_MODULES = {"train-detector": "detect", "eval-detect": "detect"}
 
 
 def _stage_module(name: str):
-    return importlib.import_module(f"stages.{name}")
+    return importlib.import_module(f"stages.{_STAGE_MODULES.get(name, name)}")
+
+
+def _stage_entry(name: str):
+    """(add_arguments, cli) of command `name`."""
+    module = _stage_module(name)
+    commands = getattr(module, "COMMANDS", None)
+    return commands[name] if commands else (module.add_arguments, module.cli)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +151,7 @@ def _dispatch(args) -> int:
         return _finish(report, args.out)
 
     if args.command in _STAGE_COMMANDS:
-        return _stage_module(args.command).cli(args)
+        return _stage_entry(args.command)[1](args)
 
     if args.command == "encoders":
         from .encoders import get_spec, list_encoders

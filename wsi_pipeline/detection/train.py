@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,7 @@ from ..models.detect import create_detector
 from ..slides import open_slide
 from .annotations import Points
 from .checkpoint import save_detector
+from .params import DetectTrainParams
 from .matching import MIDOG_RADIUS_UM
 from .peaks import find_peaks
 from .region import read_work_region, slide_tissue, work_size
@@ -33,30 +35,6 @@ from .stain import hed_jitter
 from .targets import focal_loss, gaussian_targets, offset_loss
 
 log = logging.getLogger("wsi_pipeline.detect")
-
-
-@dataclass(frozen=True)
-class DetectTrainParams:
-    detector: str = "mamba_centernet_tiny"
-    model_args: dict = field(default_factory=dict)
-    classes: tuple = ("nucleus-normal", "nucleus-tumour", "mitosis")
-    rare_classes: tuple = ("mitosis",)
-    work_mpp: float = 0.5
-    sigma_um: float = 2.0
-    crop_px: int = 128
-    batch_size: int = 8
-    epochs: int = 20
-    steps_per_epoch: int = 30
-    val_crops: int = 32
-    lr: float = 2e-3
-    offset_weight: float = 1.0
-    rare_fraction: float = 0.3
-    hard_negative_fraction: float = 0.15
-    stain_sigma: float = 0.05
-    stain_bias: float = 0.02
-    patience: int = 4
-    seed: int = 0
-    device: str = "cpu"
 
 
 @dataclass
@@ -227,6 +205,7 @@ def train_detector(train_items: Sequence[TrainSlide], val_items: Sequence[TrainS
     total = params.epochs * params.steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
     best, best_state, history, stale = math.inf, None, [], 0
+    started = time.monotonic()
     for epoch in range(1, params.epochs + 1):
         model.train()
         losses = []
@@ -259,14 +238,14 @@ def train_detector(train_items: Sequence[TrainSlide], val_items: Sequence[TrainS
             stale += 1
             if stale >= params.patience:
                 break
+        if params.time_limit_min and time.monotonic() - started >= 60 * params.time_limit_min:
+            log.info("detector: time limit of %.1f min reached after epoch %d", params.time_limit_min, epoch)
+            break
     model.load_state_dict(best_state)
     config = {"detector": params.detector, "model_args": dict(params.model_args), "classes": list(params.classes),
-              "work_mpp": params.work_mpp, "sigma_um": params.sigma_um, "params": _jsonable(asdict(params)),
+              "work_mpp": params.work_mpp, "sigma_um": params.sigma_um, "params": asdict(params),
               "train_slides": [i.slide_id for i in train_items], "val_slides": [i.slide_id for i in val_items],
               "best_val_loss": best, "history": history}
     save_detector(out_dir, model.cpu(), config)
     return config
 
-
-def _jsonable(d: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
