@@ -131,7 +131,10 @@ def eval_cli(args) -> int:
     val, test = _ids(args.val_slides), _ids(args.test_slides)
     if set(val) & set(test):
         raise ConfigError(f"--val-slides and --test-slides overlap: {sorted(set(val) & set(test))}")
-    ckpt = json.loads((run.detect_dir(model_name) / "model" / "config.json").read_text(encoding="utf-8"))
+    ckpt_config = run.detect_dir(model_name) / "model" / "config.json"
+    if not ckpt_config.is_file():
+        raise ConfigError(f"no detector in {ckpt_config.parent}: run train-detector and detect first")
+    ckpt = json.loads(ckpt_config.read_text(encoding="utf-8"))
     used = set(ckpt.get("train_slides", [])) | set(ckpt.get("val_slides", []))
     if used & set(test):
         raise ConfigError(f"test slides were used in training: {sorted(used & set(test))}")
