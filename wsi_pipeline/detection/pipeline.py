@@ -14,8 +14,7 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
-
+from ..errors import PipelineError
 from ..io import write_json_atomic
 from ..run_folder import RunFolder
 from ..slides import open_slide
@@ -94,7 +93,10 @@ def evaluate_run(records_val, records_test, run: RunFolder, model_name: str, cla
         for r in records:
             with open_slide(r.path, slide_id=r.slide_id, mpp_override=r.mpp) as slide:
                 mpp, wh = slide.mpp, slide.dimensions
-            pxy, score, pcls = read_candidates(run.detect_file(model_name, r.slide_id, "candidates.csv"), classes)
+            cand = run.detect_file(model_name, r.slide_id, "candidates.csv")
+            if not cand.is_file():
+                raise PipelineError(f"slide {r.slide_id!r}: no detections {cand}; run `wsi-pipeline detect` first")
+            pxy, score, pcls = read_candidates(cand, classes)
             truth = slide_truth(r, dcfg, classes, wh)
             out[r.slide_id] = (pxy * mpp, score, pcls, truth.xy * mpp, truth.cls)
         return out
@@ -109,11 +111,10 @@ def evaluate_run(records_val, records_test, run: RunFolder, model_name: str, cla
 
 
 def nucleus_f1(metrics: dict, names=("nucleus-normal", "nucleus-tumour")) -> float:
-    """Class-agnostic-free summary: micro F1 over the nucleus classes (their counts summed)."""
+    """Micro F1 over the nucleus classes together (their counts summed; each class matched on its own)."""
     tp = sum(metrics["classes"][n]["tp"] for n in names if n in metrics["classes"])
     fp = sum(metrics["classes"][n]["fp"] for n in names if n in metrics["classes"])
     fn = sum(metrics["classes"][n]["fn"] for n in names if n in metrics["classes"])
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
 
 
-__all__ = ["detect_one", "evaluate_run", "resolve_thresholds", "slide_truth", "nucleus_f1", "np"]
