@@ -104,3 +104,14 @@ def test_hotspot_equals_brute_force():
             assert (((xy[:, 0] >= rx) & (xy[:, 0] <= rx + side) & (xy[:, 1] >= ry)
                      & (xy[:, 1] <= ry + side)).sum() <= count)
     assert hotspot(np.zeros((0, 2)), 10) == (0, 0.0, 0.0)
+
+
+def test_rare_class_group_is_not_hidden_by_a_stronger_neighbour():
+    heat = torch.zeros(1, 3, 16, 16)
+    heat[0, 1, 8, 8] = 0.9          # tumour nucleus
+    heat[0, 2, 8, 9] = 0.6          # mitosis beside it, weaker
+    off = torch.zeros(1, 2, 16, 16)
+    (_, _, _, cls), = find_peaks(heat, off, 0.3, nms_px=2)
+    assert cls.tolist() == [1]
+    (ixy, _, score, cls), = find_peaks(heat, off, 0.3, nms_px=2, groups=[[0, 1], [2]])
+    assert cls.tolist() == [1, 2] and ixy.tolist() == [[8, 8], [9, 8]] and np.allclose(score, [0.9, 0.6])

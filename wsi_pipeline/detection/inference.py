@@ -66,7 +66,8 @@ def predict_maps(model, images_uint8: np.ndarray, device) -> tuple[torch.Tensor,
 def detect_slide(model, slide: Slide, sink: Callable[[np.ndarray, np.ndarray, np.ndarray], None], *,
                  work_mpp: float, core_px: int, margin_px: int, min_score: float, nms_px: int,
                  tissue_mask: np.ndarray | None = None, mask_mpp: float | None = None,
-                 batch_size: int = 4, device: str | torch.device = "cpu", progress: bool = False) -> dict:
+                 batch_size: int = 4, device: str | torch.device = "cpu", progress: bool = False,
+                 class_groups: list[list[int]] | None = None) -> dict:
     """Detect objects over the slide's tissue; returns {"n_tiles", "n_detections", "work_mpp"}."""
     if core_px < 1 or margin_px < 0:
         raise ValueError("core_px must be >= 1 and margin_px >= 0")
@@ -85,7 +86,7 @@ def detect_slide(model, slide: Slide, sink: Callable[[np.ndarray, np.ndarray, np
         images = np.stack([read_work_region(slide, int(x) - margin_px, int(y) - margin_px, side, side, work_mpp)
                            for x, y in batch])
         heat, offset = predict_maps(model, images, device)
-        for (cx, cy), (ixy, xy, score, cls) in zip(batch, find_peaks(heat, offset, min_score, nms_px)):
+        for (cx, cy), (ixy, xy, score, cls) in zip(batch, find_peaks(heat, offset, min_score, nms_px, class_groups)):
             gx, gy = ixy[:, 0] + cx - margin_px, ixy[:, 1] + cy - margin_px
             own = (gx >= cx) & (gx < cx + core_px) & (gy >= cy) & (gy < cy + core_px) & (gx < ww) & (gy < wh)
             if own.any():

@@ -89,7 +89,8 @@ def evaluate(slides: dict, classes: list[str], thresholds: dict[str, float],
 
 def choose_thresholds(slides: dict, classes: list[str], radius_um: float = MIDOG_RADIUS_UM,
                       grid: np.ndarray | None = None) -> dict[str, float]:
-    """Per class, the score threshold with the best micro F1 over `slides` (validation slides only)."""
+    """Per class, the score threshold with the best micro F1 over `slides` (validation slides only);
+    ties go to the highest threshold (fewer detections for the same F1)."""
     grid = np.round(np.arange(0.05, 0.96, 0.025), 3) if grid is None else np.asarray(grid)
     best = {}
     for k, name in enumerate(classes):
@@ -100,5 +101,6 @@ def choose_thresholds(slides: dict, classes: list[str], radius_um: float = MIDOG
                 keep = (pcls == k) & (pscore >= t)
                 total.add(*match_points(pxy[keep], txy[tcls == k], radius_um))
             scores.append(total.f1)
-        best[name] = float(grid[int(np.argmax(scores))])
+        scores = np.asarray(scores)
+        best[name] = float(grid[int(np.flatnonzero(scores == scores.max())[-1])])
     return best

@@ -7,8 +7,25 @@ import torch
 import torch.nn.functional as F
 
 
-def find_peaks(heat: torch.Tensor, offset: torch.Tensor, min_score: float, nms_px: int = 1
-               ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def find_peaks(heat: torch.Tensor, offset: torch.Tensor, min_score: float, nms_px: int = 1,
+               groups: list[list[int]] | None = None) -> list[tuple[np.ndarray, ...]]:
+    """Peaks of each class group (default: one group of all classes), concatenated per image.
+
+    Within a group the classes compete (one object, one class); groups are independent, so a rare
+    class that looks like a common one (a mitosis beside tumour nuclei) is not hidden by its
+    neighbour's stronger score when it is its own group.
+    """
+    if groups is None:
+        return _find_peaks(heat, offset, min_score, nms_px)
+    parts = []
+    for group in groups:
+        found = _find_peaks(heat[:, group], offset, min_score, nms_px)
+        parts.append([(ixy, xy, s, np.asarray(group, dtype=np.int64)[c]) for ixy, xy, s, c in found])
+    return [tuple(np.concatenate([p[i][k] for p in parts]) for k in range(4)) for i in range(heat.shape[0])]
+
+
+def _find_peaks(heat: torch.Tensor, offset: torch.Tensor, min_score: float, nms_px: int = 1
+                ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """heat: (B, C, H, W) probabilities; offset: (B, 2, H, W) (dx, dy) px.
 
     A peak is a pixel whose best class score is >= min_score and is the maximum of the best-class

@@ -32,13 +32,20 @@ def resolve_thresholds(classes, configured: dict, thresholds_file: Path) -> dict
     return {c: float(chosen.get(c, configured.get(c, 0.5))) for c in classes}
 
 
+def class_groups(classes, rare_classes) -> list[list[int]]:
+    """Common classes compete for each peak; every rare class (mitosis) is peaked on its own."""
+    rare = [i for i, c in enumerate(classes) if c in rare_classes]
+    common = [i for i in range(len(classes)) if i not in rare]
+    return [g for g in [common, *([i] for i in rare)] if g]
+
+
 def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_hash: str, dcfg, tissue_cfg, *,
                device, backend: str = "auto", force: bool = False, progress: bool = False) -> str:
     """Detect on one manifest slide; returns "done", "refreshed" (thresholds only) or "skipped"."""
     classes = ckpt["classes"]
     thresholds = resolve_thresholds(classes, dcfg.thresholds, run.detect_dir(model_name) / "thresholds.json")
     work_mpp = float(ckpt["work_mpp"])
-    inference_key = {"checkpoint": ckpt_hash, "slide": str(record.path), "mpp": record.mpp, "tile_px": dcfg.tile_px,
+    inference_key = {"version": 2, "checkpoint": ckpt_hash, "slide": str(record.path), "mpp": record.mpp, "tile_px": dcfg.tile_px,
                      "max_object_um": dcfg.max_object_um, "min_score": dcfg.min_score, "nms_um": dcfg.nms_um,
                      "tissue": tissue_cfg.__dict__.copy()}
     done_path = run.detect_file(model_name, record.slide_id, "done.json")
@@ -63,7 +70,8 @@ def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_
                 detect_slide(model, slide, writer, work_mpp=work_mpp, core_px=dcfg.tile_px,
                              margin_px=int(math.ceil(dcfg.max_object_um / work_mpp)), min_score=dcfg.min_score,
                              nms_px=max(1, int(round(dcfg.nms_um / work_mpp))), tissue_mask=mask,
-                             mask_mpp=mask_mpp, batch_size=dcfg.batch_size, device=device, progress=progress)
+                             mask_mpp=mask_mpp, batch_size=dcfg.batch_size, device=device, progress=progress,
+                             class_groups=class_groups(classes, ckpt.get("params", {}).get("rare_classes", [])))
             except BaseException:
                 writer.abort()
                 raise
