@@ -102,3 +102,25 @@ def test_outputs_follow_qupath_geojson_rules_and_summary(tmp_path):
     assert json.loads(paths["summary"].read_text()) == summary
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["s.candidates.csv", "s.csv", "s.geojson", "s.midog", "s.summary"])
+
+
+def test_interrupted_slide_leaves_no_output(dark_dot_model, dot_slide, tmp_path):
+    """A failure mid-slide (here: the third tile) leaves neither a candidates file nor a temp."""
+    cand = tmp_path / "s.candidates.csv"
+    writer = CandidateWriter(cand, ["dot"])
+    calls = []
+
+    def failing_sink(xy, score, cls):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        writer(xy, score, cls)
+
+    with open_slide(dot_slide) as slide, pytest.raises(OSError):
+        try:
+            detect_slide(dark_dot_model, slide, failing_sink, work_mpp=0.5, core_px=64, margin_px=8,
+                         min_score=0.5, nms_px=2, batch_size=1)
+        except BaseException:
+            writer.abort()
+            raise
+    assert list(tmp_path.iterdir()) == []
