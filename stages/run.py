@@ -50,6 +50,8 @@ def add_arguments(p) -> None:
     p.add_argument("--segment", action="store_true",
                    help="also weak lesion segmentation from the model's CAMs (FMaMIL stage 2; best with "
                         "--model fmamil)")
+    p.add_argument("--detect", action="store_true",
+                   help="also dense cell/mitosis detection on every slide (RUN/detect/DETECTOR/)")
     p.add_argument("--exclude-failed", action="store_true",
                    help="go on without the slides whose tile/extract failed in an earlier run of RUN: their "
                         "cohorts train without them (default: a failed slide blocks its cohort's training)")
@@ -97,6 +99,8 @@ def snakemake_command(args) -> list[str]:
         config.append("segment=True")
     if args.exclude_failed:
         config.append("exclude_failed=True")
+    if args.detect:
+        config.append("detect=True")
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
            "--directory", str(Path(args.out).resolve()), "--profile", str(profile_dir(args.profile)),
            "--config", *config]

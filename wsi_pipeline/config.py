@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .detection.params import DetectTrainParams
 from .errors import ConfigError
 from .names import check_name
 from .segmentation.params import SegmenterFitParams
@@ -304,6 +305,52 @@ class SegmentConfig(SegmenterFitParams):
 
 
 @dataclass(frozen=True)
+class DetectConfig:
+    # Training parameters (the library's object: wsi_pipeline.detection.params.DetectTrainParams):
+    # detector, classes, work_mpp, sigma_um, crops, epochs, sampling mix, stain jitter, early stopping.
+    train: DetectTrainParams = field(default_factory=DetectTrainParams)
+    # Annotations: "" = the demo cohort's truth beside each slide ({stem}.nuclei.csv, .mitoses.csv);
+    # else a folder holding {slide_id}.csv / .geojson / .json (point CSV, QuPath GeoJSON, MIDOG/COCO).
+    annotations: str = ""
+    # Annotation class names -> detector classes (e.g. {"mitotic figure": mitosis}); names to drop.
+    class_map: dict = field(default_factory=dict)
+    ignore_classes: list = field(default_factory=list)
+    # Class counted for mitotic density and the hotspot ("" = none).
+    mitosis_class: str = "mitosis"
+    # Inference: core tile side (working px); the margin around each core is the largest object's
+    # diameter, so neighbouring windows overlap by 2x the largest object.
+    tile_px: int = 512
+    max_object_um: float = 12.0
+    # Peaks below min_score are not kept as candidates; peaks closer than nms_um are one object.
+    min_score: float = 0.1
+    nms_um: float = 2.0
+    # Score threshold per class for the outputs (missing classes: 0.5). eval-detect's choice on the
+    # validation slides (RUN/detect/{model}/thresholds.json) takes precedence when present.
+    thresholds: dict = field(default_factory=dict)
+    # MIDOG matching radius (µm).
+    match_radius_um: float = 7.5
+    batch_size: int = 4
+    # auto: cuda when available (bfloat16 autocast there), else cpu.
+    device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("tile_px", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"detect.{name}: must be >= 1")
+        for name in ("max_object_um", "nms_um", "match_radius_um"):
+            _positive(f"detect.{name}", getattr(self, name))
+        if not 0 < self.min_score < 1:
+            raise ConfigError("detect.min_score: must be in (0, 1)")
+        if self.mitosis_class and self.mitosis_class not in self.train.classes:
+            raise ConfigError(f"detect.mitosis_class: {self.mitosis_class!r} not in detect.train.classes")
+        for k, v in self.thresholds.items():
+            if k not in self.train.classes or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ConfigError(f"detect.thresholds: {k!r}: need a class of detect.train.classes and 0 < t < 1")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError("detect.device: must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
 class Config:
     slides: SlideConfig = field(default_factory=SlideConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
@@ -312,6 +359,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -119,6 +119,15 @@ class RunFolder:
             return f"traceback not saved: {describe_os_error(exc)}"
         return f"traceback in {log_path}"
 
+    # -- detection --------------------------------------------------------------------------
+    def detect_dir(self, model: str) -> Path:
+        """RUN/detect/{model}/: model/ (checkpoint), thresholds.json, eval.json, per-slide outputs."""
+        return self.inside(self.root / "detect" / self.name(model, "model"))
+
+    def detect_file(self, model: str, slide_id: str, suffix: str) -> Path:
+        """RUN/detect/{model}/{slide_id}.{suffix}: candidates.csv, csv, geojson, midog.json, summary.json, done.json."""
+        return self.inside(self.detect_dir(model) / f"{self.name(slide_id, 'slide_id')}.{suffix}")
+
     # -- failures ---------------------------------------------------------------------------
     def _failure_file(self, stage: str, slide_id: str) -> Path:
         if name_problem(slide_id) is None:

@@ -110,4 +110,6 @@ def all_targets():
             targets += [heatmap_done_path(s) for s in SLIDES]
         if config.get("segment", False):
             targets.append(SEGMENT_DONE)
+    if config.get("detect", False):
+        targets += [detect_done_path(s) for s in SLIDES]
     return targets

@@ -1,0 +1,128 @@
+"""Per-slide detection job and run-level evaluation: what `stages/detect.py` calls.
+
+A slide's outputs are made in two steps, each resumable:
+1. inference -> {slide}.candidates.csv (every peak >= min_score; streamed, atomic), recorded with
+   what it was made from (checkpoint hash, inference settings, slide file) in {slide}.done.json;
+2. thresholds -> csv / geojson / midog.json / summary.json from the candidates (cheap).
+A rerun skips a slide whose done file matches; when only the thresholds changed (eval-detect chose
+new ones) it redoes step 2 alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import PipelineError
+from ..io import write_json_atomic
+from ..run_folder import RunFolder
+from ..slides import open_slide
+from .annotations import read_truth
+from .inference import detect_slide
+from .matching import choose_thresholds, evaluate
+from .outputs import CandidateWriter, read_candidates, write_outputs
+from .region import slide_tissue
+
+OUTPUT_SUFFIXES = {"csv": "csv", "geojson": "geojson", "midog": "midog.json", "summary": "summary.json"}
+
+
+def resolve_thresholds(classes, configured: dict, thresholds_file: Path) -> dict[str, float]:
+    chosen = json.loads(thresholds_file.read_text(encoding="utf-8")) if thresholds_file.is_file() else {}
+    return {c: float(chosen.get(c, configured.get(c, 0.5))) for c in classes}
+
+
+def class_groups(classes, rare_classes) -> list[list[int]]:
+    """Common classes compete for each peak; every rare class (mitosis) is peaked on its own."""
+    rare = [i for i, c in enumerate(classes) if c in rare_classes]
+    common = [i for i in range(len(classes)) if i not in rare]
+    return [g for g in [common, *([i] for i in rare)] if g]
+
+
+def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_hash: str, dcfg, tissue_cfg, *,
+               device, backend: str = "auto", force: bool = False, progress: bool = False) -> str:
+    """Detect on one manifest slide; returns "done", "refreshed" (thresholds only) or "skipped"."""
+    classes = ckpt["classes"]
+    thresholds = resolve_thresholds(classes, dcfg.thresholds, run.detect_dir(model_name) / "thresholds.json")
+    work_mpp = float(ckpt["work_mpp"])
+    inference_key = {"version": 2, "checkpoint": ckpt_hash, "slide": str(record.path), "mpp": record.mpp, "tile_px": dcfg.tile_px,
+                     "max_object_um": dcfg.max_object_um, "min_score": dcfg.min_score, "nms_um": dcfg.nms_um,
+                     "tissue": tissue_cfg.__dict__.copy()}
+    done_path = run.detect_file(model_name, record.slide_id, "done.json")
+    cand = run.detect_file(model_name, record.slide_id, "candidates.csv")
+    paths = {k: run.detect_file(model_name, record.slide_id, v) for k, v in OUTPUT_SUFFIXES.items()}
+    done = json.loads(done_path.read_text(encoding="utf-8")) if done_path.is_file() else None
+    same_inference = (not force and done is not None and done.get("inference") == inference_key and cand.is_file())
+    if same_inference and done.get("thresholds") == thresholds and all(p.is_file() for p in paths.values()):
+        return "skipped"
+    with open_slide(record.path, slide_id=record.slide_id, backend=backend, mpp_override=record.mpp) as slide:
+        if same_inference:
+            tissue_mm2 = done["tissue_area_mm2"]
+        else:
+            t = tissue_cfg
+            mask, mask_mpp = slide_tissue(slide, t.mask_mpp, saturation_threshold=t.saturation_threshold,
+                                          min_saturation=t.min_saturation, median_kernel_um=t.median_kernel_um,
+                                          closing_um=t.closing_um, min_tissue_area_um2=t.min_tissue_area_um2)
+            tissue_mm2 = float(mask.sum()) * mask_mpp ** 2 / 1e6
+            done_path.unlink(missing_ok=True)   # the old record no longer describes the outputs
+            writer = CandidateWriter(cand, classes)
+            try:
+                detect_slide(model, slide, writer, work_mpp=work_mpp, core_px=dcfg.tile_px,
+                             margin_px=int(math.ceil(dcfg.max_object_um / work_mpp)), min_score=dcfg.min_score,
+                             nms_px=max(1, int(round(dcfg.nms_um / work_mpp))), tissue_mask=mask,
+                             mask_mpp=mask_mpp, batch_size=dcfg.batch_size, device=device, progress=progress,
+                             class_groups=class_groups(classes, ckpt.get("params", {}).get("rare_classes", [])))
+            except BaseException:
+                writer.abort()
+                raise
+            writer.commit()
+        summary = write_outputs(cand, paths, slide_id=record.slide_id, classes=classes, thresholds=thresholds,
+                                slide_mpp=slide.mpp, tissue_area_mm2=tissue_mm2,
+                                mitosis_class=dcfg.mitosis_class or None)
+    write_json_atomic(done_path, {"inference": inference_key, "thresholds": thresholds,
+                                  "tissue_area_mm2": tissue_mm2, "counts": summary["counts"]})
+    return "refreshed" if same_inference else "done"
+
+
+def slide_truth(record, dcfg, classes, slide_wh=None):
+    ann = None
+    if dcfg.annotations:
+        folder = Path(dcfg.annotations)
+        found = [folder / f"{record.slide_id}{ext}" for ext in (".csv", ".geojson", ".json")]
+        ann = next((p for p in found if p.is_file()), found[0])
+    return read_truth(record.path, classes, annotations=ann, slide_wh=slide_wh, class_map=dcfg.class_map,
+                      ignore=dcfg.ignore_classes)
+
+
+def evaluate_run(records_val, records_test, run: RunFolder, model_name: str, classes, dcfg) -> dict:
+    """Thresholds chosen on the validation slides' candidates, then MIDOG metrics on the test slides."""
+    def load(records):
+        out = {}
+        for r in records:
+            with open_slide(r.path, slide_id=r.slide_id, mpp_override=r.mpp) as slide:
+                mpp, wh = slide.mpp, slide.dimensions
+            cand = run.detect_file(model_name, r.slide_id, "candidates.csv")
+            if not cand.is_file():
+                raise PipelineError(f"slide {r.slide_id!r}: no detections {cand}; run `wsi-pipeline detect` first")
+            pxy, score, pcls = read_candidates(cand, classes)
+            truth = slide_truth(r, dcfg, classes, wh)
+            out[r.slide_id] = (pxy * mpp, score, pcls, truth.xy * mpp, truth.cls)
+        return out
+    val, test = load(records_val), load(records_test)
+    thresholds = choose_thresholds(val, classes, dcfg.match_radius_um)
+    result = {"val_slides": sorted(val), "test_slides": sorted(test),
+              "val": evaluate(val, classes, thresholds, dcfg.match_radius_um),
+              "test": evaluate(test, classes, thresholds, dcfg.match_radius_um)}
+    write_json_atomic(run.detect_dir(model_name) / "thresholds.json", thresholds)
+    write_json_atomic(run.detect_dir(model_name) / "eval.json", result)
+    return result
+
+
+def nucleus_f1(metrics: dict, names=("nucleus-normal", "nucleus-tumour")) -> float:
+    """Micro F1 over the nucleus classes together (their counts summed; each class matched on its own)."""
+    tp = sum(metrics["classes"][n]["tp"] for n in names if n in metrics["classes"])
+    fp = sum(metrics["classes"][n]["fp"] for n in names if n in metrics["classes"])
+    fn = sum(metrics["classes"][n]["fn"] for n in names if n in metrics["classes"])
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+
+
