@@ -19,6 +19,9 @@ _STAGE_OBJECTS = {
     "predict": "stages.predict:PREDICT",
     "heatmap": "stages.heatmap:HEATMAP",
     "segment": "stages.segment:SEGMENT",
+    "train-detector": "stages.detect:TRAIN_DETECTOR",
+    "detect": "stages.detect:DETECT",
+    "eval-detect": "stages.detect:EVAL_DETECT",
 }
 STAGE_NAMES = tuple(_STAGE_OBJECTS)
 

@@ -145,15 +145,14 @@ class Stage:
 
         from wsi_pipeline.config import load_config
 
+        def replace(obj, path: list[str], value):   # "detect.train.epochs": nested parameter objects
+            inner = value if len(path) == 1 else replace(getattr(obj, path[0]), path[1:], value)
+            return dataclasses.replace(obj, **{path[0]: inner})
+
         cfg = load_config(getattr(args, "config", None))
-        by_section: dict[str, dict] = {}
         for dest, key in self.overrides.items():
-            value = getattr(args, dest, None)
-            if value is not None:
-                section, name = key.split(".")
-                by_section.setdefault(section, {})[name] = value
-        for section, values in by_section.items():
-            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
+            if getattr(args, dest, None) is not None:
+                cfg = replace(cfg, key.split("."), getattr(args, dest))
         return cfg
 
 
@@ -191,7 +190,7 @@ def invoke(stage: Stage, args: argparse.Namespace) -> int:
     options = stage.options(args)
     if hasattr(args, "force"):
         options["force"] = args.force
-    report = stage.run(manifest, cfg, run_dir, progress=not args.no_progress, **options)
+    report = stage.run(manifest, cfg, run_dir, progress=not getattr(args, "no_progress", False), **options)
     print(report.summary())
     for line in report.warnings:
         print(line, file=sys.stderr)

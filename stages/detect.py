@@ -1,134 +1,107 @@
-"""Stage — detect: dense cell and mitosis detection (train-detector, detect, eval-detect).
+"""Stage — detect: dense cell and mitosis detection, with the two commands around it.
 
-Wiring only; the work is in `wsi_pipeline.detection` (training, tiled inference, outputs, MIDOG
-evaluation). Paths, all under RUN/detect/{model}/ (RunFolder checks every name):
-  model/model.safetensors + model/config.json   the detector (train-detector)
-  {slide_id}.candidates.csv, .csv, .geojson, .midog.json, .summary.json, .done.json   (detect)
-  thresholds.json, eval.json   thresholds chosen on validation slides, test metrics (eval-detect)
-torch is imported inside the commands, so `wsi-pipeline --help` stays fast.
+Three stages of the usual shape (stages/base.py), all reading the `detect:` config section:
+  train-detector   RUN/detect/{model}/model/model.safetensors + config.json (the detector)
+  detect           RUN/detect/{model}/{slide_id}.candidates.csv, .csv, .geojson, .midog.json,
+                   .summary.json, .done.json (the workflow's rule, workflow/rules/detect.smk)
+  eval-detect      RUN/detect/{model}/thresholds.json, eval.json (thresholds chosen on validation
+                   slides, metrics on held-out ones)
+Wiring only; the work is in `wsi_pipeline.detection`. RunFolder checks every name. torch is
+imported inside `run`, so `wsi-pipeline --help` stays fast.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+from pathlib import Path
 
+from wsi_pipeline.config import Config
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.manifest import Manifest
 from wsi_pipeline.run_folder import RunFolder
 
+from .base import CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg, split_list
 from .batch import run_batch
 
-STAGE = "detect"
+RUN = arg("--run", required=True, help="run folder (outputs under RUN/detect/MODEL/)")
+MODEL = arg("--model", default=None, help="output/model name (default: detect.train.detector)")
 
 
-def _common(p, slides_help="comma-separated slide_ids (default: all)") -> None:
-    p.add_argument("--manifest", required=True, help="slide manifest CSV (see manifests/README.md)")
-    p.add_argument("--run", required=True, help="run folder (outputs under RUN/detect/MODEL/)")
-    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults); section detect:")
-    p.add_argument("--model", default=None, help="output/model name (default: detect.train.detector)")
-    p.add_argument("--slides", default=None, help=slides_help)
+def _model_name(cfg: Config, run_dir, model: str | None) -> str:
+    return RunFolder(run_dir).name(model or cfg.detect.train.detector, "--model")
 
 
-def add_train_arguments(p) -> None:
-    _common(p, "comma-separated slide_ids to train on (default: all in the manifest)")
-    p.add_argument("--val-slides", default=None, help="validation slide_ids (default: a patient-level split "
-                                                      "of detect.train.val_fraction)")
-    p.add_argument("--epochs", type=int, default=None, help="override detect.train.epochs")
-
-
-def add_detect_arguments(p) -> None:
-    _common(p)
-    p.add_argument("--force", action="store_true", help="redo slides whose outputs are complete")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def add_eval_arguments(p) -> None:
-    _common(p, "unused (use --val-slides / --test-slides)")
-    p.add_argument("--val-slides", required=True, help="slide_ids the thresholds are chosen on")
-    p.add_argument("--test-slides", required=True, help="held-out slide_ids the metrics are reported on")
-
-
-def _ids(text):
-    return [s.strip() for s in text.split(",") if s.strip()] if text else None
-
-
-def _setup(args, **train_overrides):
-    import dataclasses
-
-    from wsi_pipeline.config import load_config, save_resolved_config
-    from wsi_pipeline.manifest import load_manifest
-
-    cfg = load_config(args.config)
-    if any(v is not None for v in train_overrides.values()):
-        train = dataclasses.replace(cfg.detect.train, **{k: v for k, v in train_overrides.items() if v is not None})
-        cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, train=train))
-    run = RunFolder(args.run)
-    model_name = run.name(args.model or cfg.detect.train.detector, "--model")
-    save_resolved_config(cfg, args.run)
-    return cfg, load_manifest(args.manifest), run, model_name
+def _check_model(cfg: Config, args: argparse.Namespace) -> None:
+    _model_name(cfg, args.run, args.model)   # before anything is written
 
 
 def _device(name: str) -> str:
-    import torch
+    from wsi_pipeline.devices import resolve_device
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return str(resolve_device(name, "detect.device"))
 
 
-def train_cli(args) -> int:
+def run_train_detector(manifest: Manifest, cfg: Config, run_dir: str | Path, *, model: str | None = None,
+                       train_slides: list[str] | None = None, val_slides: list[str] | None = None,
+                       progress: bool = True) -> StageReport:
+    """Train one detector on `train_slides` (default: all of the manifest); validation on
+    `val_slides` or a patient-level split of detect.train.val_fraction."""
     from wsi_pipeline.detection.pipeline import slide_truth
     from wsi_pipeline.detection.train import TrainSlide, patient_split, train_detector
 
-    cfg, manifest, run, model_name = _setup(args, epochs=args.epochs)
-    params = cfg.detect.train
-    records = manifest.select(_ids(args.slides)) if args.slides else list(manifest)
-    items = [TrainSlide(r.slide_id, r.path, r.patient_id, slide_truth(r, cfg.detect, params.classes), r.mpp)
-             for r in records]
-    if args.val_slides:
-        val_ids = set(_ids(args.val_slides))
-        val_items = [TrainSlide(r.slide_id, r.path, r.patient_id, slide_truth(r, cfg.detect, params.classes), r.mpp)
-                     for r in manifest.select(val_ids)]
-        overlap = {i.patient_id for i in items if i.slide_id not in val_ids} & {i.patient_id for i in val_items}
+    run, model_name, params = RunFolder(run_dir), _model_name(cfg, run_dir, model), cfg.detect.train
+
+    def items(records):
+        return [TrainSlide(r.slide_id, r.path, r.patient_id, slide_truth(r, cfg.detect, params.classes), r.mpp)
+                for r in records]
+
+    train_items = items(manifest.select(train_slides) if train_slides else manifest)
+    if val_slides:
+        val_ids = set(val_slides)
+        val_items = items(manifest.select(val_ids))
+        train_items = [i for i in train_items if i.slide_id not in val_ids]
+        overlap = {i.patient_id for i in train_items} & {i.patient_id for i in val_items}
         if overlap:
             raise ConfigError(f"--val-slides share patients with the training slides: {sorted(overlap)}")
-        train_items = [i for i in items if i.slide_id not in val_ids]
     else:
-        train_items, val_items = patient_split(items, params.val_fraction, params.seed)
+        train_items, val_items = patient_split(train_items, params.val_fraction, params.seed)
     out = run.detect_dir(model_name) / "model"
-    config = train_detector(train_items, val_items, params, out, progress=True)
-    print(f"detector {model_name}: {len(config['history'])} epochs, best val loss {config['best_val_loss']:.4f}; "
-          f"{out}")
-    return 0
+    config = train_detector(train_items, val_items, params, out, progress=progress)
+    report = StageReport("train-detector", done=[model_name], outputs={model_name: out}, details=config,
+                         failures_csv=False)
+    report.notes.append(f"detector {model_name}: {len(config['history'])} epochs, best val loss "
+                        f"{config['best_val_loss']:.4f}; {out}")
+    return report
 
 
-def detect_cli(args) -> int:
+def run_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, model: str | None = None,
+               force: bool = False, progress: bool = True) -> StageReport:
+    """Whole-slide detection of every slide of `manifest` with the trained detector `model`."""
     from wsi_pipeline.detection.checkpoint import checkpoint_hash, load_detector
     from wsi_pipeline.detection.pipeline import detect_one
 
-    cfg, manifest, run, model_name = _setup(args)
+    run, model_name = RunFolder(run_dir), _model_name(cfg, run_dir, model)
     device = _device(cfg.detect.device)
     ckpt_dir = run.detect_dir(model_name) / "model"
-    model, ckpt = load_detector(ckpt_dir, device)
+    detector, ckpt = load_detector(ckpt_dir, device)
     ckpt_hash = checkpoint_hash(ckpt_dir)
-    records = manifest.select(_ids(args.slides)) if args.slides else list(manifest)
 
     def process(record) -> str:
-        status = detect_one(record, run, model_name, model, ckpt, ckpt_hash, cfg.detect, cfg.tissue, device=device,
-                            backend=cfg.slides.backend, force=args.force, progress=not args.no_progress)
+        status = detect_one(record, run, model_name, detector, ckpt, ckpt_hash, cfg.detect, cfg.tissue,
+                            device=device, backend=cfg.slides.backend, force=force, progress=progress)
         return "skipped" if status == "skipped" else "done"
 
-    report = run_batch(STAGE, records, run, process, progress=not args.no_progress)
-    print(report.summary())
-    if report.failed:
-        print(f"failed slides are listed in {args.run}/failures.csv", file=sys.stderr)
-    return 0 if report.ok else 1
+    return run_batch("detect", manifest, run, process, progress=progress)
 
 
-def eval_cli(args) -> int:
-    import json
-
+def run_eval_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, val_slides: list[str],
+                    test_slides: list[str], model: str | None = None, progress: bool = True) -> StageReport:
+    """Thresholds chosen on `val_slides`, MIDOG-style metrics on the held-out `test_slides`."""
     from wsi_pipeline.detection.pipeline import evaluate_run, nucleus_f1
 
-    cfg, manifest, run, model_name = _setup(args)
-    val, test = _ids(args.val_slides), _ids(args.test_slides)
+    run, model_name = RunFolder(run_dir), _model_name(cfg, run_dir, model)
+    val, test = list(val_slides), list(test_slides)
     if set(val) & set(test):
         raise ConfigError(f"--val-slides and --test-slides overlap: {sorted(set(val) & set(test))}")
     ckpt_config = run.detect_dir(model_name) / "model" / "config.json"
@@ -139,17 +112,44 @@ def eval_cli(args) -> int:
     if used & set(test):
         raise ConfigError(f"test slides were used in training: {sorted(used & set(test))}")
     result = evaluate_run(manifest.select(val), manifest.select(test), run, model_name, ckpt["classes"], cfg.detect)
+    report = StageReport("eval-detect", done=[model_name], outputs={model_name: result}, details=result,
+                         failures_csv=False)
     for name, m in result["test"]["classes"].items():
-        print(f"test {name:16s} F1 {m['f1']:.3f}  P {m['precision']:.3f}  R {m['recall']:.3f}  "
-              f"(tp {m['tp']} fp {m['fp']} fn {m['fn']}; threshold {result['test']['thresholds'][name]})")
-    print(f"test nuclei (both classes) F1 {nucleus_f1(result['test']):.3f}; {run.detect_dir(model_name)}/eval.json")
-    return 0
+        report.notes.append(f"test {name:16s} F1 {m['f1']:.3f}  P {m['precision']:.3f}  R {m['recall']:.3f}  "
+                            f"(tp {m['tp']} fp {m['fp']} fn {m['fn']}; threshold {result['test']['thresholds'][name]})")
+    report.notes.append(f"test nuclei (both classes) F1 {nucleus_f1(result['test']):.3f}; "
+                        f"{run.detect_dir(model_name)}/eval.json")
+    return report
 
 
-HELP = {
-    "train-detector": "train a cell/mitosis detector (Mamba CenterNet) on annotated slides",
-    "detect": "whole-slide cell/mitosis detection: QuPath GeoJSON, CSV, MIDOG JSON, summary with hotspot",
-    "eval-detect": "MIDOG-style evaluation: thresholds on validation slides, F1 on held-out slides",
-}
-COMMANDS = {"train-detector": (add_train_arguments, train_cli), "detect": (add_detect_arguments, detect_cli),
-            "eval-detect": (add_eval_arguments, eval_cli)}
+# train-detector and eval-detect pick their slides themselves (--val-slides from the whole
+# manifest), so their --slides is not the generic slide filter of `invoke`: another dest.
+TRAIN_DETECTOR = Stage(
+    name="train-detector", sections=("detect",), run=run_train_detector, run_arg=("run",),
+    help="train a cell/mitosis detector (Mamba CenterNet) on annotated slides",
+    args=(MANIFEST, RUN, CONFIG, MODEL,
+          arg("--slides", dest="train_slides", default=None,
+              help="comma-separated slide_ids to train on (default: all in the manifest)"),
+          arg("--val-slides", default=None,
+              help="validation slide_ids (default: a patient-level split of detect.train.val_fraction)"),
+          arg("--epochs", type=int, default=None, help="override detect.train.epochs")),
+    overrides={"epochs": "detect.train.epochs"}, check=_check_model, record_root_config=True,
+    options=lambda a: {"model": a.model, "train_slides": split_list(a.train_slides),
+                       "val_slides": split_list(a.val_slides)})
+
+DETECT = Stage(
+    name="detect", sections=("detect", "tissue"), run=run_detect, run_arg=("run",),
+    help="whole-slide cell/mitosis detection: QuPath GeoJSON, CSV, MIDOG JSON, summary with hotspot",
+    args=(MANIFEST, RUN, CONFIG, MODEL, SLIDES, FORCE, NO_PROGRESS),
+    check=_check_model, record_root_config=True, options=lambda a: {"model": a.model})
+
+EVAL_DETECT = Stage(
+    name="eval-detect", sections=("detect",), run=run_eval_detect, run_arg=("run",),
+    help="MIDOG-style evaluation: thresholds on validation slides, F1 on held-out slides",
+    args=(MANIFEST, RUN, CONFIG, MODEL,
+          arg("--slides", dest="unused_slides", default=None, help="unused (use --val-slides / --test-slides)"),
+          arg("--val-slides", required=True, help="slide_ids the thresholds are chosen on"),
+          arg("--test-slides", required=True, help="held-out slide_ids the metrics are reported on")),
+    check=_check_model, record_root_config=True,
+    options=lambda a: {"model": a.model, "val_slides": split_list(a.val_slides),
+                       "test_slides": split_list(a.test_slides)})

@@ -45,12 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in all_stages():
         stage.add_arguments(sub.add_parser(stage.name, help=stage.help))
 
-    # Detection serves three commands from one module (stages/detect.py: COMMANDS).
-    from stages.detect import COMMANDS as DETECT_COMMANDS, HELP as DETECT_HELP
-
-    for name, (add_arguments, _) in DETECT_COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=DETECT_HELP[name]))
-
     from stages import run as workflow
 
     workflow.add_arguments(sub.add_parser("run", help=workflow.HELP))
@@ -126,10 +120,6 @@ def _dispatch(args) -> int:
         from stages import run as workflow
 
         return workflow.cli(args)
-    if args.command in ("train-detector", "detect", "eval-detect"):
-        from stages.detect import COMMANDS as DETECT_COMMANDS
-
-        return DETECT_COMMANDS[args.command][1](args)
 
     if args.command == "encoders":
         from .encoders import get_spec, list_encoders

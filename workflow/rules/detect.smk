@@ -14,7 +14,7 @@ rule train_detector:
         DETECTOR_MODEL,
     params:
         model=DETECTOR,
-        config_hash=section_hash("detect"),
+        config_hash=stage_hash("train-detector"),
         rows_hash=hashlib.sha256(
             json.dumps([[r.slide_id, str(r.path), r.patient_id, r.mpp] for r in INCLUDED]).encode()
         ).hexdigest()[:16],
@@ -41,7 +41,7 @@ rule detect:
         f"detect/{DETECTOR}/{{slide}}.done.json",
     params:
         model=DETECTOR,
-        config_hash=section_hash("detect", "tissue"),
+        config_hash=stage_hash("detect"),
         row_hash=lambda wc: slide_row_hash(wc.slide),
     log:
         f"logs/snakemake/detect/{DETECTOR}/{{slide}}.log",
