@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import stages.heatmap as heatmap_stage
+import wsi_pipeline.heatmaps as heatmap_library
 from wsi_pipeline.cli import main
 from wsi_pipeline.config import load_config
 from wsi_pipeline.features_h5 import write_features_h5
@@ -87,7 +88,7 @@ def tiny_run(tmp_path, make_slide, monkeypatch):
     write_slide_features(run, neg, "NOMODEL")
     write_fake_folds(run.mil_dir(MODEL, "demo"))
     api = FakeTrainingAPI()
-    monkeypatch.setattr(heatmap_stage, "_load_training_api",
+    monkeypatch.setattr(heatmap_library, "_load_training_api",
                         lambda device: (api.load_ensemble, api.ensemble_predict))
     return SimpleNamespace(run=run, manifest=manifest, config=config, api=api, root=tmp_path)
 
