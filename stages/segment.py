@@ -32,37 +32,25 @@ working grid), and each self-correction round predicts every training slide once
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-
 from wsi_pipeline.config import Config
-from wsi_pipeline.io import remove_stale_temps, sha256_file, write_csv_atomic, write_json_atomic
+from wsi_pipeline.io import remove_stale_temps, sha256_file, write_json_atomic
 from wsi_pipeline.manifest import Manifest, SlideRecord
 from wsi_pipeline.names import check_name
 from wsi_pipeline.run_folder import RunFolder
-from wsi_pipeline.segmentation.slide_work import METRIC_COLUMNS, CamProvider, is_negative, load_slide_work
+from wsi_pipeline.segmentation.outputs import collect_metrics, hash_json, remove_slide_temps
+from wsi_pipeline.segmentation.slide_work import CamProvider, is_negative, load_slide_work
 
 from .base import CONFIG, check_model_arg, EXCLUDE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
 from .batch import run_batch
 
+__all__ = ["SEGMENT", "remove_slide_temps", "run_segment"]
+
 STAGE = "segment"
 DONE_FORMAT_VERSION = 1
-
-
-def _hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def remove_slide_temps(run: RunFolder, slide_id: str) -> None:
-    """Temp files a dead run left for exactly this slide's outputs ({id}.tif, .geojson, .done.json):
-    other slides' jobs share the folder, and slide `X`'s names must not match slide `X.done`'s."""
-    remove_stale_temps(run.segment_dir, [run.segment_tif(slide_id), run.segment_geojson(slide_id),
-                                         run.segment_done(slide_id)])
 
 
 def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
@@ -103,7 +91,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
         return report
 
     cam_hashes = {r.slide_id: sha256_file(run.segment_cams(r.slide_id)) for r in records}
-    model_identity = _hash_json({
+    model_identity = hash_json({
         "config": training_config(cfg),
         "slides": {r.slide_id: {"path": str(r.path), "mpp": r.mpp, "cams": cam_hashes[r.slide_id],
                                 "negative": is_negative(r, cams[r.slide_id].lesion_class, cfg)}
@@ -177,26 +165,12 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
         return "done"
 
     report.merge(run_batch(STAGE, records, run, process, progress=progress))
-    metrics = report.details["metrics"]
-    for record in manifest:
-        done = run.segment_done(record.slide_id)
-        if record.slide_id in report.failed or not done.is_file():
-            continue
-        report.outputs[record.slide_id] = str(run.segment_tif(record.slide_id))
-        m = json.loads(done.read_text(encoding="utf-8")).get("metrics")
-        if m:
-            metrics[record.slide_id] = m
-    write_csv_atomic(run.segment_metrics_csv, ["slide_id", *METRIC_COLUMNS],
-                     [[sid, *(f"{m[k]:.4f}" if k != "truth_lesion_um2" else f"{m[k]:.0f}" for k in METRIC_COLUMNS)]
-                      for sid, m in metrics.items()])
+    outputs, metrics, note = collect_metrics(run, [r.slide_id for r in manifest], report.failed)
+    report.outputs.update(outputs)
+    report.details["metrics"].update(metrics)
     run.write_failures_csv()
-    with_lesion = [m for m in metrics.values() if m["truth_lesion_um2"] > 0]
-    if with_lesion:
-        # Slides without a true lesion score 1.0 or 0.0 (empty masks); the mean is over the others.
-        mean = {k: float(np.mean([m[k] for m in with_lesion])) for k in ("dice_cam", "dice")}
-        report.notes.append(f"segment: mean Dice vs ground truth over {len(with_lesion)} slide(s) with a lesion: "
-                            f"CAM only {mean['dice_cam']:.3f}, stage 2 {mean['dice']:.3f} (per slide: "
-                            f"{run.segment_metrics_csv})")
+    if note:
+        report.notes.append(note)
     return report
 
 
