@@ -13,12 +13,13 @@ from wsi_pipeline.config import Config, ConfigError, config_from_dict, load_conf
 from wsi_pipeline.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 
-# Short CPU training: 60 steps of 8 crops, self-correction after epochs 3-5.
+# Short CPU training: 32 steps of 8 crops, self-correction after epochs 2-3 (DEMO-001 Dice ~0.79
+# vs CAM ~0.43 here; 6 x 10 steps gave 0.85 at twice the time; 3 x 6 steps does not learn).
 FAST_YAML = """\
 segment:
-  epochs: 6
-  steps_per_epoch: 10
-  correct_from_epoch: 3
+  epochs: 4
+  steps_per_epoch: 8
+  correct_from_epoch: 2
   device: cpu
 """
 
@@ -49,8 +50,8 @@ def test_stage2_beats_the_cam_and_reaches_dice_06(segmented):
     done = json.loads((run / "segment" / "DEMO-000.done.json").read_text())
     assert done["negative_label"] is True          # the normal slide trained as all background
     meta = json.loads((run / "segment" / "model" / "config.json").read_text())
-    assert meta["segmenter"] == "vmunet_tiny" and len(meta["history"]["loss"]) == 6
-    assert [c["epoch"] for c in meta["history"]["corrections"]] == [3, 4, 5]
+    assert meta["segmenter"] == "vmunet_tiny" and len(meta["history"]["loss"]) == 4
+    assert [c["epoch"] for c in meta["history"]["corrections"]] == [2, 3]
 
 
 def test_geojson_is_lesion_polygons_in_level0_px(segmented):
