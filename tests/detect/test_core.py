@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from wsi_pipeline.detection import choose_thresholds, evaluate, hotspot, match_points
+from wsi_pipeline.detection.matching import pick_threshold
 from wsi_pipeline.detection.peaks import find_peaks
 from wsi_pipeline.detection.targets import focal_loss, gaussian_targets
 
@@ -77,6 +78,22 @@ def test_evaluate_micro_f1_and_threshold_choice():
     assert res["classes"]["c"]["tp"] == 2 and res["classes"]["c"]["fp"] == 1 and res["classes"]["c"]["fn"] == 1
     t = choose_thresholds(slides, ["c"])["c"]
     assert 0.7 < t <= 0.8  # keeps both 0.9 and 0.8 hits, drops the 0.7 false positive
+    assert t == 0.75  # the tied run 0.725..0.8: its middle, not its top edge
+
+
+def test_threshold_ties_go_to_the_middle_of_the_tied_interval():
+    grid = np.round(np.arange(0.05, 0.51, 0.05), 2)  # 0.05 .. 0.5
+    # few validation objects: every one found from 0.05 to 0.30 (F1 1), recall falls above -> middle 0.15
+    f1 = np.array([1, 1, 1, 1, 1, 1, 0.8, 0.5, 0.2, 0.0])
+    assert pick_threshold(grid, f1) == 0.15  # the old rule (highest tied) gave 0.30, the recall edge
+    # odd run 0.10..0.30 -> 0.20 exactly
+    assert pick_threshold(grid, np.array([0.9, 1, 1, 1, 1, 1, 0.7, 0.5, 0.2, 0.0])) == 0.2
+    # a single best point wins whatever the ties elsewhere
+    assert pick_threshold(grid, np.array([0.5, 0.5, 0.5, 0.9, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])) == 0.2
+    # two tied runs: the longer one's middle (0.35..0.45 -> 0.40), not the first or the top
+    assert pick_threshold(grid, np.array([1, 0.9, 0.9, 0.9, 0.9, 0.9, 1, 1, 1, 0.9])) == 0.4
+    # float noise in F1 still counts as a tie
+    assert pick_threshold(grid[:3], np.array([2 / 3, 2 / 3 + 1e-12, 2 / 3])) == 0.1
 
 
 def _brute_hotspot(xy, side):
