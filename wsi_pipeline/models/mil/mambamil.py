@@ -41,13 +41,15 @@ REFERENCE = "Yang et al., MICCAI 2024 (MambaMIL); github.com/isyangshu/MambaMIL"
 class MambaMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int, mixer: str = "srmamba", d_model: int = 512,
                  n_layers: int = 2, rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2,
-                 dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba"):
+                 dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba",
+                 layer_scale: float | None = None, context_drop: float = 0.0):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
         self.layers = nn.ModuleList(
-            PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand))
+            PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand),
+                            layer_scale, context_drop)
             for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
