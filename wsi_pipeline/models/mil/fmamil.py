@@ -102,7 +102,7 @@ class FMaMIL(nn.Module):
                  rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2, dropout: float = 0.25,
                  filter_size: int = 32, filter_init: str = "small", max_grid_factor: int = 16,
                  attention_dim: int = 128, init: str = "mamba",
-                 layer_scale: float | None = None, context_drop: float = 0.0):
+                 layer_scale: float | None = None, context_drop: float = 0.5):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")

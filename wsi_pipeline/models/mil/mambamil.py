@@ -42,7 +42,7 @@ class MambaMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int, mixer: str = "srmamba", d_model: int = 512,
                  n_layers: int = 2, rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba",
-                 layer_scale: float | None = None, context_drop: float = 0.0):
+                 layer_scale: float | None = None, context_drop: float = 0.5):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
