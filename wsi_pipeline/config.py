@@ -164,11 +164,24 @@ class TrainConfig:
     # Standardise each feature dimension with the mean/std of the training fold's instances (stored
     # in the fold checkpoint, applied by every consumer). training/standardize.py.
     standardize: bool = True
+    # Subtract each bag's own mean instance before standardising (removes per-slide stain shift;
+    # stored in the checkpoint as input_center_per_slide, applied by every consumer).
+    center_per_slide: bool = False
+    # Training passes only: drop this fraction of each bag's instances afresh every pass (at least
+    # one kept); shuffle_instances: feed them in a random order (order-dependent scans).
+    instance_dropout: float = 0.0
+    shuffle_instances: bool = False
 
     def __post_init__(self):
         check_name(self.model, "train.model")
-        if not isinstance(self.standardize, bool):
-            raise ConfigError(f"train.standardize: must be true or false, got {self.standardize!r}")
+        for name in ("standardize", "center_per_slide", "shuffle_instances"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train.{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.center_per_slide and not self.standardize:
+            raise ConfigError("train.center_per_slide: needs train.standardize: true (it is applied "
+                              "by the same input standardisation)")
+        if not 0 <= self.instance_dropout < 1:
+            raise ConfigError("train.instance_dropout: must be in [0, 1)")
         if self.folds < 2:
             raise ConfigError("train.folds: must be >= 2")
         if not 0 < self.val_fraction < 1:

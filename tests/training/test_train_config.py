@@ -15,6 +15,9 @@ from wsi_pipeline.config import ConfigError, TrainConfig, config_from_dict
     ({"classes": ["a", "a"]}, "train.classes: need >= 2 distinct"),
     ({"balance": "oversample"}, "train.balance: must be class_weights, sampler or none"),
     ({"weight_decay": -0.1}, "train.weight_decay: must be >= 0"),
+    ({"instance_dropout": 1.0}, r"train.instance_dropout: must be in \[0, 1\)"),
+    ({"center_per_slide": "yes"}, "train.center_per_slide must be true or false"),
+    ({"center_per_slide": True, "standardize": False}, "train.center_per_slide: needs train.standardize"),
 ])
 def test_bad_train_settings(bad, message):
     with pytest.raises(ConfigError, match=message):

@@ -45,10 +45,12 @@ def save_fold_model(model, fold_dir: str | Path, meta: dict) -> None:
     """
     from safetensors.torch import load_file, save_file, save_model
 
-    from .standardize import unwrap
+    from .standardize import CENTER_KEY, unwrap
 
     model, stats = unwrap(model)
     meta = {**meta, "standardize": stats is not None}
+    if stats is not None and CENTER_KEY in stats:
+        meta["center_per_slide"] = True
     missing = [k for k in _REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"fold meta lacks {missing}")
@@ -91,7 +93,7 @@ def load_fold_model(fold_dir: str | Path, device="cpu"):
     from safetensors.torch import load_file
 
     from ..models.mil import create_aggregator, list_aggregators
-    from .standardize import STATS_KEYS, InputStandardizer
+    from .standardize import CENTER_KEY, STATS_KEYS, InputStandardizer
 
     fold_dir = Path(fold_dir)
     meta = read_fold_meta(fold_dir)
@@ -109,11 +111,13 @@ def load_fold_model(fold_dir: str | Path, device="cpu"):
     try:
         tensors = load_file(str(weights), device=str(device))
         stats = {k: tensors.pop(k) for k in STATS_KEYS if k in tensors}
+        center = tensors.pop(CENTER_KEY, None)
         _load_state_strict(model, tensors)
         if stats:
             if len(stats) != len(STATS_KEYS):
                 raise ValueError(f"has {sorted(stats)} but not both of {list(STATS_KEYS)}")
-            model = InputStandardizer(model, stats["input_mean"].cpu(), stats["input_std"].cpu())
+            model = InputStandardizer(model, stats["input_mean"].cpu(), stats["input_std"].cpu(),
+                                      center_per_slide=center is not None and bool(center.reshape(-1)[0] > 0))
             if model.input_mean.shape[0] != int(meta["in_dim"]):
                 raise ValueError(f"input statistics of dimension {model.input_mean.shape[0]}, "
                                  f"in_dim {meta['in_dim']}")

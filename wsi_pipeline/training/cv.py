@@ -162,6 +162,9 @@ def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str
         "seed": train.seed, "deterministic": train.deterministic, "standardize": train.standardize,
         "warmup_epochs": train.warmup_epochs, "instance_loss_weight": train.instance_loss_weight,
         "instance_topk": train.instance_topk, "fold": fold.fold,
+        **({"center_per_slide": True} if train.center_per_slide else {}),
+        **({"instance_dropout": train.instance_dropout} if train.instance_dropout else {}),
+        **({"shuffle_instances": True} if train.shuffle_instances else {}),
         "train": list(fold.train), "val": list(fold.val), "test": list(fold.test),
     }
 
@@ -241,7 +244,8 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
             with deterministic_algorithms(train.deterministic):
                 model = create_aggregator(model_name, in_dim, len(classes), **train.model_args)
                 if train.standardize:  # statistics of the training fold's instances only
-                    model = InputStandardizer.fit(model, [bags[s] for s in fold.train])
+                    model = InputStandardizer.fit(model, [bags[s] for s in fold.train],
+                                                  center_per_slide=train.center_per_slide)
                 result = train_fold(
                     model, [bags[s] for s in fold.train], [bags[s] for s in fold.val],
                     n_classes=len(classes), lr=train.lr, weight_decay=train.weight_decay,
@@ -249,7 +253,8 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
                     grad_accumulation=train.grad_accumulation, seed=train.seed + fold.fold,
                     device=device, progress=progress, desc=desc, warmup_epochs=train.warmup_epochs,
                     instance_loss_weight=train.instance_loss_weight, instance_topk=train.instance_topk,
-                    min_delta=train.min_delta)
+                    min_delta=train.min_delta, instance_dropout=train.instance_dropout,
+                    shuffle_instances=train.shuffle_instances)
             meta = {
                 "format_version": FOLD_FORMAT_VERSION,
                 "model": model_name, "in_dim": in_dim, "n_classes": len(classes), "classes": classes,

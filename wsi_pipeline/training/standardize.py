@@ -17,6 +17,12 @@ training lasts, while a linear probe behind a StandardScaler finds it at once.
   the aggregator's own (unchanged) weight names; `training.checkpoints.load_fold_model` re-wraps the
   model when they are present, so every consumer of a checkpoint (predict, heatmap, segment CAMs, the
   train stage's own test predictions) goes through the same standardisation.
+- Per-slide centring (`center_per_slide=True`, `train.center_per_slide`): each bag's own mean
+  instance is subtracted first, x - mean_i(x), then the fold's per-dimension statistics (fitted on
+  the centred training instances) apply. It removes whatever shifts every patch of a slide alike
+  (stain, scanner, thickness) and keeps how each patch differs from its own slide. Stored as a
+  third tensor `input_center_per_slide` (1.0) in model.safetensors; a checkpoint without it is
+  not centred. It needs the whole bag in one forward pass (every consumer passes the whole bag).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from torch import nn
 
 STATS_KEYS = ("input_mean", "input_std")
+CENTER_KEY = "input_center_per_slide"
 STD_FLOOR_REL = 1e-6
 
 
@@ -65,7 +72,7 @@ def fit_input_stats(features: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndar
 class InputStandardizer(nn.Module):
     """`model` behind a fixed per-dimension standardisation: forward((x - mean) / std, coords)."""
 
-    def __init__(self, model: nn.Module, mean, std):
+    def __init__(self, model: nn.Module, mean, std, center_per_slide: bool = False):
         super().__init__()
         self.model = model
         mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(-1)
@@ -76,15 +83,27 @@ class InputStandardizer(nn.Module):
             raise ValueError("input statistics must be finite with std > 0")
         self.register_buffer("input_mean", mean)
         self.register_buffer("input_std", std)
+        self.register_buffer(CENTER_KEY, torch.tensor([1.0 if center_per_slide else 0.0]))
+
+    @property
+    def center_per_slide(self) -> bool:
+        return bool(getattr(self, CENTER_KEY).item() > 0)
 
     @classmethod
-    def fit(cls, model: nn.Module, bags) -> "InputStandardizer":
-        """Wrap `model` with statistics fitted on `bags` (objects with `.features`, or arrays)."""
-        mean, std = fit_input_stats(getattr(b, "features", b) for b in bags)
-        return cls(model, mean, std)
+    def fit(cls, model: nn.Module, bags, center_per_slide: bool = False) -> "InputStandardizer":
+        """Wrap `model` with statistics fitted on `bags` (objects with `.features`, or arrays);
+        with `center_per_slide` the statistics are those of the bag-centred instances."""
+        arrays = (np.asarray(getattr(b, "features", b), dtype=np.float64) for b in bags)
+        if center_per_slide:
+            arrays = (x - x.mean(axis=0, keepdims=True) for x in arrays)
+        mean, std = fit_input_stats(arrays)
+        return cls(model, mean, std, center_per_slide)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None):
-        x = (features.to(self.input_mean.dtype) - self.input_mean) / self.input_std
+        x = features.to(self.input_mean.dtype)
+        if self.center_per_slide:  # (B, L, D): each bag's own mean instance
+            x = x - x.mean(dim=-2, keepdim=True)
+        x = (x - self.input_mean) / self.input_std
         return self.model(x.to(features.dtype) if features.is_floating_point() else x, coords)
 
     def __getattr__(self, name: str):
@@ -98,7 +117,10 @@ class InputStandardizer(nn.Module):
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, dict | None]:
-    """(the bare aggregator, {"input_mean", "input_std"} CPU tensors or None)."""
+    """(the bare aggregator, {"input_mean", "input_std"[, CENTER_KEY]} CPU tensors or None).
+
+    CENTER_KEY is included only when centring is on, so checkpoints without it stay as they were."""
     if isinstance(model, InputStandardizer):
-        return model.model, {k: getattr(model, k).detach().cpu().contiguous() for k in STATS_KEYS}
+        keys = STATS_KEYS + ((CENTER_KEY,) if model.center_per_slide else ())
+        return model.model, {k: getattr(model, k).detach().cpu().contiguous() for k in keys}
     return model, None

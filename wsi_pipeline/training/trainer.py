@@ -17,6 +17,9 @@ only the attention-pooled slide logits.
 Learning-rate warm-up: with `warmup_epochs` > 0 the rate rises linearly from lr/steps to lr over
 the optimizer steps of the first `warmup_epochs` epochs (a rare-positive cohort's first few bags
 otherwise push the attention towards whatever they happen to contain), then stays at lr.
+Bag augmentation (training passes only; validation, test and every consumer see whole bags in
+their order): `instance_dropout` drops that fraction of each bag's instances afresh every pass
+(at least one kept), `shuffle_instances` feeds them in a random order (for order-dependent scans).
 """
 
 from __future__ import annotations
@@ -91,10 +94,29 @@ class TrainResult:
     history: list = field(default_factory=list)  # [{"epoch", "train_loss", "val_loss"}]
 
 
-def _forward(model, bag: Bag, device: torch.device):
-    features = torch.from_numpy(bag.features).to(device, non_blocking=True)[None]       # (1, N, D)
-    coords = torch.from_numpy(bag.coords).to(device, dtype=torch.float32)[None]         # (1, N, 2)
+def _forward(model, bag: Bag, device: torch.device, keep: np.ndarray | None = None):
+    features, coords = bag.features, bag.coords
+    if keep is not None:
+        features, coords = features[keep], coords[keep]
+    features = torch.from_numpy(np.ascontiguousarray(features)).to(device, non_blocking=True)[None]  # (1, N, D)
+    coords = torch.from_numpy(np.ascontiguousarray(coords)).to(device, dtype=torch.float32)[None]    # (1, N, 2)
     return model(features, coords)
+
+
+def instance_subset(n_instances: int, drop_fraction: float, shuffle: bool,
+                    rng: np.random.Generator) -> np.ndarray | None:
+    """Indices of the instances a training pass sees (None: all, in bag order).
+
+    Instance dropout: a random ceil((1 - drop_fraction) * n) of the n instances (at least one) are
+    kept, in bag order; shuffle: the kept instances in a random order.
+    """
+    if not 0.0 <= drop_fraction < 1.0:
+        raise PipelineError(f"train.instance_dropout must be in [0, 1), got {drop_fraction}")
+    if drop_fraction == 0.0 and not shuffle:
+        return None
+    n_keep = max(1, int(np.ceil((1.0 - drop_fraction) * n_instances)))
+    keep = rng.choice(n_instances, size=n_keep, replace=False) if n_keep < n_instances else np.arange(n_instances)
+    return rng.permutation(keep) if shuffle else np.sort(keep)
 
 
 def _bag_loss(out, label: int, device: torch.device, instance_loss_weight: float = 0.0,
@@ -140,7 +162,8 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
                lr: float, weight_decay: float, epochs: int, patience: int, balance: str,
                grad_accumulation: int, seed: int, device: torch.device, progress: bool = False,
                desc: str = "train", warmup_epochs: int = 0, instance_loss_weight: float = 0.0,
-               instance_topk: int = 2, min_delta: float = 0.0) -> TrainResult:
+               instance_topk: int = 2, min_delta: float = 0.0, instance_dropout: float = 0.0,
+               shuffle_instances: bool = False) -> TrainResult:
     """Fit `model` in place; on return it holds the best epoch's weights and is in eval mode.
 
     Early stopping: after each epoch the validation loss is computed; the weights of the best epoch
@@ -183,7 +206,8 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
             bag = train_bags[i]
             group_start = step - step % grad_accumulation
             group_size = min(grad_accumulation, len(order) - group_start)
-            loss = _bag_loss(_forward(model, bag, device), bag.label, device, instance_loss_weight,
+            keep = instance_subset(len(bag.features), instance_dropout, shuffle_instances, rng)
+            loss = _bag_loss(_forward(model, bag, device, keep), bag.label, device, instance_loss_weight,
                              instance_topk) * float(loss_weights[bag.label])
             if not torch.isfinite(loss):
                 raise PipelineError(f"{desc}: non-finite training loss at epoch {epoch} (slide "
