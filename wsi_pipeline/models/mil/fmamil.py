@@ -34,12 +34,9 @@ every detail; our choices are documented below.
 
 B > 1 works (bags of equal length, each with its own grid).
 
-Context branch (``layer_scale``, ``context_drop``; :class:`~.mil_layers.PreNormResidual`): each
-Mamba layer's branch is skipped, per bag and training pass, with probability ``context_drop``
-(default 0.5; eval always uses it), so the instance-wise path alone must classify the bag on those
-passes. Without it, on 48 slides with lesions of 1-4 patches, the mixer memorised the training
-slides (validation loss rising from epoch 1-3) before the attention found the lesions; the
-measurements are in benchmarks/results/mil_hard.md. ``context_drop=0`` is the reference design.
+Context branch (``layer_scale``, ``context_drop``, default 0.5): as in
+:mod:`~wsi_pipeline.models.mil.mambamil`, whose docstring says why; ``context_drop=0`` is the
+reference design.
 """
 
 from __future__ import annotations

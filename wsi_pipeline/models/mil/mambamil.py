@@ -42,10 +42,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .mil_layers import PreNormResidual, TanhAttentionPool, build_mixer, init_weights
 from wsi_pipeline.ssm import Raster3D
 
 from .coord_scan import coords_scan_permutation
+from .mil_layers import PreNormResidual, TanhAttentionPool, build_mixer, init_weights
 from .registry import IGNORES_COORDS, MILOutput, check_coord_dims, register_aggregator
 
 LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
