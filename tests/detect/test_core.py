@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from wsi_pipeline.detection import choose_thresholds, evaluate, hotspot, match_points
@@ -132,3 +133,27 @@ def test_rare_class_group_is_not_hidden_by_a_stronger_neighbour():
     assert cls.tolist() == [1]
     (ixy, _, score, cls), = find_peaks(heat, off, 0.3, nms_px=2, groups=[[0, 1], [2]])
     assert cls.tolist() == [1, 2] and ixy.tolist() == [[8, 8], [9, 8]] and np.allclose(score, [0.9, 0.6])
+
+
+def test_rare_group_has_its_own_suppression_radius():
+    """A mitosis is a scattered clump: two maxima 4 px apart are one figure (rare radius 5), while two
+    nuclei 4 px apart stay two objects (common radius 2)."""
+    heat = torch.zeros(1, 3, 24, 24)
+    heat[0, 0, 5, 5], heat[0, 0, 5, 9] = 0.9, 0.8          # two nuclei
+    heat[0, 2, 15, 10], heat[0, 2, 15, 14] = 0.7, 0.5      # one mitosis, two chromatin maxima
+    off = torch.zeros(1, 2, 24, 24)
+    (ixy, _, score, cls), = find_peaks(heat, off, 0.3, nms_px=2, groups=[[0, 1], [2]])
+    assert cls.tolist() == [0, 0, 2, 2]                    # one radius for all: the clump counts twice
+    (ixy, _, score, cls), = find_peaks(heat, off, 0.3, nms_px=2, groups=[[0, 1], [2]], group_nms_px=[2, 5])
+    assert cls.tolist() == [0, 0, 2] and ixy.tolist()[2] == [10, 15] and np.isclose(score[2], 0.7)
+    with pytest.raises(ValueError, match="one radius per class group"):
+        find_peaks(heat, off, 0.3, groups=[[0, 1], [2]], group_nms_px=[2])
+
+
+def test_suppression_radii_must_fit_in_the_tile_margin():
+    from wsi_pipeline.config import DetectConfig
+    from wsi_pipeline.errors import ConfigError
+    assert DetectConfig().rare_nms_um <= DetectConfig().max_object_um
+    for name in ("nms_um", "rare_nms_um"):
+        with pytest.raises(ConfigError, match=f"detect.{name}: must be <= detect.max_object_um"):
+            DetectConfig(**{name: 13.0, "max_object_um": 12.0})

@@ -60,6 +60,16 @@ def test_without_margin_seam_dots_are_lost_or_doubled(dark_dot_model, dot_slide)
     assert [p for p, _, _ in no_margin] != [p for p, _, _ in untiled]
 
 
+def test_wider_group_suppression_within_the_margin_keeps_tiled_equal_to_untiled(dark_dot_model, dot_slide):
+    """A rare class's larger suppression radius (6 px, margin 8): seam dots still once, same set."""
+    kw = {"class_groups": [[0]], "group_nms_px": [6]}
+    untiled, _ = _run(dark_dot_model, dot_slide, core_px=1024, **kw)
+    assert len(untiled) == len(DOTS)
+    for core in (64, 37):
+        tiled, _ = _run(dark_dot_model, dot_slide, core_px=core, **kw)
+        assert [(p, c) for p, _, c in tiled] == [(p, c) for p, _, c in untiled]
+
+
 def test_tissue_only_tiles(dark_dot_model, dot_slide):
     mask = np.zeros((25, 30), dtype=bool)   # 4 µm/px mask over the 120 x 100 µm slide
     mask[16:, 24:] = True                    # tissue only from (96, 64) µm = (192, 128) px on

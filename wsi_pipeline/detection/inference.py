@@ -67,8 +67,12 @@ def detect_slide(model, slide: Slide, sink: Callable[[np.ndarray, np.ndarray, np
                  work_mpp: float, core_px: int, margin_px: int, min_score: float, nms_px: int,
                  tissue_mask: np.ndarray | None = None, mask_mpp: float | None = None,
                  batch_size: int = 4, device: str | torch.device = "cpu", progress: bool = False,
-                 class_groups: list[list[int]] | None = None) -> dict:
-    """Detect objects over the slide's tissue; returns {"n_tiles", "n_detections", "work_mpp"}."""
+                 class_groups: list[list[int]] | None = None, group_nms_px: list[int] | None = None) -> dict:
+    """Detect objects over the slide's tissue; returns {"n_tiles", "n_detections", "work_mpp"}.
+
+    group_nms_px: a suppression radius per class group (find_peaks); callers keep every radius within
+    margin_px, so a peak owned by a core sees its whole suppression window (tiled equals untiled;
+    the config checks nms_um, rare_nms_um <= max_object_um)."""
     if core_px < 1 or margin_px < 0:
         raise ValueError("core_px must be >= 1 and margin_px >= 0")
     model.eval()
@@ -86,7 +90,8 @@ def detect_slide(model, slide: Slide, sink: Callable[[np.ndarray, np.ndarray, np
         images = np.stack([read_work_region(slide, int(x) - margin_px, int(y) - margin_px, side, side, work_mpp)
                            for x, y in batch])
         heat, offset = predict_maps(model, images, device)
-        for (cx, cy), (ixy, xy, score, cls) in zip(batch, find_peaks(heat, offset, min_score, nms_px, class_groups)):
+        peaks = find_peaks(heat, offset, min_score, nms_px, class_groups, group_nms_px)
+        for (cx, cy), (ixy, xy, score, cls) in zip(batch, peaks):
             gx, gy = ixy[:, 0] + cx - margin_px, ixy[:, 1] + cy - margin_px
             own = (gx >= cx) & (gx < cx + core_px) & (gy >= cy) & (gy < cy + core_px) & (gx < ww) & (gy < wh)
             if own.any():

@@ -8,18 +8,25 @@ import torch.nn.functional as F
 
 
 def find_peaks(heat: torch.Tensor, offset: torch.Tensor, min_score: float, nms_px: int = 1,
-               groups: list[list[int]] | None = None) -> list[tuple[np.ndarray, ...]]:
+               groups: list[list[int]] | None = None,
+               group_nms_px: list[int] | None = None) -> list[tuple[np.ndarray, ...]]:
     """Peaks of each class group (default: one group of all classes), concatenated per image.
 
     Within a group the classes compete (one object, one class); groups are independent, so a rare
     class that looks like a common one (a mitosis beside tumour nuclei) is not hidden by its
-    neighbour's stronger score when it is its own group.
+    neighbour's stronger score when it is its own group. group_nms_px: each group's own suppression
+    radius (default nms_px for all): a mitosis is a scattered clump of chromatin, several local
+    maxima a few µm apart that are one object, while nuclei sit closer together than that.
     """
     if groups is None:
         return _find_peaks(heat, offset, min_score, nms_px)
+    if group_nms_px is None:
+        group_nms_px = [nms_px] * len(groups)
+    if len(group_nms_px) != len(groups):
+        raise ValueError("group_nms_px needs one radius per class group")
     parts = []
-    for group in groups:
-        found = _find_peaks(heat[:, group], offset, min_score, nms_px)
+    for group, radius in zip(groups, group_nms_px):
+        found = _find_peaks(heat[:, group], offset, min_score, radius)
         parts.append([(ixy, xy, s, np.asarray(group, dtype=np.int64)[c]) for ixy, xy, s, c in found])
     return [tuple(np.concatenate([p[i][k] for p in parts]) for k in range(4)) for i in range(heat.shape[0])]
 
