@@ -3,7 +3,8 @@
 Three stages of the usual shape (stages/base.py), all reading the `detect:` config section:
   train-detector   RUN/detect/{model}/model/model.safetensors + config.json (the detector)
   detect           RUN/detect/{model}/{slide_id}.candidates.csv, .csv, .geojson, .midog.json,
-                   .summary.json, .done.json (the workflow's rule, workflow/rules/detect.smk)
+                   .summary.json, .{class}.density.png/.tif, .done.json (the workflow's rule,
+                   workflow/rules/detect.smk)
   eval-detect      RUN/detect/{model}/thresholds.json, eval.json (thresholds chosen on validation
                    slides, metrics on held-out ones)
 Wiring only; the work is in `wsi_pipeline.detection`. RunFolder checks every name. torch is
@@ -89,7 +90,8 @@ def run_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, model: s
 
     def process(record) -> str:
         status = detect_one(record, run, model_name, detector, ckpt, ckpt_hash, cfg.detect, cfg.tissue,
-                            device=device, backend=cfg.slides.backend, force=force, progress=progress)
+                            device=device, backend=cfg.slides.backend, force=force, progress=progress,
+                            heatmap_cfg=cfg.heatmap)
         return "skipped" if status == "skipped" else "done"
 
     return run_batch("detect", manifest, run, process, progress=progress)
@@ -138,7 +140,7 @@ TRAIN_DETECTOR = Stage(
                        "val_slides": split_list(a.val_slides)})
 
 DETECT = Stage(
-    name="detect", sections=("detect", "tissue"), run=run_detect, run_arg=("run",),
+    name="detect", sections=("detect", "tissue", "heatmap"), run=run_detect, run_arg=("run",),
     help="whole-slide cell/mitosis detection: QuPath GeoJSON, CSV, MIDOG JSON, summary with hotspot",
     args=(MANIFEST, RUN, CONFIG, MODEL, SLIDES, FORCE, NO_PROGRESS),
     check=_check_model, record_root_config=True, options=lambda a: {"model": a.model})

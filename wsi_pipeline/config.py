@@ -337,6 +337,16 @@ class DetectConfig:
     # Peaks below min_score are not kept as candidates; peaks closer than nms_um are one object.
     min_score: float = 0.1
     nms_um: float = 2.0
+    # The same for each rare class (train.rare_classes: mitoses), peaked on its own. A mitotic figure is
+    # a scattered clump of chromatin that gives several maxima up to ~6 µm apart; within the MIDOG
+    # match radius (7.5 µm) a second prediction can only be a false positive, and two mitoses that
+    # close are very rare. Both radii must fit in the tile margin (<= max_object_um).
+    rare_nms_um: float = 7.0
+    # Density maps per slide ({slide}.{class}.density.png overlay + .tif pyramid, the heatmap stage's
+    # exports and heatmap.colormap / alpha / png_max_px): kept objects per mm² of tissue, Gaussian
+    # sigma in µm (194: a window whose area 2 pi sigma² is one 0.237 mm² high-power field). [] = none.
+    density_classes: list = field(default_factory=lambda: ["mitosis"])
+    density_sigma_um: float = 194.0
     # Score threshold per class for the outputs (missing classes: 0.5). eval-detect's choice on the
     # validation slides (RUN/detect/{model}/thresholds.json) takes precedence when present.
     thresholds: dict = field(default_factory=dict)
@@ -350,12 +360,21 @@ class DetectConfig:
         for name in ("tile_px", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"detect.{name}: must be >= 1")
-        for name in ("max_object_um", "nms_um", "match_radius_um"):
+        for name in ("max_object_um", "nms_um", "rare_nms_um", "match_radius_um"):
             _positive(f"detect.{name}", getattr(self, name))
+        for name in ("nms_um", "rare_nms_um"):
+            if getattr(self, name) > self.max_object_um:
+                raise ConfigError(f"detect.{name}: must be <= detect.max_object_um (the tile margin), "
+                                  f"else one object on a tile seam can be reported twice")
         if not 0 < self.min_score < 1:
             raise ConfigError("detect.min_score: must be in (0, 1)")
         if self.mitosis_class and self.mitosis_class not in self.train.classes:
             raise ConfigError(f"detect.mitosis_class: {self.mitosis_class!r} not in detect.train.classes")
+        for c in self.density_classes:
+            check_name(c, "detect.density_classes")   # it becomes part of a file name
+            if c not in self.train.classes:
+                raise ConfigError(f"detect.density_classes: {c!r} not in detect.train.classes")
+        _positive("detect.density_sigma_um", self.density_sigma_um)
         for k, v in self.thresholds.items():
             if k not in self.train.classes or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
                 raise ConfigError(f"detect.thresholds: {k!r}: need a class of detect.train.classes and 0 < t < 1")

@@ -32,7 +32,8 @@ def test_train_detect_eval_and_resume(trained, capsys):
     assert ckpt["train_slides"] == ["DEMO-000", "DEMO-001"] and ckpt["val_slides"] == ["DEMO-002"]
     assert (out / "model" / "model.safetensors").is_file()
     assert main(["detect", *common, "--slides", "DEMO-002,DEMO-003", "--no-progress"]) == 0
-    for suffix in ("candidates.csv", "csv", "geojson", "midog.json", "summary.json", "done.json"):
+    for suffix in ("candidates.csv", "csv", "geojson", "midog.json", "summary.json", "done.json",
+                   "mitosis.density.png", "mitosis.density.tif"):
         assert (out / f"DEMO-003.{suffix}").is_file()
     summary = json.loads((out / "DEMO-003.summary.json").read_text())
     assert summary["tissue_area_mm2"] > 0 and set(summary["counts"]) == set(ckpt["classes"])

@@ -3,7 +3,8 @@
 A slide's outputs are made in two steps, each resumable:
 1. inference -> {slide}.candidates.csv (every peak >= min_score; streamed, atomic), recorded with
    what it was made from (checkpoint hash, inference settings, slide file) in {slide}.done.json;
-2. thresholds -> csv / geojson / midog.json / summary.json from the candidates (cheap).
+2. thresholds -> csv / geojson / midog.json / summary.json and the density maps
+   ({slide}.{class}.density.png / .tif, density.py) from the candidates (cheap).
 A rerun skips a slide whose done file matches; when only the thresholds changed (eval-detect chose
 new ones) it redoes step 2 alone.
 """
@@ -19,6 +20,7 @@ from ..io import write_json_atomic
 from ..run_folder import RunFolder
 from ..slides import open_slide
 from .annotations import read_truth
+from .density import DENSITY_EXPORTS, density_paths, write_slide_densities
 from .inference import detect_slide
 from .matching import choose_thresholds, evaluate
 from .outputs import CandidateWriter, read_candidates, write_outputs
@@ -40,38 +42,56 @@ def class_groups(classes, rare_classes) -> list[list[int]]:
 
 
 def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_hash: str, dcfg, tissue_cfg, *,
-               device, backend: str = "auto", force: bool = False, progress: bool = False) -> str:
-    """Detect on one manifest slide; returns "done", "refreshed" (thresholds only) or "skipped"."""
+               device, backend: str = "auto", force: bool = False, progress: bool = False,
+               heatmap_cfg=None) -> str:
+    """Detect on one manifest slide; returns "done", "refreshed" (outputs only: thresholds or density
+    settings changed) or "skipped". heatmap_cfg: colormap / alpha / png_max_px of the density maps
+    (a HeatmapConfig; default its defaults)."""
+    if heatmap_cfg is None:
+        from ..config import HeatmapConfig
+        heatmap_cfg = HeatmapConfig()
     classes = ckpt["classes"]
     thresholds = resolve_thresholds(classes, dcfg.thresholds, run.detect_dir(model_name) / "thresholds.json")
     work_mpp = float(ckpt["work_mpp"])
-    inference_key = {"version": 2, "checkpoint": ckpt_hash, "slide": str(record.path), "mpp": record.mpp, "tile_px": dcfg.tile_px,
+    inference_key = {"version": 3, "checkpoint": ckpt_hash, "slide": str(record.path), "mpp": record.mpp, "tile_px": dcfg.tile_px,
                      "max_object_um": dcfg.max_object_um, "min_score": dcfg.min_score, "nms_um": dcfg.nms_um,
+                     "rare_nms_um": dcfg.rare_nms_um,
                      "tissue": tissue_cfg.__dict__.copy()}
     done_path = run.detect_file(model_name, record.slide_id, "done.json")
     cand = run.detect_file(model_name, record.slide_id, "candidates.csv")
     paths = {k: run.detect_file(model_name, record.slide_id, v) for k, v in OUTPUT_SUFFIXES.items()}
+    dens_paths = {c: {e: run.detect_file(model_name, record.slide_id, f"{c}.density.{e}") for e in DENSITY_EXPORTS}
+                  for c in dcfg.density_classes}
+    density_key = {"classes": list(dcfg.density_classes), "sigma_um": dcfg.density_sigma_um,
+                   "colormap": heatmap_cfg.colormap, "alpha": heatmap_cfg.alpha, "png_max_px": heatmap_cfg.png_max_px}
+    all_paths = [*paths.values(), *(p for d in dens_paths.values() for p in d.values())]
     done = json.loads(done_path.read_text(encoding="utf-8")) if done_path.is_file() else None
     same_inference = (not force and done is not None and done.get("inference") == inference_key and cand.is_file())
-    if same_inference and done.get("thresholds") == thresholds and all(p.is_file() for p in paths.values()):
+    if (same_inference and done.get("thresholds") == thresholds and done.get("density") == density_key
+            and all(p.is_file() for p in all_paths)):
         return "skipped"
     with open_slide(record.path, slide_id=record.slide_id, backend=backend, mpp_override=record.mpp) as slide:
+        t = tissue_cfg
+        # The mask is needed by the density maps too, when only the outputs are refreshed (cheap: a thumbnail).
+        mask, mask_mpp = slide_tissue(slide, t.mask_mpp, saturation_threshold=t.saturation_threshold,
+                                      min_saturation=t.min_saturation, median_kernel_um=t.median_kernel_um,
+                                      closing_um=t.closing_um, min_tissue_area_um2=t.min_tissue_area_um2)
         if same_inference:
             tissue_mm2 = done["tissue_area_mm2"]
         else:
-            t = tissue_cfg
-            mask, mask_mpp = slide_tissue(slide, t.mask_mpp, saturation_threshold=t.saturation_threshold,
-                                          min_saturation=t.min_saturation, median_kernel_um=t.median_kernel_um,
-                                          closing_um=t.closing_um, min_tissue_area_um2=t.min_tissue_area_um2)
             tissue_mm2 = float(mask.sum()) * mask_mpp ** 2 / 1e6
             done_path.unlink(missing_ok=True)   # the old record no longer describes the outputs
+            rare = ckpt.get("params", {}).get("rare_classes", [])
+            groups = class_groups(classes, rare)
+            nms_px, rare_nms_px = (max(1, int(round(um / work_mpp))) for um in (dcfg.nms_um, dcfg.rare_nms_um))
             writer = CandidateWriter(cand, classes)
             try:
                 detect_slide(model, slide, writer, work_mpp=work_mpp, core_px=dcfg.tile_px,
                              margin_px=int(math.ceil(dcfg.max_object_um / work_mpp)), min_score=dcfg.min_score,
-                             nms_px=max(1, int(round(dcfg.nms_um / work_mpp))), tissue_mask=mask,
+                             nms_px=nms_px, tissue_mask=mask,
                              mask_mpp=mask_mpp, batch_size=dcfg.batch_size, device=device, progress=progress,
-                             class_groups=class_groups(classes, ckpt.get("params", {}).get("rare_classes", [])))
+                             class_groups=groups,
+                             group_nms_px=[rare_nms_px if classes[g[0]] in rare else nms_px for g in groups])
             except BaseException:
                 writer.abort()
                 raise
@@ -79,8 +99,13 @@ def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_
         summary = write_outputs(cand, paths, slide_id=record.slide_id, classes=classes, thresholds=thresholds,
                                 slide_mpp=slide.mpp, tissue_area_mm2=tissue_mm2,
                                 mitosis_class=dcfg.mitosis_class or None)
-    write_json_atomic(done_path, {"inference": inference_key, "thresholds": thresholds,
-                                  "tissue_area_mm2": tissue_mm2, "counts": summary["counts"]})
+        density_max = write_slide_densities(cand, slide, mask, mask_mpp, slide_id=record.slide_id,
+                                            thresholds=thresholds, paths=dens_paths, sigma_um=dcfg.density_sigma_um,
+                                            colormap=heatmap_cfg.colormap, alpha=heatmap_cfg.alpha,
+                                            png_max_px=heatmap_cfg.png_max_px)
+    write_json_atomic(done_path, {"inference": inference_key, "thresholds": thresholds, "density": density_key,
+                                  "tissue_area_mm2": tissue_mm2, "counts": summary["counts"],
+                                  "density_max_per_mm2": {c: round(v, 4) for c, v in density_max.items()}})
     return "refreshed" if same_inference else "done"
 
 
