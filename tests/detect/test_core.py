@@ -157,3 +157,12 @@ def test_suppression_radii_must_fit_in_the_tile_margin():
     for name in ("nms_um", "rare_nms_um"):
         with pytest.raises(ConfigError, match=f"detect.{name}: must be <= detect.max_object_um"):
             DetectConfig(**{name: 13.0, "max_object_um": 12.0})
+
+
+def test_cosine_schedule_follows_whichever_budget_is_further_spent():
+    from wsi_pipeline.detection.train import cosine_factor
+    assert cosine_factor(0.0, 0.0, 0.0) == 1.0 and abs(cosine_factor(1.0, 0.0, 0.0)) < 1e-12
+    assert np.isclose(cosine_factor(0.5, 999.0, 0.0), 0.5)          # no wall-clock limit: steps only
+    assert np.isclose(cosine_factor(0.1, 30.0, 60.0), 0.5)          # half the time gone: half annealed
+    assert np.isclose(cosine_factor(0.5, 6.0, 60.0), 0.5)           # steps ahead of the clock
+    assert cosine_factor(0.2, 75.0, 60.0) == 0.0                    # past the limit: fully annealed

@@ -41,7 +41,8 @@ class DetectTrainParams:
     patience: int = 4
     # Fraction of patients held out for validation (patient-level split) unless slides are named.
     val_fraction: float = 0.25
-    # Wall-clock budget in minutes (0: none): training stops after the epoch that reaches it.
+    # Wall-clock budget in minutes (0: none): training stops after the epoch that reaches it, and the
+    # cosine learning-rate schedule follows the clock when it runs out before the epochs do.
     time_limit_min: float = 0.0
     seed: int = 0
     device: str = "cpu"

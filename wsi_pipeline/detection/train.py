@@ -188,6 +188,15 @@ def _mine_hard_negatives(sampler: _Sampler, out: torch.Tensor, origins, params: 
     del sampler.hard[:-500]
 
 
+def cosine_factor(step_fraction: float, elapsed_s: float, limit_s: float) -> float:
+    """Learning-rate factor of the cosine schedule at the progress of whichever budget is further
+    spent: steps, or wall-clock time when there is a limit. On a crowded machine the wall-clock limit
+    ends training before the last epoch; a step-only schedule would stop with the rate still high and
+    never anneal, so progress follows the clock when it runs out first."""
+    progress = step_fraction if not limit_s > 0 else max(step_fraction, elapsed_s / limit_s)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
 def train_detector(train_items: Sequence[TrainSlide], val_items: Sequence[TrainSlide], params: DetectTrainParams,
                    out_dir: str | Path, *, progress: bool = False) -> dict:
     """Train, keep the best validation epoch, save model.safetensors + config.json in `out_dir`."""
@@ -203,9 +212,10 @@ def train_detector(train_items: Sequence[TrainSlide], val_items: Sequence[TrainS
     model = create_detector(params.detector, n_classes=len(params.classes), **params.model_args).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=1e-4)
     total = params.epochs * params.steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
-    best, best_state, history, stale = math.inf, None, [], 0
     started = time.monotonic()
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: cosine_factor(t / total, time.monotonic() - started, 60 * params.time_limit_min))
+    best, best_state, history, stale = math.inf, None, [], 0
     for epoch in range(1, params.epochs + 1):
         model.train()
         losses = []
