@@ -110,7 +110,9 @@ def run_eval_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, val
     if not ckpt_config.is_file():
         raise ConfigError(f"no detector in {ckpt_config.parent}: run train-detector and detect first")
     ckpt = json.loads(ckpt_config.read_text(encoding="utf-8"))
-    used = set(ckpt.get("train_slides", [])) | set(ckpt.get("val_slides", []))
+    parent = ckpt.get("init_from", {})    # a fine-tuned detector also saw its parent's slides
+    used = (set(ckpt.get("train_slides", [])) | set(ckpt.get("val_slides", []))
+            | set(parent.get("train_slides", [])) | set(parent.get("val_slides", [])))
     if used & set(test):
         raise ConfigError(f"test slides were used in training: {sorted(used & set(test))}")
     result = evaluate_run(manifest.select(val), manifest.select(test), run, model_name, ckpt["classes"], cfg.detect)

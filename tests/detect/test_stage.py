@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from wsi_pipeline.cli import main
@@ -71,3 +72,33 @@ def test_bad_slide_is_reported_and_others_finish(trained, demo_cohort, tmp_path)
 def test_unsafe_model_name_is_refused(trained):
     run, common = trained
     assert main(["detect", *common, "--model", "../x", "--no-progress"]) == 2
+
+
+def test_fine_tuning_starts_from_the_parent_and_inherits_its_slides(trained, demo_cohort, tmp_path, capsys):
+    run, common = trained
+    parent = run / "detect" / "mamba_centernet_tiny" / "model"
+    cfg = tmp_path / "ft.yaml"
+    ft = json.loads(json.dumps(CONFIG))
+    ft["detect"]["train"].update({"init_from": str(parent), "steps_per_epoch": 1, "lr": 1e-9})
+    cfg.write_text(yaml.safe_dump(ft))
+    args = ["--manifest", str(demo_cohort), "--run", str(run), "--config", str(cfg), "--model", "ft"]
+    assert main(["train-detector", *args, "--slides", "DEMO-001", "--val-slides", "DEMO-000"]) == 0
+    child = json.loads((run / "detect" / "ft" / "model" / "config.json").read_text())
+    assert child["init_from"]["train_slides"] == ["DEMO-000", "DEMO-001"]
+    # lr ~0: the weights are the parent's (a random start would differ everywhere)
+    from safetensors.torch import load_file
+    a = load_file(str(parent / "model.safetensors"))
+    b = load_file(str(run / "detect" / "ft" / "model" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert main(["detect", *args, "--slides", "DEMO-000,DEMO-002,DEMO-003", "--no-progress"]) == 0
+    # DEMO-002 validated the parent (never seen by the child itself): refused as a test slide, though
+    # its detections exist
+    assert main(["eval-detect", *args, "--val-slides", "DEMO-000", "--test-slides", "DEMO-002"]) == 2
+    assert main(["eval-detect", *args, "--val-slides", "DEMO-000", "--test-slides", "DEMO-003"]) == 0
+    # a checkpoint of another shape is refused with the field named
+    bad = json.loads(json.dumps(ft))
+    bad["detect"]["train"]["model_args"] = {"dims": [8, 16], "depths": [1, 1], "d_state": 4}
+    cfg.write_text(yaml.safe_dump(bad))
+    capsys.readouterr()
+    assert main(["train-detector", *args, "--slides", "DEMO-001", "--val-slides", "DEMO-000"]) == 2
+    assert "detect.train.init_from" in capsys.readouterr().err

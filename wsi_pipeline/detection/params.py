@@ -46,6 +46,11 @@ class DetectTrainParams:
     time_limit_min: float = 0.0
     seed: int = 0
     device: str = "cpu"
+    # Fine-tuning: a detector checkpoint folder (model.safetensors + config.json) whose weights start
+    # training, e.g. to adapt a trained detector to stronger stain augmentation or a new lab; its
+    # detector, model_args and classes must equal these. "" = random initialisation. Its training and
+    # validation slides are recorded, and eval-detect refuses them as test slides too.
+    init_from: str = ""
 
     def __post_init__(self):
         check_name(self.detector, "detect.train.detector")

@@ -197,6 +197,26 @@ def cosine_factor(step_fraction: float, elapsed_s: float, limit_s: float) -> flo
     return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
+def _init_from(model: torch.nn.Module, params: DetectTrainParams) -> dict:
+    """Load the weights of the checkpoint `params.init_from` into `model`; returns what to record
+    (folder, hash, and the slides it was trained and validated on)."""
+    from ..errors import ConfigError
+    from .checkpoint import checkpoint_hash, load_detector
+
+    source, cfg = load_detector(params.init_from)
+    mine = {"detector": params.detector, "model_args": dict(params.model_args), "classes": list(params.classes)}
+    theirs = {k: cfg.get(k) for k in mine}
+    if theirs["model_args"] is None:
+        theirs["model_args"] = {}
+    if mine != theirs:
+        raise ConfigError(f"detect.train.init_from: {params.init_from} is {theirs}, training needs {mine}")
+    model.load_state_dict(source.state_dict())
+    inherited = cfg.get("init_from", {})
+    return {"folder": str(params.init_from), "checkpoint": checkpoint_hash(params.init_from),
+            "train_slides": sorted(set(cfg.get("train_slides", [])) | set(inherited.get("train_slides", []))),
+            "val_slides": sorted(set(cfg.get("val_slides", [])) | set(inherited.get("val_slides", [])))}
+
+
 def train_detector(train_items: Sequence[TrainSlide], val_items: Sequence[TrainSlide], params: DetectTrainParams,
                    out_dir: str | Path, *, progress: bool = False) -> dict:
     """Train, keep the best validation epoch, save model.safetensors + config.json in `out_dir`."""
@@ -210,6 +230,7 @@ def train_detector(train_items: Sequence[TrainSlide], val_items: Sequence[TrainS
     val_batches = [val.batch(val.centres(min(params.batch_size, params.val_crops - k)), augment=False)
                    for k in range(0, params.val_crops, params.batch_size)]
     model = create_detector(params.detector, n_classes=len(params.classes), **params.model_args).to(device)
+    parent = _init_from(model, params) if params.init_from else None
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=1e-4)
     total = params.epochs * params.steps_per_epoch
     started = time.monotonic()
@@ -256,6 +277,8 @@ def train_detector(train_items: Sequence[TrainSlide], val_items: Sequence[TrainS
               "work_mpp": params.work_mpp, "sigma_um": params.sigma_um, "params": asdict(params),
               "train_slides": [i.slide_id for i in train_items], "val_slides": [i.slide_id for i in val_items],
               "best_val_loss": best, "history": history}
+    if parent is not None:
+        config["init_from"] = parent
     save_detector(out_dir, model.cpu(), config)
     return config
 
