@@ -48,6 +48,10 @@ def main() -> int:
     ap.add_argument("--stain-bias", type=float, default=0.05)
     ap.add_argument("--patience", type=int, default=4)
     ap.add_argument("--train-minutes", type=float, default=28.0)
+    # Fine-tuning: start from a trained detector's checkpoint folder (detect.train.init_from); its
+    # slides must not include the test slides (eval-detect refuses them).
+    ap.add_argument("--init-from", default="")
+    ap.add_argument("--lr", type=float, default=2.0e-3)
     ap.add_argument("--out", default="benchmarks/results/detect_cpu.json")
     args = ap.parse_args()
     cohort, run = Path(args.cohort), Path(args.run)
@@ -59,7 +63,8 @@ def main() -> int:
                                    "crop_px": args.crop, "batch_size": 8,
                                    "rare_fraction": args.rare_fraction, "val_crops": 16, "patience": args.patience,
                                    "stain_sigma": args.stain_sigma, "stain_bias": args.stain_bias,
-                                   "time_limit_min": args.train_minutes},
+                                   "time_limit_min": args.train_minutes, "lr": args.lr,
+                                   "init_from": args.init_from},
                          "tile_px": 256, "min_score": 0.05}}
     cfg_path = run / "bench_config.yaml"
     cfg_path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -92,6 +97,7 @@ def main() -> int:
         "what": "demo cohort, 12 slides 4096x3072 px at 0.5 µm/px; train/val/test by patient",
         "train_slides": train, "val_slides": val, "test_slides": test,
         "config": config, "epochs_run": len(ckpt["history"]), "history": ckpt["history"],
+        "init_from": ckpt.get("init_from"),
         "test": result["test"]["classes"], "thresholds": result["test"]["thresholds"],
         "test_nucleus_f1_both_classes": round(nucleus_f1(result["test"]), 4),
         "per_slide_test": result["test"]["per_slide"],
