@@ -42,7 +42,10 @@ class TissueConfig:
     median_kernel_um: float = 64.0
     closing_um: float = 32.0
     min_tissue_area_um2: float = 50_000.0
-    keep_holes: bool = False
+    # Holes in the tissue (lumen, fat, tears) of at least min_hole_area_um2 stay out of the mask, as
+    # in CLAM and TRIDENT: a patch lying wholly on the glass of a hole is not tiled. false fills
+    # every hole.
+    keep_holes: bool = True
     # With keep_holes, holes smaller than this are still filled.
     min_hole_area_um2: float = 20_000.0
 
