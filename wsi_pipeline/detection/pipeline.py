@@ -62,7 +62,8 @@ def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_
             t = tissue_cfg
             mask, mask_mpp = slide_tissue(slide, t.mask_mpp, saturation_threshold=t.saturation_threshold,
                                           min_saturation=t.min_saturation, median_kernel_um=t.median_kernel_um,
-                                          closing_um=t.closing_um, min_tissue_area_um2=t.min_tissue_area_um2)
+                                          closing_um=t.closing_um, min_tissue_area_um2=t.min_tissue_area_um2,
+                                          min_hole_area_um2=t.min_hole_area_um2, keep_holes=t.keep_holes)
             tissue_mm2 = float(mask.sum()) * mask_mpp ** 2 / 1e6
             done_path.unlink(missing_ok=True)   # the old record no longer describes the outputs
             writer = CandidateWriter(cand, classes)
