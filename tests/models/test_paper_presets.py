@@ -174,7 +174,7 @@ def test_mambamil_preset_init_and_training_recipe():
     assert model.layers[0].context_drop == 0 and not any(isinstance(m, torch.nn.Dropout) and m.p > 0
                                                          for m in model.modules())
     assert (train.optimizer, train.lr, train.weight_decay, train.patience, train.min_epochs, train.epochs) \
-        == ("adam", 2e-4, 1e-5, 20, 50, 200)
+        == ("adam", 2e-4, 1e-5, 20, 52, 200)
     assert not train.standardize and train.balance == "sampler"
 
 

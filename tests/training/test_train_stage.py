@@ -169,7 +169,7 @@ def test_paper_preset_trains_through_the_stage_with_its_optimizer(tmp_path):
     from wsi_pipeline.config import load_config
 
     preset = load_config(Path(__file__).resolve().parents[2] / "configs" / "models" / "clam_abmil_paper.yaml").train
-    assert (preset.optimizer, preset.min_epochs) == ("adam", 50)
+    assert (preset.optimizer, preset.min_epochs) == ("adam", 52)
     run_dir, manifest_path = make_cohort(tmp_path, n_patients=6, slides_per_patient=(1,))
     manifest = load_manifest(manifest_path, require_labels=True)
     small = dict(folds=2, epochs=2, bootstrap=0, device="cpu", lr=1e-3,
