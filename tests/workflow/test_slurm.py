@@ -1,9 +1,10 @@
 """`wsi-pipeline run --profile slurm` on a real one-node SLURM cluster (no accounting, no slurmdbd):
 two tiny slides tiled and encoded by SLURM jobs (tile on the `cpu` partition, extract on `gpu`)
 while a third, corrupt slide's job fails inside SLURM and is reported. One run, so that the failing
-job's retries overlap the others' chain (each level costs ~10 s of SLURM polling). The cluster (tests/workflow/slurm_cluster.py) needs Debian's
-slurmctld, slurmd, slurm-client and munge (`make slurm-deps`, which `make test` runs) and root; where
-they are missing the test is skipped with the reason, or fails under WSI_PIPELINE_REQUIRE_SLURM=1 (CI).
+job's retries overlap the others' chain (each level costs >= ~12 s of the plugin's polling).
+The cluster (tests/workflow/slurm_cluster.py) needs Debian's slurmctld, slurmd, slurm-client and
+munge (`make slurm-deps`, which `make test` runs) and root; where they are missing the test is
+skipped with the reason, or fails under WSI_PIPELINE_REQUIRE_SLURM=1 (CI).
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def test_slurm_profile_runs_slides_and_reports_a_failed_job(cluster, cohort, tmp
     # Every job went through sbatch, none ran on the submitting machine: the good slides' tile and
     # extract jobs, and BAD's tile job, submitted again for each of the profile's 2 retries.
     assert sorted(submitted_rules(out)) == ["extract"] * 2 + ["tile"] * 5, out[-5000:]
+    # ...and SLURM ran them where the profile put them (finished jobs stay listed for MinJobAge).
+    listed = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%P %k %T"], capture_output=True,
+                            text=True, timeout=30).stdout.split("\n")
+    assert sorted(line.split() for line in listed if line.strip()) == sorted(
+        [["gpu", f"rule_extract_wildcards_S{i}", "COMPLETED"] for i in range(2)]
+        + [["cpu", f"rule_tile_wildcards_S{i}", "COMPLETED"] for i in range(2)]
+        + [["cpu", "rule_tile_wildcards_BAD", "FAILED"]] * 3), listed
     for slide in ("S0", "S1"):
         assert (run / "tiles" / f"{slide}.coords.h5").is_file()
         with h5py.File(run / "features" / "resnet18" / f"{slide}.h5", "r") as f:
