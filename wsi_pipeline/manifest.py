@@ -115,9 +115,9 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
     header = [aliases.get(c, c) for c in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
+        alias_note = "; a `wsi` column is read as `path`" if "path" in missing else ""
         raise ManifestError(path, [f"missing column(s): {', '.join(missing)} "
-                                   f"(required: {', '.join(REQUIRED_COLUMNS)}; "
-                                   f"`wsi` is read as `path`)"])
+                                   f"(required: {', '.join(REQUIRED_COLUMNS)}{alias_note})"])
     if "" in header:
         problems.append(f"column {header.index('') + 1} has no name in the header")
     extra = [c for c in header if c and c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]

@@ -264,5 +264,27 @@ def test_manifest_reads_wsi_as_path_only_without_a_path_column(tmp_path):
     record = load_manifest(both).records[0]
     assert record.path == (tmp_path / "a.svs").resolve() and record.extra_columns == {"wsi": "elsewhere/a.svs"}
     neither = write_manifest(tmp_path / "n.csv", [["A", "P1", "x", "c"]], ("slide_id", "patient_id", "label", "cohort"))
-    with pytest.raises(ManifestError, match="missing column.*path.*`wsi` is read as `path`"):
+    with pytest.raises(ManifestError, match="missing column.*path.*a `wsi` column is read as `path`"):
         load_manifest(neither)
+
+
+def test_a_volume_row_fails_alone_with_a_clear_message(tmp_path, interop_run):
+    """CLAM/TRIDENT/STAMP read 2-D slide features: a CT volume's (3-D coords) fails, named, and the
+    slide beside it is exported."""
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "features" / ENCODER).mkdir(parents=True)
+    shutil.copy(interop_run.run / "features" / ENCODER / "S025.h5", run / "features" / ENCODER / "S025.h5")
+    write_features_h5(run / "features" / ENCODER / "VOL.h5", np.zeros((3, 4), np.float32),
+                      np.zeros((3, 3), np.int64), {"encoder": ENCODER, "out_dim": 4})
+    (tmp_path / "vol.nii.gz").write_bytes(b"x")
+    manifest = write_manifest(tmp_path / "m.csv", [["S025", interop_run.slide_paths["S025"], "P0", "tumor", "demo", ""],
+                                                   ["VOL", tmp_path / "vol.nii.gz", "P1", "normal", "ct", "CT"]],
+                              ("slide_id", "path", "patient_id", "label", "cohort", "modality"))
+    out = tmp_path / "out"
+    assert main(["export", "--to", "clam", "--manifest", str(manifest), "--run", str(run), "--out", str(out),
+                 "--config", str(interop_run.config), "--no-progress"]) == 1
+    failures = _rows(out / "failures.csv")
+    assert [f["slide_id"] for f in failures] == ["VOL"] and "CT volume" in failures[0]["error"]
+    assert [r["slide_id"] for r in _rows(out / "dataset.csv")] == ["S025"]
