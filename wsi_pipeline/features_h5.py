@@ -12,8 +12,7 @@ Layout (CLAM/TRIDENT names, so their readers work):
   attrs on coords: the coords.h5 attrs under their own names (patch_size, patch_size_level0,
                 patch_level, level0_magnification, target_magnification, name, ...; TRIDENT's slide
                 encoders read f["coords"].attrs["patch_size_level0"]), and coord_dims, n_patches.
-                Files from before this have coord_dims/n_patches only there, or nothing:
-                `coords_attrs` falls back to the root.
+                Files from before this have none there: `coords_attrs` reads them from the root.
 """
 
 from __future__ import annotations
