@@ -22,6 +22,7 @@ _STAGE_OBJECTS = {
     "train-detector": "stages.detect:TRAIN_DETECTOR",
     "detect": "stages.detect:DETECT",
     "eval-detect": "stages.detect:EVAL_DETECT",
+    "export": "stages.export:EXPORT",   # not a workflow rule: run on a finished run's features
 }
 STAGE_NAMES = tuple(_STAGE_OBJECTS)
 

@@ -46,8 +46,10 @@ def test_manifest_missing_column_and_bad_mpp(tmp_path):
         load_manifest(_write(tmp_path, "slide_id,path,label,cohort\nA,a,x,c\n"))
     with pytest.raises(ManifestError, match="row 1 .*mpp must be a positive number"):
         load_manifest(_write(tmp_path, "slide_id,path,patient_id,label,cohort,mpp\nA,a,P,x,c,-1\n"))
-    with pytest.raises(ManifestError, match="unknown column.*stain"):
-        load_manifest(_write(tmp_path, "slide_id,path,patient_id,label,cohort,stain\nA,a,P,x,c,he\n"))
+    # An extra column is kept, not refused (issue 17: one CSV for several tools); tests/interop checks
+    # the warning and the `wsi` alias.
+    assert load_manifest(_write(tmp_path, "slide_id,path,patient_id,label,cohort,stain\nA,a,P,x,c,he\n")
+                         ).records[0].extra_columns == {"stain": "he"}
     with pytest.raises(ManifestError, match="file not found"):
         load_manifest(tmp_path / "nope.csv")
     with pytest.raises(ManifestError, match="no slide rows"):

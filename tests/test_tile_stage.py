@@ -131,3 +131,47 @@ def test_bad_config_or_manifest_exits_2_before_running(demo_cohort, tmp_path, ca
     assert main(["tile", "--manifest", str(m), "--out", str(tmp_path / "r")]) == 2
     assert "missing column" in capsys.readouterr().err
     assert not (tmp_path / "r" / "tiles").exists()
+
+
+def test_default_tiling_keeps_big_holes_out_and_fills_small_ones(tmp_path):
+    """Default config: a 400 µm glass hole in the tissue (lumen, fat) is not tiled; a 120 µm hole
+    (14,400 µm² < min_hole_area_um2) is filled, so its patch is kept. Under the old default
+    (keep_holes: false) the big hole was filled and its patches reached the encoder."""
+    rng = np.random.default_rng(0)
+    rgb = np.clip(240 + rng.normal(0, 2, (1536, 2048, 1)), 0, 255).astype(np.uint8).repeat(3, 2)
+    tissue_px = np.zeros((1536, 2048), bool)
+    tissue_px[128:1408, 128:1920] = True
+    big_hole = (slice(448, 1248), slice(896, 1696))       # 800 px = 400 µm square at 0.5 µm/px
+    small_hole = (slice(440, 680), slice(440, 680))       # 240 px = 120 µm square: 14,400 µm²
+    tissue_px[big_hole] = False
+    tissue_px[small_hole] = False
+    stain = np.array([170, 80, 150]) + rng.normal(0, 12, (int(tissue_px.sum()), 3))
+    rgb[tissue_px] = np.clip(stain, 0, 255).astype(np.uint8)
+    slide = tmp_path / "holes.svs"
+    write_aperio_tiff(slide, build_pyramid(rgb), mpp=0.5)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_id,path,patient_id,label,cohort\nH1,holes.svs,P1,tumor,demo\n")
+    run = tmp_path / "run"
+    assert main(["tile", "--manifest", str(manifest), "--out", str(run), "--no-progress"]) == 0
+    coords, _ = read_coords_h5(run / "tiles" / "H1.coords.h5")
+    size = 224                                           # level-0 px at 0.5 µm/px
+
+    def wholly_inside(coords, box):
+        x, y = coords[:, 0], coords[:, 1]
+        return ((x >= box[1].start) & (x + size <= box[1].stop)
+                & (y >= box[0].start) & (y + size <= box[0].stop))
+
+    assert len(coords) > 20
+    assert not wholly_inside(coords, big_hole).any()
+    # The patch at (448, 448) lies wholly in the small hole: filled, so kept.
+    assert wholly_inside(coords, small_hole).sum() == 1 and [448, 448] in coords.tolist()
+
+    # keep_holes: false (the old default) fills the big hole: its 3 x 3 grid patches are tiled.
+    config = tmp_path / "fill.yaml"
+    config.write_text("tissue:\n  keep_holes: false\n")
+    filled_run = tmp_path / "run-filled"
+    assert main(["tile", "--manifest", str(manifest), "--config", str(config), "--out", str(filled_run),
+                 "--no-progress"]) == 0
+    filled, _ = read_coords_h5(filled_run / "tiles" / "H1.coords.h5")
+    assert wholly_inside(filled, big_hole).sum() == 9
+    assert len(filled) == len(coords) + 9

@@ -42,7 +42,10 @@ class TissueConfig:
     median_kernel_um: float = 64.0
     closing_um: float = 32.0
     min_tissue_area_um2: float = 50_000.0
-    keep_holes: bool = False
+    # Holes in the tissue (lumen, fat, tears) of at least min_hole_area_um2 stay out of the mask, as
+    # in CLAM and TRIDENT: a patch lying wholly on the glass of a hole is not tiled. false fills
+    # every hole.
+    keep_holes: bool = True
     # With keep_holes, holes smaller than this are still filled.
     min_hole_area_um2: float = 20_000.0
 
@@ -125,6 +128,10 @@ class ExtractConfig:
 
 # The sections below are owned by the stages that read them (train, heatmap, segment); each
 # stage's module documents its keys in configs/default.yaml.
+# Optimizers train.optimizer may name (training/trainer.py builds them).
+OPTIMIZERS = ("adamw", "adam", "radam")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # Registered aggregator: mambamil, bimamba_mil, mamba_mil, gmmamba, fmamil, abmil, transmil, mean, max.
@@ -142,6 +149,8 @@ class TrainConfig:
     # An epoch counts as an improvement for patience only when the monitored loss drops by more
     # than this (absolute); the best epoch's weights are kept either way.
     min_delta: float = 0.0
+    # Early stopping never stops before this many epochs (CLAM's and MambaMIL's stop_epoch); 0: any.
+    min_epochs: int = 0
     # Linear learning-rate warm-up over the first this many epochs (0: none).
     warmup_epochs: int = 0
     # Instance-level top-k cross-entropy added to the slide loss with this weight (0: off); needs
@@ -150,6 +159,9 @@ class TrainConfig:
     instance_topk: int = 2
     lr: float = 2.0e-4
     weight_decay: float = 1.0e-2
+    # adamw (decoupled weight decay), adam (weight decay as L2 in the gradient, CLAM's and MambaMIL's
+    # recipe) or radam (TransMIL's, without its Lookahead wrapper). training/trainer.py.
+    optimizer: str = "adamw"
     # Bags per optimizer step (bags differ in length, so each bag is its own forward pass).
     grad_accumulation: int = 1
     # class_weights (weighted loss), sampler (weighted sampling) or none.
@@ -192,6 +204,10 @@ class TrainConfig:
             raise ConfigError("train.warmup_epochs: must be >= 0 and < train.epochs")
         if self.min_delta < 0:
             raise ConfigError("train.min_delta: must be >= 0")
+        if self.min_epochs < 0:
+            raise ConfigError("train.min_epochs: must be >= 0 (0: early stopping at any epoch)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.instance_loss_weight < 0:
             raise ConfigError("train.instance_loss_weight: must be >= 0 (0: off)")
         for name in ("epochs", "patience", "grad_accumulation", "instance_topk"):

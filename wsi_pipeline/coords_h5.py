@@ -1,6 +1,7 @@
 """`coords.h5`: a slide's patch coordinates, the contract between tiling and feature extraction.
 
-Layout (CLAM/TRIDENT-compatible: their readers take `f["coords"]` and its attrs):
+Layout (CLAM/TRIDENT-compatible: their readers take `f["coords"]` and its attrs; the same attrs
+are also on the file root, for readers that look there):
   coords           (N, k) int64   k = 2 for slides: level-0 top-left (x, y); k = 3 for volumes:
                                   voxel corner (i, j, k) of the canonical RAS grid (volumes/instances.py)
   tissue_fraction  (N,)   float32 area fraction of tissue (body, for volumes) under each instance
@@ -9,7 +10,14 @@ Layout (CLAM/TRIDENT-compatible: their readers take `f["coords"]` and its attrs)
                    read_size_px, stride_level0, overlap_px, target_mpp, slide_mpp, mpp_source,
                    level0_width, level0_height, slide_id, name, config_hash, n_patches, format_version,
                    and the slide file's identity: slide_size_bytes, slide_mtime_ns, slide_fingerprint,
-                   slide_level_dimensions (slides/identity.py; absent in files from before it)
+                   slide_level_dimensions (slides/identity.py; absent in files from before it),
+                   level0_magnification and target_magnification (nominal, 10 / mpp: see below;
+                   slides only, absent in files from before them)
+
+Magnifications are nominal: TRIDENT's patcher (and most scanners' "40×" at 0.25 µm/px) convert with
+magnification = 10 / mpp, so writing 10 / slide_mpp and 10 / target_mpp makes TRIDENT's level-0
+footprint, patch_size · level0_magnification / target_magnification, equal our patch_size_level0.
+They are a unit conversion, not the objective's power read from the file.
 """
 
 from __future__ import annotations
@@ -25,6 +33,19 @@ from .slides.identity import SlideIdentity
 from .tiling import TileGrid
 
 FORMAT_VERSION = 1
+# µm: magnification = NOMINAL_MAGNIFICATION_UM / mpp (0.25 µm/px = 40×, 0.5 µm/px = 20×).
+NOMINAL_MAGNIFICATION_UM = 10.0
+
+
+def nominal_magnification(mpp: float) -> float:
+    """The conventional objective power of `mpp` µm/px (10 / mpp), as TRIDENT converts it."""
+    return NOMINAL_MAGNIFICATION_UM / float(mpp)
+
+
+def magnification_attrs(slide_mpp: float, target_mpp: float) -> dict:
+    """TRIDENT's `level0_magnification` / `target_magnification` for a slide (nominal, 10 / mpp)."""
+    return {"level0_magnification": nominal_magnification(slide_mpp),
+            "target_magnification": nominal_magnification(target_mpp)}
 
 
 def write_coords_h5(path: str | Path, grid: TileGrid, *, slide_id: str, level0_wh: tuple[int, int],
@@ -48,6 +69,7 @@ def write_coords_h5(path: str | Path, grid: TileGrid, *, slide_id: str, level0_w
         "name": slide_id,  # CLAM's name for it
         "config_hash": config_hash,
         "n_grid_positions": int(grid.n_grid),
+        **magnification_attrs(g.slide_mpp, g.target_mpp),
         **(slide.to_attrs() if slide is not None else {}),
     }
     write_instance_coords_h5(path, grid.coords, grid.tissue_fraction, attrs)
@@ -57,7 +79,8 @@ def write_instance_coords_h5(path: str | Path, coords: np.ndarray, tissue_fracti
                              attrs: dict) -> None:
     """Any source's instance coordinates: coords (N, k) int64 with k = 2 or 3, tissue_fraction (N,).
 
-    `attrs` go on the `coords` dataset; `coord_dims`, `n_patches` and `format_version` are added."""
+    `attrs` go on the `coords` dataset and on the file root (TRIDENT and CLAM read the dataset's,
+    other readers the root's); `coord_dims`, `n_patches` and `format_version` are added."""
     coords = np.asarray(coords)
     if coords.ndim != 2 or coords.shape[1] not in COORD_DIMS:
         raise ValueError(f"coords must be (N, 2) or (N, 3), got {coords.shape}")
@@ -70,6 +93,7 @@ def write_instance_coords_h5(path: str | Path, coords: np.ndarray, tissue_fracti
             for key, value in {**attrs, "coord_dims": int(coords.shape[1]), "n_patches": int(len(coords)),
                                "format_version": FORMAT_VERSION}.items():
                 ds.attrs[key] = value
+                f.attrs[key] = value
 
 
 def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict]:

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import Config
-from .coords_h5 import coords_h5_is_valid, read_coords_h5
+from .coords_h5 import coords_h5_is_valid, magnification_attrs, read_coords_h5
 from .errors import PipelineError, SlideError
 from .features_h5 import features_h5_is_valid, write_features_h5
 from .io import sha256_file
@@ -125,6 +125,9 @@ class Extractor:
             bad = int((~np.isfinite(features).all(axis=1)).sum())
             raise SlideError(record.slide_id, f"encoder produced non-finite features for {bad} patches "
                                               f"(try precision: fp32)")
+        if cattrs.get("coord_dims", 2) == 2 and "slide_mpp" in cattrs and "target_mpp" in cattrs:
+            # A coords.h5 from before magnifications were recorded: TRIDENT needs them all the same.
+            cattrs = {**magnification_attrs(cattrs["slide_mpp"], cattrs["target_mpp"]), **cattrs}
         attrs = {
             "encoder": e.encoder,
             "weights_source": str(e.checkpoint),
@@ -145,7 +148,7 @@ class Extractor:
             attrs[key if key not in attrs else f"coords_{key}"] = value
         attrs["tiling_config_hash"] = cattrs["config_hash"]
         attrs["config_hash"] = config_hash
-        write_features_h5(out, features, coords, attrs, dtype=e.features_dtype)
+        write_features_h5(out, features, coords, attrs, dtype=e.features_dtype, coords_attrs=cattrs)
         return "done"
 
 

@@ -9,6 +9,10 @@ Layout (CLAM/TRIDENT names, so their readers work):
                 (every coords.h5 attr, prefixed "coords_" where names clash: among them the
                 slide file's identity, slide_size_bytes/_mtime_ns/_fingerprint/_level_dimensions),
                 library versions, config_hash, n_patches, format_version
+  attrs on coords: the coords.h5 attrs under their own names (patch_size, patch_size_level0,
+                patch_level, level0_magnification, target_magnification, name, ...; TRIDENT's slide
+                encoders read f["coords"].attrs["patch_size_level0"]), and coord_dims, n_patches.
+                Files from before this have none there: `coords_attrs` reads them from the root.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ FORMAT_VERSION = 1
 
 
 def write_features_h5(path: str | Path, features: np.ndarray, coords: np.ndarray, attrs: dict,
-                      dtype: str = "float32") -> None:
+                      dtype: str = "float32", coords_attrs: dict | None = None) -> None:
+    """`attrs` go on the file; `coords_attrs` (the coords.h5 attrs, as read) on the `coords` dataset."""
     if features.shape[0] != coords.shape[0]:
         raise ValueError(f"{features.shape[0]} features for {coords.shape[0]} coords")
     if coords.ndim != 2 or coords.shape[1] not in COORD_DIMS:
@@ -33,10 +38,12 @@ def write_features_h5(path: str | Path, features: np.ndarray, coords: np.ndarray
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=features.astype(dtype))
-            f.create_dataset("coords", data=coords.astype(np.int64))
-            for key, value in {**attrs, "coord_dims": int(coords.shape[1]), "n_patches": int(len(coords)),
-                               "format_version": FORMAT_VERSION}.items():
+            ds = f.create_dataset("coords", data=coords.astype(np.int64))
+            shape_attrs = {"coord_dims": int(coords.shape[1]), "n_patches": int(len(coords))}
+            for key, value in {**attrs, **shape_attrs, "format_version": FORMAT_VERSION}.items():
                 f.attrs[key] = value
+            for key, value in {**(coords_attrs or {}), **shape_attrs}.items():
+                ds.attrs[key] = value
 
 
 def read_features_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -46,6 +53,27 @@ def read_features_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
                  for k, v in f.attrs.items()}
         attrs.setdefault("coord_dims", 2)
         return f["features"][()].astype(np.float32), f["coords"][()].astype(np.int64), attrs
+
+
+def coords_attrs(path: str | Path) -> dict:
+    """The tiling attrs of a features.h5: those on `coords` (their coords.h5 names), or, for a file
+    written before they were put there, the root's (where a name the encoder's attrs also use
+    carries a "coords_" prefix, which is taken off)."""
+    with h5py.File(path, "r") as f:
+        on_coords = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+        if "patch_size" in on_coords or "patch_size_level0" in on_coords:
+            return on_coords
+        root = {k: _plain(v) for k, v in f.attrs.items()}
+    unprefixed = {k[len("coords_"):]: v for k, v in root.items() if k.startswith("coords_")}
+    return {**root, **unprefixed, **on_coords}
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def features_h5_is_valid(path: str | Path, config_hash: str | None = None,

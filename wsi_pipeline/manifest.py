@@ -1,5 +1,9 @@
 """Manifests: CSV rows `slide_id, path, patient_id, label, cohort` (+ optional `mpp`, `modality`).
 
+`wsi` (TRIDENT's batch-CSV column) is accepted for `path` when there is no `path` column. Any other
+column is kept (`SlideRecord.extra`, `Manifest.extra_columns`) and reported once, as one warning:
+so one CSV can also carry another tool's columns (TRIDENT's `wsi`, CLAM's `case_id`, clinical data).
+
 A row with `modality` CT or MR is a radiology volume (NIfTI file or DICOM series folder; its
 `slide_id` is the volume's id); empty or absent `modality` is a whole-slide image.
 
@@ -11,6 +15,7 @@ them as per-slide failures so one absent file does not stop a cohort.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +25,15 @@ from .names import name_problem, short_repr
 
 REQUIRED_COLUMNS = ("slide_id", "path", "patient_id", "label", "cohort")
 OPTIONAL_COLUMNS = ("mpp", "modality")
+# Column names read as another (only when that one is absent): TRIDENT calls the slide file `wsi`.
+COLUMN_ALIASES = {"wsi": "path"}
 VOLUME_MODALITIES = ("CT", "MR")
 # slide_id and cohort become file and folder names under the run folder, Snakemake wildcards and
 # shell words: both follow the one name rule (wsi_pipeline.names). patient_id and label never become
 # paths (they are compared and written into CSV/JSON cells), so any text is fine there.
 PATH_NAME_COLUMNS = ("slide_id", "cohort")
+
+log = logging.getLogger("wsi_pipeline")
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,13 @@ class SlideRecord:
     mpp: float | None   # manifest override of the file's resolution, µm/px
     row: int            # 1-based data row number (header is row 0), for messages
     modality: str = ""  # "" for a slide; "CT" or "MR" for a volume
+    # The row's cells in columns the pipeline does not use, as (column, text) pairs (a tuple: the
+    # record stays hashable); never a path or a name, only carried to exports.
+    extra: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def extra_columns(self) -> dict[str, str]:
+        return dict(self.extra)
 
     @property
     def is_volume(self) -> bool:
@@ -47,6 +63,7 @@ class SlideRecord:
 class Manifest:
     path: Path
     records: tuple[SlideRecord, ...]
+    extra_columns: tuple[str, ...] = ()   # columns kept but not used (manifest order)
 
     def __iter__(self):
         return iter(self.records)
@@ -62,7 +79,7 @@ class Manifest:
         unknown = wanted - {r.slide_id for r in self.records}
         if unknown:
             raise ManifestError(self.path, [f"slide_id {s!r} not in manifest" for s in sorted(unknown)])
-        return Manifest(self.path, tuple(r for r in self.records if r.slide_id in wanted))
+        return Manifest(self.path, tuple(r for r in self.records if r.slide_id in wanted), self.extra_columns)
 
     def without(self, slide_ids) -> "Manifest":
         """The manifest less `slide_ids`; an id it lacks is an error (a typo would otherwise keep
@@ -71,7 +88,8 @@ class Manifest:
         unknown = unwanted - {r.slide_id for r in self.records}
         if unknown:
             raise ManifestError(self.path, [f"slide_id {s!r} (to leave out) not in manifest" for s in sorted(unknown)])
-        return Manifest(self.path, tuple(r for r in self.records if r.slide_id not in unwanted))
+        return Manifest(self.path, tuple(r for r in self.records if r.slide_id not in unwanted),
+                        self.extra_columns)
 
 
 def load_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = False) -> Manifest:
@@ -89,13 +107,25 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
         raise ManifestError(path, [f"not a readable CSV: {exc}"]) from None
 
     problems = []
+    aliases = {alias: column for alias, column in COLUMN_ALIASES.items()
+               if alias in header and column not in header}
+    for alias, column in aliases.items():
+        for row in raw_rows:
+            row[column] = row.pop(alias, "")
+    header = [aliases.get(c, c) for c in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
+        alias_note = "; a `wsi` column is read as `path`" if "path" in missing else ""
         raise ManifestError(path, [f"missing column(s): {', '.join(missing)} "
-                                   f"(required: {', '.join(REQUIRED_COLUMNS)})"])
-    extra = [c for c in header if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+                                   f"(required: {', '.join(REQUIRED_COLUMNS)}{alias_note})"])
+    if "" in header:
+        problems.append(f"column {header.index('') + 1} has no name in the header")
+    extra = [c for c in header if c and c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
     if extra:
-        problems.append(f"unknown column(s): {', '.join(extra)} (allowed optional: {', '.join(OPTIONAL_COLUMNS)})")
+        # Kept, not refused: one CSV may serve TRIDENT or a clinical table too. Said once, so a
+        # misspelt optional column (`mpp_um`) does not pass unnoticed.
+        log.warning(f"{path}: column(s) not used by wsi-pipeline, kept as they are: {', '.join(extra)} "
+                    f"(used: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)})")
     if not raw_rows:
         problems.append("no slide rows")
 
@@ -150,8 +180,9 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
         exists = slide_path.exists() if modality else slide_path.is_file()   # a DICOM series is a folder
         if check_files and row.get("path") and not exists:
             problems.append(f"{where}: {'volume' if modality else 'slide'} file not found: {slide_path}")
-        records.append(SlideRecord(slide_id, slide_path, patient, label, cohort, mpp, i, modality))
+        records.append(SlideRecord(slide_id, slide_path, patient, label, cohort, mpp, i, modality,
+                                   tuple((c, row.get(c) or "") for c in extra)))
 
     if problems:
         raise ManifestError(path, problems)
-    return Manifest(path, tuple(records))
+    return Manifest(path, tuple(records), tuple(extra))

@@ -61,7 +61,7 @@ def detect_tissue(
     closing_um: float = 32.0,
     min_tissue_area_um2: float = 50_000.0,
     min_hole_area_um2: float = 20_000.0,
-    keep_holes: bool = False,
+    keep_holes: bool = True,
 ) -> np.ndarray:
     """Tissue mask of a slide thumbnail: H&E tissue is saturated, glass is grey-white.
 
@@ -85,9 +85,11 @@ def detect_tissue(
         min_tissue_area_um2: tissue regions smaller than this are dropped (default 50_000 µm² =
             0.05 mm², about 224 µm square): dust, debris, pen specks.
         min_hole_area_um2: with `keep_holes`, background enclosed by tissue is filled (counted as
-            tissue) when smaller than this (default 20_000 µm², about 141 µm square: vessel lumens,
-            small tears), and kept as a hole when larger.
-        keep_holes: False (default) fills every hole; True keeps holes >= `min_hole_area_um2`.
+            tissue) when smaller than this (default 20_000 µm², about 141 µm square: small vessel
+            lumens, small tears), and kept as a hole when larger.
+        keep_holes: True (default) keeps holes >= `min_hole_area_um2` out of the mask (lumen, fat,
+            tears), as CLAM and TRIDENT do, so a patch lying wholly on the glass of a hole is not
+            tiled; False fills every hole (the behaviour before this became the default).
 
     Returns:
         (H, W) bool mask, True = tissue. Tissue regions are 4-connected components (the regions

@@ -34,6 +34,31 @@ def test_kmeans_groups_are_deterministic_and_spatial():
     assert sorted(map(tuple, groups)) == [tuple(range(50)), tuple(range(50, 100))]
 
 
+def test_kmeans_groups_are_the_references_sklearn_clusters():
+    """The reference (titizheng/GMMamba datasets/pre_input_data.py, grouping.coords_grouping):
+    KMeans(n_clusters, random_state=0, n_init="auto").fit(coords); group i = np.argwhere(labels == i)."""
+    from sklearn.cluster import KMeans
+
+    coords = grid_coords(300, 30, torch.Generator().manual_seed(1)).numpy()
+    labels = KMeans(n_clusters=10, random_state=0, n_init="auto").fit(coords).labels_
+    reference = [np.argwhere(labels == i).squeeze() for i in range(len(set(labels)))]
+    groups = kmeans_groups(coords, 10, seed=0)
+    assert len(groups) == 10 and all(np.array_equal(g, r) for g, r in zip(groups, reference))
+    assert not all(np.array_equal(g, r) for g, r in zip(kmeans_groups(coords, 10, seed=3), reference))
+
+
+def test_input_proj_false_feeds_features_as_they_are():
+    torch.manual_seed(0)
+    model = make_small("gmmamba", 16, 2, input_proj=False, group_cache=GroupCache()).eval()
+    assert isinstance(model.embed, torch.nn.Identity)
+    assert not any(name.startswith("embed") for name, _ in model.named_parameters())
+    with torch.no_grad():
+        out = model(torch.randn(1, 20, 16), grid_coords(20, 6, torch.Generator().manual_seed(0))[None])
+    assert out.logits.shape == (1, 2)
+    with pytest.raises(ValueError, match="input_proj=False .* in_dim \\(12\\) must equal d_model \\(16\\)"):
+        make_small("gmmamba", 12, 2, input_proj=False)
+
+
 def test_groups_are_never_empty_with_duplicates_or_short_bags():
     duplicates = np.array([[0, 0], [256, 0], [0, 256]] * 7)
     groups = kmeans_groups(duplicates, 10)

@@ -1,4 +1,4 @@
-"""The rare-positive recipe's trainer options: learning-rate warm-up, instance-level top-k loss."""
+"""Trainer recipe options: learning-rate warm-up, instance-level top-k loss, min_delta, min_epochs, optimizer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from wsi_pipeline.errors import PipelineError
 from wsi_pipeline.models.mil import create_aggregator
 from wsi_pipeline.models.mil.registry import MILOutput
-from wsi_pipeline.training.trainer import _bag_loss, seed_everything, train_fold
+from wsi_pipeline.training.trainer import _bag_loss, build_optimizer, seed_everything, train_fold
 
 from .test_standardize import _low_variance_bags
 
@@ -55,3 +55,34 @@ def test_min_delta_stops_a_loss_that_only_creeps_down(monkeypatch):
     losses = iter([1.0, 0.5] + [0.5 - 1e-4 * i for i in range(1, 30)])
     capped = train_fold(model, bags, bags, **kwargs)
     assert (capped.epochs_run, capped.stopped_early) == (12, False)
+
+
+def test_min_epochs_holds_early_stopping_back(monkeypatch):
+    """A validation loss that never improves after epoch 1: patience 2 stops at epoch 3, unless
+    min_epochs (CLAM's and MambaMIL's stop_epoch) holds it to 6; the best epoch stays 1 either way."""
+    from wsi_pipeline.training import trainer
+
+    monkeypatch.setattr(trainer, "evaluate_loss", lambda *a, **k: 1.0)
+    bags = _low_variance_bags(0, 4)
+    kwargs = dict(n_classes=2, lr=1e-3, weight_decay=0.0, epochs=10, patience=2, balance="none",
+                  grad_accumulation=1, seed=0, device=torch.device("cpu"))
+    model = create_aggregator("abmil", 8, 2, hidden_dim=8, attention_dim=4, dropout=0.0)
+    early = train_fold(model, bags, bags, **kwargs)
+    held = train_fold(model, bags, bags, min_epochs=6, **kwargs)
+    assert (early.epochs_run, early.best_epoch, early.stopped_early) == (3, 1, True)
+    assert (held.epochs_run, held.best_epoch, held.stopped_early) == (6, 1, True)
+
+
+def test_adam_applies_weight_decay_as_l2_and_adamw_decoupled():
+    """One step on a zero gradient: AdamW shrinks the weight by lr·wd; Adam's L2 term enters the
+    moments, so its first step is lr·sign (Adam normalises the gradient wd·w)."""
+    for name, expected in (("adamw", 1.0 - 0.1 * 0.5), ("adam", 1.0 - 0.1), ("radam", None)):
+        weight = torch.nn.Parameter(torch.ones(1))
+        optimizer = build_optimizer(name, [weight], lr=0.1, weight_decay=0.5)
+        assert type(optimizer).__name__.lower() == name
+        weight.grad = torch.zeros(1)
+        optimizer.step()
+        if expected is not None:
+            torch.testing.assert_close(weight.detach(), torch.tensor([expected]))
+    with pytest.raises(ValueError, match="optimizer must be adamw, adam or radam"):
+        build_optimizer("sgd", [weight], lr=0.1, weight_decay=0.0)

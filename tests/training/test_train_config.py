@@ -18,6 +18,8 @@ from wsi_pipeline.config import ConfigError, TrainConfig, config_from_dict
     ({"instance_dropout": 1.0}, r"train.instance_dropout: must be in \[0, 1\)"),
     ({"center_per_slide": "yes"}, "train.center_per_slide must be true or false"),
     ({"center_per_slide": True, "standardize": False}, "train.center_per_slide: needs train.standardize"),
+    ({"optimizer": "sgd"}, "train.optimizer: must be one of adamw, adam, radam"),
+    ({"min_epochs": -1}, "train.min_epochs: must be >= 0"),
 ])
 def test_bad_train_settings(bad, message):
     with pytest.raises(ConfigError, match=message):

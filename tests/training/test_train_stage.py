@@ -158,3 +158,26 @@ def test_sampler_balance_with_explicit_classes_and_deterministic(tmp_path):
     metrics = json.loads((RunFolder(run_dir).mil_dir("abmil", "c1") / "metrics.json").read_text())
     assert metrics["auc"] == "ROC AUC of prob_neg"
     assert np.isfinite(metrics["pooled"]["auc"]["value"])
+
+
+def test_paper_preset_trains_through_the_stage_with_its_optimizer(tmp_path):
+    """configs/models/clam_abmil_paper.yaml's train section (Adam with L2, min_epochs) goes through
+    the train stage; optimizer and min_epochs are recorded and part of the fold hash."""
+    import dataclasses
+    from pathlib import Path
+
+    from wsi_pipeline.config import load_config
+
+    preset = load_config(Path(__file__).resolve().parents[2] / "configs" / "models" / "clam_abmil_paper.yaml").train
+    assert (preset.optimizer, preset.min_epochs) == ("adam", 52)
+    run_dir, manifest_path = make_cohort(tmp_path, n_patients=6, slides_per_patient=(1,))
+    manifest = load_manifest(manifest_path, require_labels=True)
+    small = dict(folds=2, epochs=2, bootstrap=0, device="cpu", lr=1e-3,
+                 model_args={**preset.model_args, "hidden_dim": 32, "attention_dim": 16})
+    cfg = dataclasses.replace(small_config(), train=dataclasses.replace(preset, **small))
+    result = run_train(manifest, cfg, run_dir, progress=False)["c1"]
+    assert result["status"] == "done" and result["folds_trained"] == [0, 1]
+    _, meta = load_fold_model(RunFolder(run_dir).mil_dir("abmil", "c1") / "fold_0")
+    assert meta["train_config"]["optimizer"] == "adam" and meta["epochs_run"] == 2
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="adamw"))
+    assert run_train(manifest, other, run_dir, progress=False)["c1"]["folds_trained"] == [0, 1]

@@ -51,6 +51,22 @@ ENCODER = CFG.extract.encoder
 MODEL = config.get("model") or CFG.train.model
 GPU = 1 if config.get("gpu") else 0
 
+
+def _machine_cores():
+    """Threads for the rules that use a whole machine: every core of a local run (`--cores`; the local
+    profile says all). A cluster run has no --cores (workflow.cores raises): 1 there, unless the
+    profile's set-threads sizes the rule (the slurm profile does for extract, train, segment and
+    train_detector, with cpus_per_task to match)."""
+    from snakemake.exceptions import WorkflowError
+
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
+
+
+MACHINE_CORES = _machine_cores()
+
 # `wsi-pipeline run` passes the CLI as shell-quoted words; split and requote them so whatever the
 # config holds reaches the shell as a plain word list (never a substitution or a second command).
 CLI = " ".join(shlex.quote(w) for w in shlex.split(str(config.get("cli", "wsi-pipeline"))))

@@ -23,7 +23,7 @@ rule train_detector:
         f"logs/snakemake/detect/{DETECTOR}/train.log",
     benchmark:
         f"benchmarks/detect/{DETECTOR}/train.tsv"
-    threads: workflow.cores
+    threads: MACHINE_CORES
     resources:
         gpu=GPU,
         mem_mb=lambda wc, attempt: 16000 * attempt,

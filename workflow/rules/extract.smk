@@ -11,7 +11,7 @@ rule extract:
     benchmark:
         "benchmarks/extract/{slide}.tsv"
     # The encoder uses every core it is given; locally this runs one extraction at a time.
-    threads: workflow.cores
+    threads: MACHINE_CORES
     resources:
         gpu=GPU,
         mem_mb=lambda wc, attempt: 8000 * attempt,

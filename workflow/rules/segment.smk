@@ -23,7 +23,7 @@ rule segment:
         f"logs/snakemake/segment/{MODEL}.log",
     benchmark:
         f"benchmarks/segment/{MODEL}.tsv"
-    threads: workflow.cores
+    threads: MACHINE_CORES
     resources:
         gpu=GPU,
         mem_mb=lambda wc, attempt: 16000 * attempt,

@@ -13,7 +13,7 @@ rule train:
         f"logs/snakemake/train/{MODEL}/{{cohort}}.log",
     benchmark:
         f"benchmarks/train/{MODEL}/{{cohort}}.tsv"
-    threads: workflow.cores
+    threads: MACHINE_CORES
     resources:
         gpu=GPU,
         mem_mb=lambda wc, attempt: 16000 * attempt,

@@ -75,7 +75,8 @@ def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_
         # The mask is needed by the density maps too, when only the outputs are refreshed (cheap: a thumbnail).
         mask, mask_mpp = slide_tissue(slide, t.mask_mpp, saturation_threshold=t.saturation_threshold,
                                       min_saturation=t.min_saturation, median_kernel_um=t.median_kernel_um,
-                                      closing_um=t.closing_um, min_tissue_area_um2=t.min_tissue_area_um2)
+                                      closing_um=t.closing_um, min_tissue_area_um2=t.min_tissue_area_um2,
+                                      min_hole_area_um2=t.min_hole_area_um2, keep_holes=t.keep_holes)
         if same_inference:
             tissue_mm2 = done["tissue_area_mm2"]
         else:

@@ -1,5 +1,9 @@
 """Training one fold of a MIL aggregator: AdamW, cross-entropy, early stopping on validation loss.
 
+Optimizer (`optimizer`): "adamw" (default; decoupled weight decay), "adam" (weight decay added to
+the gradient as an L2 term: `torch.optim.Adam(weight_decay=reg)`, the recipe of CLAM's and
+MambaMIL's `get_optim`) or "radam" (TransMIL's RAdam; its Lookahead wrapper is not reproduced).
+
 One bag per forward pass (bags differ in length); `grad_accumulation` bags per optimizer step.
 Class balance:
 - class_weights: each bag's loss is scaled by n / (C * n_c) of its class (computed on the training
@@ -158,19 +162,31 @@ def predict_probs(model, bags: Sequence[Bag], device: torch.device) -> np.ndarra
     return np.stack(probs).astype(np.float64)
 
 
+def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer `name` (module docstring) over `params`."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "radam":
+        return torch.optim.RAdam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be adamw, adam or radam, got {name!r}")
+
+
 def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_classes: int,
                lr: float, weight_decay: float, epochs: int, patience: int, balance: str,
                grad_accumulation: int, seed: int, device: torch.device, progress: bool = False,
                desc: str = "train", warmup_epochs: int = 0, instance_loss_weight: float = 0.0,
                instance_topk: int = 2, min_delta: float = 0.0, instance_dropout: float = 0.0,
-               shuffle_instances: bool = False) -> TrainResult:
+               shuffle_instances: bool = False, optimizer: str = "adamw", min_epochs: int = 0) -> TrainResult:
     """Fit `model` in place; on return it holds the best epoch's weights and is in eval mode.
 
     Early stopping: after each epoch the validation loss is computed; the weights of the best epoch
     are kept, and training stops after `patience` epochs without an improvement of more than
     `min_delta` (absolute) over the loss that last reset the count. A validation loss creeping
     towards 0 by 1e-4 per epoch then no longer runs training to the epoch cap. Without validation
-    bags the training loss is monitored instead (a warning says so).
+    bags the training loss is monitored instead (a warning says so). It never stops before epoch
+    `min_epochs` (CLAM's and MambaMIL's `stop_epoch`), though the patience count runs from epoch 1.
     """
     if not train_bags:
         raise PipelineError(f"{desc}: no training bags")
@@ -181,7 +197,7 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
     val_weights = weights if balance == "class_weights" else None
     if not val_bags:
         log.warning("%s: no validation bags; early stopping monitors the training loss", desc)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = build_optimizer(optimizer, model.parameters(), lr, weight_decay)
     steps_per_epoch = -(-len(train_bags) // grad_accumulation)
     warmup_steps = max(0, warmup_epochs) * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -231,7 +247,7 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
             reference_loss, since_best = monitored, 0
         else:
             since_best += 1
-            if since_best >= patience:
+            if since_best >= patience and epoch >= min_epochs:
                 stopped_early = epoch < epochs
                 break
     bar.close()

@@ -1,88 +1,51 @@
 """Spatial groups of a bag's instances: deterministic k-means on patch coordinates, cached per slide.
 
-GMMamba splits a slide into groups of nearby patches. The reference clusters the level-0 patch
-coordinates with scikit-learn's KMeans (k-means++, random_state 0) once per slide and stores the
-groups on disk; here :func:`kmeans_groups` is a NumPy k-means++ / Lloyd with a fixed seed, and
-:class:`GroupCache` keeps the result in memory keyed by a hash of the coordinate array, so training
-epochs after the first do not recluster.
+GMMamba splits a slide into groups of nearby patches. As in the reference
+(github.com/titizheng/GMMamba datasets/pre_input_data.py, ``grouping.coords_grouping``),
+:func:`kmeans_groups` clusters the raw level-0 patch coordinates with scikit-learn's ``KMeans``
+(k-means++, ``n_init="auto"``, ``random_state`` = the seed, 0 by default as there) and a group is the
+instances of one cluster label, in label order. :class:`GroupCache` keeps the result in memory
+keyed by a hash of the coordinate array, so training epochs after the first do not recluster.
 
-Groups never come back empty: k is capped by the number of distinct coordinates (k-means++ stops
-when no point is left off a centre), clusters that empty out during Lloyd iterations are re-seeded,
-and any that stay empty are dropped.
+Groups never come back empty: k is capped by the number of distinct coordinates (the reference
+would fail, or warn and return fewer clusters, on such a bag), and any cluster that ends empty is
+dropped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import OrderedDict
 
 import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 
 
-def kmeans_groups(coords: np.ndarray, n_groups: int, seed: int = 0, max_iter: int = 100,
-                  tol: float = 1e-4) -> list[np.ndarray]:
+def kmeans_groups(coords: np.ndarray, n_groups: int, seed: int = 0) -> list[np.ndarray]:
     """Cluster (L, k) coordinates (k = 2 or 3) into at most ``n_groups`` non-empty groups.
 
     Returns a list of int64 index arrays (ascending instance indices, so each group keeps the bag's
-    order); groups are ordered by their first instance. Deterministic for a given ``seed``. Fewer
-    than ``n_groups`` groups come back when there are fewer distinct coordinates (or, rarely, when
-    two centres converge and one cluster stays empty despite re-seeding). Lloyd
-    iterations stop when the centres move less than ``tol`` × the mean coordinate variance (squared
-    shift summed over centres, scikit-learn's criterion) or after ``max_iter`` iterations.
+    order), in cluster-label order as in the reference. Deterministic for a given ``seed``
+    (scikit-learn's ``random_state``). Fewer than ``n_groups`` groups come back when there are
+    fewer distinct coordinates.
     """
     points = np.asarray(coords, dtype=np.float64).reshape(len(coords), -1)
-    n_points = len(points)
-    if n_points == 0:
+    if len(points) == 0:
         raise ValueError("cannot group an empty bag")
-    axes = [np.ascontiguousarray(points[:, a]) for a in range(points.shape[1])]
-    rng = np.random.default_rng(seed)
-
-    def squared_distances(centre):
-        total = np.zeros(n_points)
-        for values, c in zip(axes, centre):
-            total += (values - c) ** 2
-        return total
-
-    # k-means++ seeding: each new centre is drawn with probability ∝ squared distance to the nearest
-    # centre so far. When every point sits on a centre there are no more distinct points: stop there.
-    centres = [points[rng.integers(n_points)]]
-    nearest = squared_distances(centres[0])
-    while len(centres) < n_groups:
-        total = nearest.sum()
-        if total <= 0:
-            break
-        centres.append(points[rng.choice(n_points, p=nearest / total)])
-        nearest = np.minimum(nearest, squared_distances(centres[-1]))
-    centres = np.stack(centres)
-    k = len(centres)
-    threshold = tol * float(np.mean([values.var() for values in axes]))
-
-    def assign():
-        distances = np.stack([squared_distances(c) for c in centres], axis=1)     # (L, k)
-        labels = distances.argmin(1)
-        for empty in np.flatnonzero(np.bincount(labels, minlength=k) == 0):
-            # Re-seed an empty cluster with the point farthest from its own centre.
-            farthest = distances[np.arange(n_points), labels].argmax()
-            labels[farthest] = empty
-            distances[farthest] = 0.0
-        return labels
-
-    for _ in range(max_iter):
-        labels = assign()
-        counts = np.bincount(labels, minlength=k)
-        previous = centres.copy()
-        filled = counts > 0
-        for axis, values in enumerate(axes):
-            sums = np.bincount(labels, weights=values, minlength=k)
-            centres[filled, axis] = sums[filled] / counts[filled]
-        if ((centres - previous) ** 2).sum() <= threshold:
-            break
-    labels = assign()
-
-    order = np.argsort(labels, kind="stable")
-    groups = [g for g in np.split(order, np.cumsum(np.bincount(labels, minlength=k))[:-1]) if len(g)]
-    groups.sort(key=lambda g: g[0])
-    return groups
+    if n_groups < 1:
+        raise ValueError(f"n_groups must be >= 1, got {n_groups}")
+    n_clusters = min(int(n_groups), len(np.unique(points, axis=0)))
+    if n_clusters == 1:
+        return [np.arange(len(points), dtype=np.int64)]
+    with warnings.catch_warnings():
+        # Duplicate coordinates can still leave fewer distinct centres than clusters; the empty
+        # ones are dropped below, so the warning says nothing the caller must act on.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        labels = KMeans(n_clusters=n_clusters, random_state=seed, n_init="auto").fit(points).labels_
+    return [g.astype(np.int64) for g in (np.flatnonzero(labels == label) for label in range(n_clusters))
+            if len(g)]
 
 
 def contiguous_groups(length: int, n_groups: int) -> list[np.ndarray]:

@@ -1,7 +1,8 @@
 """GMMamba: group masking Mamba (Zheng et al., ICCV 2025; github titizheng/GMMamba).
 
-    h = dropout(GELU(Linear(in_dim → d_model)))(x)                         (L, d)
-    groups: k-means (k-means++, fixed seed) on the patch coordinates, ``n_groups`` = min(n_groups, L)
+    h = dropout(GELU(Linear(in_dim → d_model)))(x)   (``input_proj=False``: h = x)   (L, d)
+    groups: scikit-learn KMeans (k-means++, random_state ``kmeans_seed``) on the patch coordinates,
+            ``n_groups`` = min(n_groups, distinct coordinates)
     IMM, per group g (instances in bag order):
         u   = h_g + BiMamba₁(LN₁(h_g))
         s   = softmax_i(mask_score(LN(u)))                                  score MLP d → 128 → 1
@@ -17,8 +18,10 @@
     classifier: [CLS; S] → x + MHSA(x) (heads, dropout 0.1, no norm) → Linear(CLS) → logits
 
 Faithful to the reference code except where noted:
-- The reference model takes 512-d features and never calls its input projection; we project
-  ``in_dim → d_model`` once per bag before grouping (GELU + dropout, as MambaMIL).
+- The reference model takes 512-d features and never calls its input projection (it builds one,
+  unused); by default we project ``in_dim → d_model`` once per bag before grouping (GELU +
+  dropout, as MambaMIL). ``input_proj=False`` reproduces the reference: no projection and no
+  dropout, which needs ``in_dim == d_model``.
 - ``mask_ratio = 0`` disables masking (the reference would still drop one instance per group).
 - The hard top-k mask is not differentiable, so in the reference the mask score MLP never receives
   a gradient and keeps its random init. With ``mask_score_grad=True`` (default) the kept features are
@@ -28,9 +31,9 @@ Faithful to the reference code except where noted:
   "sequential grouping").
 
 Groups are cached per slide by a hash of the coordinate array (:mod:`.coord_groups`), so epochs
-after the first do not recluster. Clustering is deterministic (seed ``kmeans_seed``) but depends on
-the instance order (the k-means++ draws index into the bag), and each group is scanned in bag
-order, so GMMamba is order-dependent like MambaMIL.
+after the first do not recluster. Clustering is deterministic (``random_state=kmeans_seed``, 0 as in
+the reference) but depends on the instance order (the k-means++ draws index into the bag), and each
+group is scanned in bag order, so GMMamba is order-dependent like MambaMIL.
 
 ``instance_scores`` (B, L): the contribution of instance i in group g is
 ``a_i · w_g`` with a_i its attention inside the group and w_g the CLS token's attention to the
@@ -148,13 +151,17 @@ class GMMamba(nn.Module):
                  mask_ratio: float = 0.3, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dropout: float = 0.25, n_heads: int = 8, attention_dropout: float = 0.1, n_cls_layers: int = 1,
                  attention_dim: int = 128, mask_score_grad: bool = True, kmeans_seed: int = 0,
-                 init: str = "mamba", group_cache: GroupCache | None = None):
+                 init: str = "mamba", group_cache: GroupCache | None = None, input_proj: bool = True):
         super().__init__()
         if n_groups < 1 or n_cls_layers < 1:
             raise ValueError("n_groups and n_cls_layers must be >= 1")
+        if not input_proj and in_dim != d_model:
+            raise ValueError(f"gmmamba: input_proj=False feeds the features to the model as they are, so "
+                             f"in_dim ({in_dim}) must equal d_model ({d_model}) (the reference: 512-d features)")
         self.n_groups, self.kmeans_seed = n_groups, kmeans_seed
         self.group_cache = group_cache if group_cache is not None else DEFAULT_GROUP_CACHE
-        self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
+        self.embed = (nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout)) if input_proj
+                      else nn.Identity())
         self.imm = IntraGroupMaskingMamba(d_model, mask_ratio, d_state, d_conv, expand, attention_dim,
                                           mask_score_grad)
         self.css = CrossGroupSuperFeatures(d_model, n_heads)

@@ -1,0 +1,100 @@
+"""What every export reads from a run (`ExportSlide`) and where it may write (`ExportOut`)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SlideError, UnsafePathError
+from ..features_h5 import coords_attrs, read_features_h5
+from ..manifest import SlideRecord
+from ..names import name_problem
+
+# Tiling attrs an export needs (features.h5, on `coords` or, in older files, on the root).
+REQUIRED_ATTRS = ("patch_size", "patch_size_level0", "patch_level", "read_size_px", "target_mpp", "slide_mpp")
+
+
+@dataclass(frozen=True)
+class ExportSlide:
+    """One slide's features and the geometry of its patches, as our tiling defined them."""
+
+    record: SlideRecord
+    encoder: str
+    features: np.ndarray          # (N, D) float32
+    level0_xy: np.ndarray         # (N, 2) int64, top-left of each patch in level-0 pixels
+    patch_size_px: int            # side at target_mpp (the encoder's input)
+    patch_size_level0: int        # side in level-0 pixels
+    patch_level: int              # pyramid level our extractor read from
+    read_size_px: int             # side read at patch_level (then resized to patch_size_px)
+    level_downsample: float       # downsample of patch_level
+    target_mpp: float
+    slide_mpp: float
+    overlap_px: int               # at target_mpp
+    level0_wh: tuple[int, int] | None
+
+    @property
+    def slide_id(self) -> str:
+        return self.record.slide_id
+
+    @property
+    def footprint_um(self) -> float:
+        """Side of a patch on the tissue, µm (what every exported layout must keep)."""
+        return self.patch_size_level0 * self.slide_mpp
+
+
+def load_export_slide(path: str | os.PathLike, record: SlideRecord) -> ExportSlide:
+    """The features.h5 at `path` for `record`; a SlideError naming the slide when it is missing,
+    not a slide's (a volume's coords are 3-D), or lacks a tiling attr (which one, and the fix)."""
+    path = Path(path)
+    sid = record.slide_id
+    if not path.is_file():
+        raise SlideError(sid, f"no features at {path}: run `wsi-pipeline extract` for it first")
+    try:
+        features, coords, root = read_features_h5(path)
+        tiling = coords_attrs(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise SlideError(sid, f"unreadable features file {path}: {exc}") from None
+    if record.is_volume or coords.shape[1] != 2:
+        raise SlideError(sid, f"a {record.modality or '3-D'} volume: CLAM, TRIDENT and STAMP read "
+                              f"slide features only (2-D level-0 coords)")
+    missing = [k for k in REQUIRED_ATTRS if k not in tiling]
+    if missing:
+        raise SlideError(sid, f"{path} lacks {', '.join(missing)} (written by an older tile stage?): "
+                              f"re-run tile and extract for it")
+    level0_wh = ((int(tiling["level0_width"]), int(tiling["level0_height"]))
+                 if "level0_width" in tiling and "level0_height" in tiling else None)
+    return ExportSlide(
+        record=record, encoder=str(root.get("encoder", "")), features=features, level0_xy=coords,
+        patch_size_px=int(tiling["patch_size"]), patch_size_level0=int(tiling["patch_size_level0"]),
+        patch_level=int(tiling["patch_level"]), read_size_px=int(tiling["read_size_px"]),
+        level_downsample=float(tiling.get("downsample", 1.0)), target_mpp=float(tiling["target_mpp"]),
+        slide_mpp=float(tiling["slide_mpp"]), overlap_px=int(tiling.get("overlap_px", 0)),
+        level0_wh=level0_wh)
+
+
+class ExportOut:
+    """The export folder: every file an export writes is built here, from safe names only, and
+    stays inside it (the run folder's rule, wsi_pipeline.run_folder, for OUT)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, *parts: str) -> Path:
+        """OUT/parts...; each part that holds a name (slide_id, encoder) must be a safe name plus a
+        fixed suffix, which the caller checks with `name`."""
+        target = self.root.joinpath(*parts)
+        root = os.path.normpath(os.path.abspath(self.root))
+        resolved = os.path.normpath(os.path.abspath(target))
+        if os.path.commonpath([root, resolved]) != root:
+            raise UnsafePathError(f"{target} is outside the export folder {root}: refused")
+        return target
+
+    @staticmethod
+    def name(value: str, what: str) -> str:
+        problem = name_problem(value)
+        if problem is not None:
+            raise UnsafePathError(f"{what} {problem} (refusing to build a file name from it)")
+        return value
