@@ -1,0 +1,137 @@
+"""The direct tile reader (slides/tile_reader.py) gives the region readers' pixels, and falls back to
+them, saying why, wherever it cannot."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from wsi_pipeline.errors import SlideError
+from wsi_pipeline.extraction import PatchDataset, PatchSource, plan_reader
+from wsi_pipeline.slides import open_slide
+from wsi_pipeline.slides.tile_reader import TiledLevel, direct_read_problem
+from wsi_pipeline.slides.tiff_writer import write_plain_tiff
+
+# Not a multiple of the 256 px tile: the last tile column and row are partial at both levels.
+ODD = {"width_px": 2000, "height_px": 1500}
+
+
+def _coords(width, height, step, down):
+    """Interior, across tile borders (256 is not a multiple of `step`), overlapping, and hanging off
+    the right and bottom edges, all on the level's pixel grid."""
+    grid = [(x, y) for y in range(0, height, step) for x in range(0, width, step)]
+    edge = [((width // down - 10) * down, 0), (0, (height // down - 7) * down),
+            ((width // down - 5) * down, (height // down - 5) * down), (step // 2 // down * down, 3 * down)]
+    return np.array(grid + edge, dtype=np.int64)
+
+
+def _both(path, backend, level, read, out, coords, indices=None):
+    """(direct, region) patches of one batch, and the direct dataset."""
+    with open_slide(path, backend=backend) as slide:
+        dims, downs, name = slide.level_dimensions, slide.level_downsamples, slide.backend_name
+    region = PatchSource(str(path), "s", backend, None, coords, level, read, out)
+    direct, reader, note = plan_reader(region, dims, downs, name)
+    assert reader == "direct", note
+    indices = list(range(len(coords))) if indices is None else indices
+    ds = PatchDataset(direct)
+    return ds.__getitems__(indices), PatchDataset(region).__getitems__(indices), ds
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib"])
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+@pytest.mark.parametrize("level,read,out", [(0, 96, 96), (1, 48, 32)])
+def test_direct_patches_equal_the_region_path(make_slide, compression, backend, level, read, out):
+    """Level 0 without resize, and level 1 read at 48 px resized to 32 (a level that does not match
+    the target mpp): the same resize function on the same pixels, so equal to the last bit."""
+    path = make_slide("odd", compression=compression, **ODD)
+    down = 4 ** level
+    coords = _coords(ODD["width_px"], ODD["height_px"], read * down * 3 // 4, down)
+    direct, region, ds = _both(path, backend, level, read, out, coords)
+    assert len(direct) == len(region) == len(coords)
+    for k, (a, b) in enumerate(zip(direct, region)):
+        assert a.shape == (3, out, out) and a.dtype == torch.uint8
+        assert torch.equal(a, b), (k, coords[k])
+    assert (direct[-2][:, -3:, -3:] == 255).all()  # beyond the slide's corner: white, as the region path
+    assert torch.equal(ds[3], region[3])  # the per-item path reads directly too
+
+
+def test_each_tile_is_decoded_once_per_batch(make_slide):
+    path = make_slide("odd", **ODD)
+    coords = np.array([(x, y) for y in (0, 100, 200) for x in range(0, 700, 50)], dtype=np.int64)
+    with TiledLevel(path, (ODD["width_px"], ODD["height_px"])) as level:
+        level.read_patches(coords, 96)
+        assert level.tiles_decoded == 2 * 3  # tile rows 0-1 (y < 296) × tile columns 0-2 (x < 746)
+        level.read_patches(coords + [0, 256], 96)  # tile rows 1-2: row 1 is kept from the batch before
+        assert level.tiles_decoded == 6 + 3
+
+
+def test_fallback_to_the_region_reader_says_why(make_slide, tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    strips = tmp_path / "strips.tif"
+    write_plain_tiff(strips, rgb, mpp=0.5, tile_px=None)
+    source = PatchSource(str(strips), "strips", "auto", None, np.array([[0, 0]]), 0, 64, 64)
+    with open_slide(strips) as slide:
+        planned, reader, note = plan_reader(source, slide.level_dimensions, slide.level_downsamples,
+                                            slide.backend_name)
+        assert (planned.reader, reader) == ("region", slide.backend_name)
+    assert "strips" in note
+    with pytest.raises(SlideError, match="strips.*cannot read level 0 directly.*strips, not tiles"):
+        plan_reader(source, ((400, 300),), (1.0,), "openslide", requested="direct")
+    # Patch corners off level 1's pixel grid, a fractional downsample, a level with no tiled page.
+    path = make_slide()
+    assert "pixel grid" in direct_read_problem(path, (512, 384), 4.0, np.array([[2, 0]]))
+    assert "whole number" in direct_read_problem(path, (512, 384), 4.004, np.array([[0, 0]]))
+    assert "no tiled TIFF page" in direct_read_problem(path, (100, 100), 1.0, np.array([[0, 0]]))
+    not_tiff = tmp_path / "x.svs"
+    not_tiff.write_bytes(b"not a tiff")
+    assert "not readable as a TIFF" in direct_read_problem(not_tiff, (1, 1), 1.0, np.zeros((0, 2)))
+    planned, reader, note = plan_reader(PatchSource(str(path), "s", "auto", None, np.array([[0, 0]]), 0, 64, 64),
+                                        ((2048, 1536),), (1.0,), "openslide", requested="region")
+    assert (planned.reader, reader) == ("region", "openslide")
+
+
+def test_a_corrupt_tile_is_one_error_naming_the_slide(make_slide, tmp_path):
+    import shutil
+
+    import tifffile
+
+    path = tmp_path / "bad.svs"
+    shutil.copy(make_slide(), path)
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    with open(path, "r+b") as fh:  # no JPEG header: both region readers fail on it too
+        fh.seek(offset)
+        fh.write(b"\x00" * 16)
+    with open_slide(path) as slide:
+        dims, downs = slide.level_dimensions, slide.level_downsamples
+    source, _, _ = plan_reader(PatchSource(str(path), "bad", "auto", None, np.array([[0, 0], [512, 0]]),
+                                           0, 64, 64), dims, downs, "openslide")
+    ds = PatchDataset(source)
+    failure = ds.__getitems__([0, 1])
+    assert len(failure) == 1 and "direct tile reader" in failure[0].message
+    with pytest.raises(SlideError, match=r"bad.*cannot read patches at level 0"):
+        ds[0]
+    assert ds.__getitems__([1])[0].shape == (3, 64, 64)  # other tiles still read
+
+
+def test_extract_records_the_reader_in_features_h5(demo_cohort, tmp_path, monkeypatch):
+    from wsi_pipeline.cli import main
+    from wsi_pipeline.manifest import load_manifest
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tiling:\n  target_mpp: 2.0\n  patch_size_px: 64\ntissue:\n  mask_mpp: 8.0\n"
+                   "extract:\n  encoder: stain_texture\n  checkpoint: none\n  num_workers: 0\n")
+    run = tmp_path / "run"
+    args = ["--manifest", str(demo_cohort), "--config", str(cfg), "--out", str(run), "--no-progress"]
+    slides = ["--slides", load_manifest(demo_cohort).records[0].slide_id]
+    assert main(["tile", *args, *slides]) == 0
+    assert main(["extract", *args, *slides]) == 0
+    [h5] = (run / "features" / "stain_texture").glob("*.h5")
+    with h5py.File(h5, "r") as f:
+        direct = f["features"][()]
+        assert f.attrs["patch_reader"] == "direct" and "tiled TIFF level" in f.attrs["patch_reader_note"]
+    cfg.write_text(cfg.read_text() + "  reader: region\n")
+    assert main(["extract", *args, *slides, "--force"]) == 0
+    with h5py.File(h5, "r") as f:
+        assert f.attrs["patch_reader"] == "openslide"
+        np.testing.assert_array_equal(f["features"][()], direct)  # same pixels, same features
