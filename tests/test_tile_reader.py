@@ -58,11 +58,16 @@ def test_direct_patches_equal_the_region_path(make_slide, compression, backend, 
 def test_each_tile_is_decoded_once_per_batch(make_slide):
     path = make_slide("odd", **ODD)
     coords = np.array([(x, y) for y in (0, 100, 200) for x in range(0, 700, 50)], dtype=np.int64)
-    with TiledLevel(path, (ODD["width_px"], ODD["height_px"])) as level:
+    tile_bytes = 256 * 256 * 3
+    with TiledLevel(path, (ODD["width_px"], ODD["height_px"]), cache_budget_bytes=4 * tile_bytes) as level:
         level.read_patches(coords, 96)
         assert level.tiles_decoded == 2 * 3  # tile rows 0-1 (y < 296) × tile columns 0-2 (x < 746)
         level.read_patches(coords + [0, 256], 96)  # tile rows 1-2: row 1 is kept from the batch before
         assert level.tiles_decoded == 6 + 3
+        level.read_patches(coords[:1], 96)  # tile (0, 0) was dropped: over budget, least recent
+        assert level.tiles_decoded == 9 + 1
+        level.read_patches(coords[:1] + [0, 512], 96)  # tile row 2 column 0: recent, still kept
+        assert level.tiles_decoded == 10
 
 
 def test_fallback_to_the_region_reader_says_why(make_slide, tmp_path):

@@ -15,6 +15,7 @@ downsample, patch corners off the level's pixel grid) and the caller keeps the r
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import numpy as np
 import tifffile
@@ -23,6 +24,11 @@ import tifffile
 SUPPORTED_COMPRESSION = {1: "none", 5: "lzw", 7: "jpeg", 8: "deflate", 32946: "deflate"}
 _RGB, _YCBCR = 2, 6
 _WHITE = 255  # outside the scanned level: what Slide.read_region composites transparency onto
+# Decoded tiles kept per reading process beyond the current batch, least recently used dropped first.
+# 128 MiB is ~680 RGB tiles of 256 px: a whole tile row of a 170k px wide level, so a tile row shared
+# by two grid rows of patches is decoded once when one process reads them in turn (the CPU default
+# of one worker); with many DataLoader workers consecutive batches go to different processes.
+CACHE_BUDGET_BYTES = 128 * 2**20
 
 
 def _level_pages(tif: tifffile.TiffFile) -> list:
@@ -89,10 +95,11 @@ def _find_page(tif: tifffile.TiffFile, level_wh: tuple[int, int]):
 
 class TiledLevel:
     """One pyramid level of a tiled TIFF, read tile by tile. Open it in the process that reads
-    (file handles are not shared across fork). Decoded tiles of the last batch are kept, so a
-    tile row shared by two consecutive batches is decoded once."""
+    (file handles are not shared across fork). Decoded tiles stay in an LRU cache of
+    `cache_budget_bytes` (beyond the current batch's, which are always kept while it is cut)."""
 
-    def __init__(self, path: str | os.PathLike, level_wh: tuple[int, int]):
+    def __init__(self, path: str | os.PathLike, level_wh: tuple[int, int],
+                 cache_budget_bytes: int = CACHE_BUDGET_BYTES):
         self._tif = tifffile.TiffFile(path)
         try:
             page = _find_page(self._tif, level_wh)
@@ -110,14 +117,18 @@ class TiledLevel:
         except BaseException:
             self._tif.close()
             raise
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_budget_bytes = int(cache_budget_bytes)
         self.tiles_decoded = 0  # for benchmarks and tests: decodes, not cache hits
 
     def _tile(self, index: int, batch: dict[int, np.ndarray]) -> np.ndarray:
         tile = batch.get(index)
         if tile is None:
             tile = self._cache.get(index)
-            if tile is None:
+            if tile is not None:
+                self._cache.move_to_end(index)
+            else:
                 raw = os.pread(self._fd, self._counts[index], self._offsets[index])
                 if len(raw) != self._counts[index]:
                     raise OSError(f"tile {index}: file ends after {len(raw)} of {self._counts[index]} bytes")
@@ -126,6 +137,8 @@ class TiledLevel:
                     raise ValueError(f"tile {index} decoded to nothing")
                 tile = data.reshape(data.shape[-3:])[..., :3]  # (1, th, tw, 3) -> (th, tw, 3)
                 self.tiles_decoded += 1
+                self._cache[index] = tile
+                self._cache_bytes += tile.nbytes
             batch[index] = tile
         return tile
 
@@ -149,7 +162,10 @@ class TiledLevel:
                     patch[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = \
                         tile[sy0 - ty * th:sy1 - ty * th, sx0 - tx * tw:sx1 - tx * tw]
             out.append(patch)
-        self._cache = batch  # keep only this batch's tiles: memory stays one batch's worth
+        # Evict least recently used tiles over budget; this batch's tiles are the most recent.
+        while self._cache_bytes > self._cache_budget_bytes and len(self._cache) > len(batch):
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
         return out
 
     def close(self) -> None:
