@@ -51,8 +51,8 @@ def patch_source(path: Path, n: int, target_mpp: float, patch_px: int = 224) -> 
 def reader_sources(source: PatchSource) -> dict[str, tuple[PatchSource, bool]]:
     """name -> (source, batched): the readers compared."""
     with open_slide(source.slide_path) as slide:
-        dims, downs = slide.level_dimensions, slide.level_downsamples
-    direct, name, note = plan_reader(source, dims, downs, "openslide")
+        opened = slide.level_dimensions, slide.level_downsamples, slide.backend_name, slide.vendor
+    direct, name, note = plan_reader(source, *opened)
     assert name == "direct", note
     out = {}
     for backend in ("openslide", "tiffslide"):

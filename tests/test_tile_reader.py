@@ -1,6 +1,8 @@
 """The direct tile reader (slides/tile_reader.py) gives the region readers' pixels, and falls back to
 them, saying why, wherever it cannot."""
 
+import dataclasses
+
 import h5py
 import numpy as np
 import pytest
@@ -28,9 +30,9 @@ def _coords(width, height, step, down):
 def _both(path, backend, level, read, out, coords, indices=None):
     """(direct, region) patches of one batch, and the direct dataset."""
     with open_slide(path, backend=backend) as slide:
-        dims, downs, name = slide.level_dimensions, slide.level_downsamples, slide.backend_name
+        opened = slide.level_dimensions, slide.level_downsamples, slide.backend_name, slide.vendor
     region = PatchSource(str(path), "s", backend, None, coords, level, read, out)
-    direct, reader, note = plan_reader(region, dims, downs, name)
+    direct, reader, note = plan_reader(region, *opened)
     assert reader == "direct", note
     indices = list(range(len(coords))) if indices is None else indices
     ds = PatchDataset(direct)
@@ -77,11 +79,11 @@ def test_fallback_to_the_region_reader_says_why(make_slide, tmp_path):
     source = PatchSource(str(strips), "strips", "auto", None, np.array([[0, 0]]), 0, 64, 64)
     with open_slide(strips) as slide:
         planned, reader, note = plan_reader(source, slide.level_dimensions, slide.level_downsamples,
-                                            slide.backend_name)
+                                            slide.backend_name, slide.vendor)
         assert (planned.reader, reader) == ("region", slide.backend_name)
     assert "strips" in note
     with pytest.raises(SlideError, match="strips.*cannot read level 0 directly.*strips, not tiles"):
-        plan_reader(source, ((400, 300),), (1.0,), "openslide", requested="direct")
+        plan_reader(source, ((400, 300),), (1.0,), "openslide", "generic-tiff", requested="direct")
     # Patch corners off level 1's pixel grid, a fractional downsample, a level with no tiled page.
     path = make_slide()
     assert "pixel grid" in direct_read_problem(path, (512, 384), 4.0, np.array([[2, 0]]))
@@ -91,8 +93,12 @@ def test_fallback_to_the_region_reader_says_why(make_slide, tmp_path):
     not_tiff.write_bytes(b"not a tiff")
     assert "not readable as a TIFF" in direct_read_problem(not_tiff, (1, 1), 1.0, np.zeros((0, 2)))
     planned, reader, note = plan_reader(PatchSource(str(path), "s", "auto", None, np.array([[0, 0]]), 0, 64, 64),
-                                        ((2048, 1536),), (1.0,), "openslide", requested="region")
+                                        ((2048, 1536),), (1.0,), "openslide", "aperio", requested="region")
     assert (planned.reader, reader) == ("region", "openslide")
+    # Vendors whose tiles are not a plain grid of pages (Ventana overlaps them) keep the region reader.
+    planned, reader, note = plan_reader(dataclasses.replace(planned, reader="region"), ((2048, 1536),),
+                                        (1.0,), "openslide", "ventana")
+    assert (planned.reader, reader) == ("region", "openslide") and "ventana" in note
 
 
 def test_a_corrupt_tile_is_one_error_naming_the_slide(make_slide, tmp_path):
@@ -108,9 +114,10 @@ def test_a_corrupt_tile_is_one_error_naming_the_slide(make_slide, tmp_path):
         fh.seek(offset)
         fh.write(b"\x00" * 16)
     with open_slide(path) as slide:
-        dims, downs = slide.level_dimensions, slide.level_downsamples
-    source, _, _ = plan_reader(PatchSource(str(path), "bad", "auto", None, np.array([[0, 0], [512, 0]]),
-                                           0, 64, 64), dims, downs, "openslide")
+        opened = slide.level_dimensions, slide.level_downsamples, slide.backend_name, slide.vendor
+    source, reader, _ = plan_reader(PatchSource(str(path), "bad", "auto", None, np.array([[0, 0], [512, 0]]),
+                                                0, 64, 64), *opened)
+    assert reader == "direct"
     ds = PatchDataset(source)
     failure = ds.__getitems__([0, 1])
     assert len(failure) == 1 and "direct tile reader" in failure[0].message

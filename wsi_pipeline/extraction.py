@@ -174,9 +174,17 @@ def _row_runs(coords: np.ndarray, size_level0: int, downsample: int) -> list[lis
 READERS = ("auto", "direct", "region")
 
 
+# Vendors (as the region reader names them) whose levels are plain tiled TIFF pages, each tile at
+# its grid position: Aperio SVS and generic tiled TIFF. Others lay tiles out their own way (Ventana
+# BIF overlaps them, Philips leaves sparse tiles, Leica SCN places several images on one canvas),
+# which OpenSlide composes and a page-by-page read would not: they keep the region reader.
+DIRECT_VENDORS = {"openslide": {"aperio", "generic-tiff"}, "tiffslide": {"aperio", "unknown", "generic"}}
+
+
 def plan_reader(source: PatchSource, level_dimensions, level_downsamples, region_backend: str,
-                requested: str = "auto") -> tuple[PatchSource, str, str]:
+                vendor: str, requested: str = "auto") -> tuple[PatchSource, str, str]:
     """`source` with its patch reader chosen: (source, reader name for features.h5, why).
+    `level_dimensions`, `level_downsamples`, `region_backend` and `vendor` are the opened `Slide`'s.
 
     "auto" reads tiled TIFF/SVS levels directly (4-8x the region readers' patches/s per process,
     benchmarks/results/reader.md) and keeps the region reader (`region_backend`, the backend the
@@ -192,7 +200,10 @@ def plan_reader(source: PatchSource, level_dimensions, level_downsamples, region
     level = source.patch_level
     level_wh = tuple(int(v) for v in level_dimensions[level])
     downsample = float(level_downsamples[level])
-    problem = direct_read_problem(source.slide_path, level_wh, downsample, source.coords)
+    if vendor not in DIRECT_VENDORS.get(region_backend, ()):
+        problem = f"{region_backend} vendor {vendor!r} is not a plain tiled TIFF layout"
+    else:
+        problem = direct_read_problem(source.slide_path, level_wh, downsample, source.coords)
     if problem is None:
         planned = dataclasses.replace(source, reader="direct", level_wh=level_wh,
                                       level_downsample=int(round(downsample)))

@@ -172,7 +172,7 @@ def _check_slide_matches_coords(record: SlideRecord, backend: str, cattrs) -> tu
     """The slide must still be the one tiled: a file replaced or truncated since then would otherwise
     fail inside a reader process, read the wrong pixels, or leave features of the old file standing
     as "already complete". Coords from before identities were recorded get the geometry check only.
-    Returns (level_dimensions, level_downsamples, backend name) of the slide as opened."""
+    Returns (level_dimensions, level_downsamples, backend name, vendor) of the slide as opened."""
     with open_slide(record.path, slide_id=record.slide_id, backend=backend, mpp_override=record.mpp) as slide:
         tiled = (int(cattrs["level0_width"]), int(cattrs["level0_height"]))
         level = int(cattrs["patch_level"])
@@ -188,4 +188,4 @@ def _check_slide_matches_coords(record: SlideRecord, backend: str, cattrs) -> tu
                 raise SlideError(record.slide_id, f"the slide no longer matches its coords.h5 (the file "
                                                   f"changed since it was tiled: {now.difference(tiled_from)})"
                                                   f": re-run the tile stage")
-        return slide.level_dimensions, slide.level_downsamples, slide.backend_name
+        return slide.level_dimensions, slide.level_downsamples, slide.backend_name, slide.vendor
