@@ -57,6 +57,20 @@ def test_direct_patches_equal_the_region_path(make_slide, compression, backend, 
     assert torch.equal(ds[3], region[3])  # the per-item path reads directly too
 
 
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_generic_tiled_tiff_reads_directly(tmp_path, backend):
+    """A single-level generic TIFF (deflate, 128 px tiles): OpenSlide's generic-tiff, tiffslide's."""
+    rgb = np.random.default_rng(1).integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    path = tmp_path / "plain.tif"
+    write_plain_tiff(path, rgb, mpp=0.5, tile_px=128)
+    coords = np.array([(x, y) for y in (0, 100, 250) for x in (0, 90, 380)], dtype=np.int64)
+    direct, region, _ = _both(path, backend, 0, 64, 64, coords)
+    for a, b, (x, y) in zip(direct, region, coords):
+        assert torch.equal(a, b)
+        inside = a.permute(1, 2, 0).numpy()[:max(0, min(64, 300 - y)), :max(0, min(64, 420 - x))]
+        np.testing.assert_array_equal(inside, rgb[y:y + 64, x:x + 64])  # lossless: the written pixels
+
+
 def test_each_tile_is_decoded_once_per_batch(make_slide):
     path = make_slide("odd", **ODD)
     coords = np.array([(x, y) for y in (0, 100, 200) for x in range(0, 700, 50)], dtype=np.int64)
