@@ -71,6 +71,18 @@ def test_generic_tiled_tiff_reads_directly(tmp_path, backend):
         np.testing.assert_array_equal(inside, rgb[y:y + 64, x:x + 64])  # lossless: the written pixels
 
 
+def test_direct_reader_in_dataloader_workers(make_slide):
+    """A worker process opens its own file handle (a forked handle would share its offset)."""
+    from wsi_pipeline.extraction import _collate
+
+    path = make_slide("odd", **ODD)
+    coords = _coords(ODD["width_px"], ODD["height_px"], 300, 1)[:40]
+    direct, region, ds = _both(path, "openslide", 0, 64, 64, coords)
+    ds._open_tiles()  # opened in the parent first: the workers must not reuse it
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=1, collate_fn=_collate)
+    assert torch.equal(torch.cat(list(loader)), torch.stack(region))
+
+
 def test_each_tile_is_decoded_once_per_batch(make_slide):
     path = make_slide("odd", **ODD)
     coords = np.array([(x, y) for y in (0, 100, 200) for x in range(0, 700, 50)], dtype=np.int64)

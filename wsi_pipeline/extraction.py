@@ -186,7 +186,7 @@ def plan_reader(source: PatchSource, level_dimensions, level_downsamples, region
     """`source` with its patch reader chosen: (source, reader name for features.h5, why).
     `level_dimensions`, `level_downsamples`, `region_backend` and `vendor` are the opened `Slide`'s.
 
-    "auto" reads tiled TIFF/SVS levels directly (4-8x the region readers' patches/s per process,
+    "auto" reads tiled TIFF/SVS levels directly (3-7x OpenSlide's patches/s per process without resize,
     benchmarks/results/reader.md) and keeps the region reader (`region_backend`, the backend the
     slide opened with) for everything else; "direct" insists (a SlideError says why it cannot);
     "region" never reads directly.
