@@ -72,7 +72,7 @@ def test_generic_tiled_tiff_reads_directly(tmp_path, backend):
 
 
 def test_direct_reader_in_dataloader_workers(make_slide):
-    """A worker process opens its own file handle (a forked handle would share its offset)."""
+    """A worker process opens its own TIFF handles (as the region path reopens its slide per process)."""
     from wsi_pipeline.extraction import _collate
 
     path = make_slide("odd", **ODD)
