@@ -3,6 +3,8 @@
 I/O is kept off the encoder's critical path: DataLoader workers each open the slide once, read
 every patch at its pyramid level, resize it to the encoder's input size and ship uint8 tensors
 (4× smaller than float); normalisation, AMP and channels_last happen on the device.
+`plan_reader` picks how a worker reads: tiled TIFF/SVS levels tile by tile, each tile decoded once
+per batch (slides/tile_reader.py), everything else through the slide's region reader; same pixels.
 """
 
 from __future__ import annotations
