@@ -71,6 +71,48 @@ def test_generic_tiled_tiff_reads_directly(tmp_path, backend):
         np.testing.assert_array_equal(inside, rgb[y:y + 64, x:x + 64])  # lossless: the written pixels
 
 
+def _write_rgb_jpeg_svs(path, rgb, tile_px=256):
+    """Aperio-style SVS whose JPEG tiles hold RGB, not YCbCr (PhotometricInterpretation RGB), as
+    Aperio scanners write them. tifffile always writes YCbCr JPEG, so the tiles are encoded here and
+    the tag is set afterwards."""
+    import imagecodecs
+    import tifffile
+
+    h, w = rgb.shape[:2]
+
+    def tiles():
+        for y in range(0, h, tile_px):
+            for x in range(0, w, tile_px):
+                tile = np.zeros((tile_px, tile_px, 3), np.uint8)
+                part = rgb[y:y + tile_px, x:x + tile_px]
+                tile[:part.shape[0], :part.shape[1]] = part
+                yield imagecodecs.jpeg8_encode(tile, level=90, colorspace="RGB", outcolorspace="RGB")
+
+    desc = f"Aperio Image Library test \r\n{w}x{h} [0,0 {w}x{h}] ({tile_px}x{tile_px}) JPEG/RGB|MPP = 0.5"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(tiles(), shape=rgb.shape, dtype=np.uint8, tile=(tile_px, tile_px), photometric="rgb",
+                 compression="jpeg", description=desc, metadata=None)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["PhotometricInterpretation"].overwrite(2)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].photometric == 2 and tif.pages[0].compression == 7
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_rgb_jpeg_tiles_as_aperio_writes_them(tmp_path, backend):
+    yy, xx = np.mgrid[0:600, 0:700]
+    noise = np.random.default_rng(2).integers(0, 40, (600, 700, 3))
+    rgb = (np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2) * 0.8 + noise).astype(np.uint8)
+    path = tmp_path / "rgb_jpeg.svs"
+    _write_rgb_jpeg_svs(path, rgb)
+    coords = np.array([(x, y) for y in (0, 230, 560) for x in (0, 200, 650)], dtype=np.int64)
+    direct, region, _ = _both(path, backend, 0, 80, 80, coords)
+    for a, b in zip(direct, region):
+        assert torch.equal(a, b)
+    inside = direct[4].permute(1, 2, 0).numpy().astype(int)  # (200, 230): decoded as RGB, not YCbCr
+    assert np.abs(inside - rgb[230:310, 200:280]).mean() < 6
+
+
 def test_direct_reader_in_dataloader_workers(make_slide):
     """A worker process opens its own TIFF handles (as the region path reopens its slide per process)."""
     from wsi_pipeline.extraction import _collate
