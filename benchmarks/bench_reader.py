@@ -9,7 +9,8 @@ Run: OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/bench_reader.py [-
    1.0 µm/px (448 px at level 0 resized to 224: a level that does not match) and 2.0 µm/px (level 1).
    Passes alternate between readers; the median of `--passes` is reported.
 2. End to end / encoder only on CPU, per reader, with small encoders (so the reader can show).
-3. torch.compile: encoder-only patches/s before and after (random weights, timm, inductor on CPU,
+3. torch.compile: encoder-only patches/s before and after (random weights, timm, inductor on
+   --compile-device: cpu fp32, or cuda bf16 + channels_last, the latter not run yet;
    on-disk caches in TORCHINDUCTOR_CACHE_DIR), with the first call's time (compile) reported apart.
 Random weights everywhere: speed does not depend on their values.
 """
@@ -17,6 +18,7 @@ Random weights everywhere: speed does not depend on their values.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
@@ -78,11 +80,18 @@ def read_rate(source: PatchSource, batched: bool, batch_size: int) -> float:
 
 @torch.inference_mode()
 def encoder_rate(model, batches) -> float:
-    model(batches[0])  # warm-up
+    out = model(batches[0])  # warm-up
+    _sync(out)
     t0 = time.perf_counter()
     for b in batches:
-        model(b)
+        out = model(b)
+    _sync(out)
     return sum(len(b) for b in batches) / (time.perf_counter() - t0)
+
+
+def _sync(out: torch.Tensor) -> None:
+    if out.is_cuda:
+        torch.cuda.synchronize()
 
 
 def main() -> None:
@@ -95,6 +104,8 @@ def main() -> None:
     ap.add_argument("--compile", default="resnet50,vit_base_patch16_224")
     ap.add_argument("--compile-batch", type=int, default=8)
     ap.add_argument("--compile-batches", type=int, default=4)
+    ap.add_argument("--compile-device", default="cpu",
+                    help="cpu (fp32), or cuda (bf16 autocast, channels_last, as extraction runs there)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: readers,e2e,compile")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -149,20 +160,28 @@ def main() -> None:
 
         # Inductor's on-disk caches (FX graphs, kernels) live here; set TORCHINDUCTOR_CACHE_DIR
         # before starting Python to move them. A second run of a model starts from them.
-        print(f"\ntorch.compile (inductor, CPU, fp32, batch {args.compile_batch} of 224 px, "
-              f"{args.compile_batches} timed batches, cache {cache_dir()})")
+        device = torch.device(args.compile_device)
+        cuda = device.type == "cuda"
+        print(f"\ntorch.compile (inductor, {device}, {'bf16, channels_last' if cuda else 'fp32'}, batch "
+              f"{args.compile_batch} of 224 px, {args.compile_batches} timed batches, cache {cache_dir()})")
         g = torch.Generator().manual_seed(0)
-        batches = [torch.rand(args.compile_batch, 3, 224, 224, generator=g) for _ in range(args.compile_batches)]
+        memory_format = torch.channels_last if cuda else torch.contiguous_format
+        batches = [torch.rand(args.compile_batch, 3, 224, 224, generator=g).to(device, memory_format=memory_format)
+                   for _ in range(args.compile_batches)]
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
         for name in filter(None, args.compile.split(",")):
             model = timm.create_model(name, pretrained=False, num_classes=0).eval()
-            eager = encoder_rate(model, batches)
-            compiled = torch.compile(model)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                ref = model(batches[0])
-                got = compiled(batches[0])
-            first = time.perf_counter() - t0
-            fast = encoder_rate(compiled, batches)
+            model = model.to(device, memory_format=memory_format)
+            with amp:
+                eager = encoder_rate(model, batches)
+                compiled = torch.compile(model)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    ref = model(batches[0])
+                    got = compiled(batches[0])
+                    _sync(got)
+                first = time.perf_counter() - t0
+                fast = encoder_rate(compiled, batches)
             diff = (got - ref).abs().max().item()
             print(f"  {name:22s} eager {eager:6.1f} | compiled {fast:6.1f} patches/s | {fast / eager:.2f}x | "
                   f"first call {first:5.1f} s | max |diff| {diff:.1e}")
