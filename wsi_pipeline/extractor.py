@@ -9,6 +9,11 @@ coords.h5, and its config hash (encoder, weights sha256, precision, dtype, tilin
 fingerprint of the slide file coords.h5 was tiled from) matches. Before that, the slide file must
 still be the one coords.h5 was made from (slides/identity.py): a slide replaced since tiling is an
 error naming the fix (re-run the tile stage), never "already complete".
+
+features.h5 records how the patches were read: attrs patch_reader ("direct": tiles decoded by
+slides/tile_reader.py; else the region reader, "openslide" or "tiffslide") and patch_reader_note
+(why). Files from before them were read by the region reader. The reader is not in the config
+hash: both give the same pixels.
 """
 
 from __future__ import annotations

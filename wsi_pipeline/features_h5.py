@@ -8,10 +8,7 @@ Layout (CLAM/TRIDENT names, so their readers work):
                 out_dim, input_size_px, mean, std, target_mpp, patch_size, patch_size_level0, ...
                 (every coords.h5 attr, prefixed "coords_" where names clash: among them the
                 slide file's identity, slide_size_bytes/_mtime_ns/_fingerprint/_level_dimensions),
-                library versions, config_hash, n_patches, format_version,
-                patch_reader ("direct": tiles decoded by slides/tile_reader.py, or the region
-                reader's name, openslide/tiffslide) and patch_reader_note (why; absent in files
-                from before it, which were read by the region reader)
+                library versions, config_hash, n_patches, format_version
 """
 
 from __future__ import annotations
