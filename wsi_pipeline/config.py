@@ -111,6 +111,11 @@ class ExtractConfig:
     num_workers: int | None = None
     # Stored feature dtype: float32, or float16 to halve disk use.
     features_dtype: str = "float32"
+    # Patch reader. auto: tiled TIFF/SVS levels (JPEG, deflate, LZW, raw) are read tile by tile, each
+    # tile decoded once per batch (same pixels, several times the patches/s); other formats and
+    # levels keep the region reader of slides.backend. direct: only that (a slide it cannot read
+    # fails, naming why); region: always the region reader. features.h5 records the one used.
+    reader: str = "auto"
 
     def __post_init__(self):
         check_name(self.encoder, "extract.encoder")
@@ -118,6 +123,8 @@ class ExtractConfig:
             raise ConfigError("extract.precision: must be auto, fp32, bf16 or fp16")
         if self.features_dtype not in ("float32", "float16"):
             raise ConfigError("extract.features_dtype: must be float32 or float16")
+        if self.reader not in ("auto", "direct", "region"):
+            raise ConfigError(f"extract.reader: must be auto, direct or region, got {self.reader!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError("extract.batch_size: must be >= 1 or null")
         if self.num_workers is not None and self.num_workers < 0:

@@ -9,12 +9,18 @@ coords.h5, and its config hash (encoder, weights sha256, precision, dtype, tilin
 fingerprint of the slide file coords.h5 was tiled from) matches. Before that, the slide file must
 still be the one coords.h5 was made from (slides/identity.py): a slide replaced since tiling is an
 error naming the fix (re-run the tile stage), never "already complete".
+
+features.h5 records how the patches were read: attrs patch_reader ("direct": tiles decoded by
+slides/tile_reader.py; else the region reader, "openslide" or "tiffslide") and patch_reader_note
+(why). Files from before them were read by the region reader. The reader is not in the config
+hash: both give the same pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 from pathlib import Path
 
@@ -30,6 +36,8 @@ from .manifest import SlideRecord
 from .run_folder import RunFolder
 from .slides import open_slide
 from .slides.identity import SlideIdentity, slide_identity
+
+log = logging.getLogger("wsi_pipeline")
 
 
 def weights_identity(checkpoint: str | None, encoder: str | None = None) -> str:
@@ -103,10 +111,10 @@ class Extractor:
         tiled_from = SlideIdentity.from_attrs(cattrs)
         config_hash = self.config_hash(str(cattrs["config_hash"]),
                                        tiled_from.fingerprint if tiled_from is not None else None)
-        _check_slide_matches_coords(record, self.cfg.slides.backend, cattrs)
+        opened = _check_slide_matches_coords(record, self.cfg.slides.backend, cattrs)
         if not force and features_h5_is_valid(out, config_hash, coords):
             return "skipped"
-        from .extraction import PatchSource, extract_features
+        from .extraction import PatchSource, extract_features, plan_reader
 
         encoder = self.encoder
         source = PatchSource(
@@ -116,6 +124,9 @@ class Extractor:
             # nominal input would change the physical resolution. CNNs and timm ViTs with
             # dynamic_img_size take any size; choose patch_size_px to match the encoder's training.
             read_size_px=int(cattrs["read_size_px"]), out_size_px=int(cattrs["patch_size"]))
+        # Not in the config hash: both readers give the same pixels, so features stay valid.
+        source, reader, reader_note = plan_reader(source, *opened, requested=e.reader)
+        log.info("extract %s: patch reader %s (%s)", record.slide_id, reader, reader_note)
         with tqdm(total=len(coords), desc=record.slide_id, unit="patch", leave=False,
                   disable=not self.progress, dynamic_ncols=True) as bar:
             features = extract_features(encoder, source, batch_size=e.batch_size,
@@ -140,6 +151,8 @@ class Extractor:
             "mean": np.asarray(encoder.spec.mean, dtype=np.float64),
             "std": np.asarray(encoder.spec.std, dtype=np.float64),
             "precision": e.precision,
+            "patch_reader": reader,
+            "patch_reader_note": reader_note,
             "config_hash": config_hash,
             "slide_id": record.slide_id,
             "versions": json.dumps(_versions()),
@@ -163,10 +176,11 @@ def _versions() -> dict:
             "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _check_slide_matches_coords(record: SlideRecord, backend: str, cattrs) -> None:
+def _check_slide_matches_coords(record: SlideRecord, backend: str, cattrs) -> tuple:
     """The slide must still be the one tiled: a file replaced or truncated since then would otherwise
     fail inside a reader process, read the wrong pixels, or leave features of the old file standing
-    as "already complete". Coords from before identities were recorded get the geometry check only."""
+    as "already complete". Coords from before identities were recorded get the geometry check only.
+    Returns (level_dimensions, level_downsamples, backend name, vendor) of the slide as opened."""
     with open_slide(record.path, slide_id=record.slide_id, backend=backend, mpp_override=record.mpp) as slide:
         tiled = (int(cattrs["level0_width"]), int(cattrs["level0_height"]))
         level = int(cattrs["patch_level"])
@@ -182,3 +196,4 @@ def _check_slide_matches_coords(record: SlideRecord, backend: str, cattrs) -> No
                 raise SlideError(record.slide_id, f"the slide no longer matches its coords.h5 (the file "
                                                   f"changed since it was tiled: {now.difference(tiled_from)})"
                                                   f": re-run the tile stage")
+        return slide.level_dimensions, slide.level_downsamples, slide.backend_name, slide.vendor
