@@ -280,6 +280,11 @@ class SegmentConfig(SegmenterFitParams):
     soft_weight: float = 0.3
     # Class whose CAM is the lesion; "" = the model's last class.
     lesion_class: str = ""
+    # Per-patch CAM from the fold ensemble: auto (instance logits' probability where the model has
+    # them, else instance_scores), or instance_scores (min-max instance scores, e.g. fmamil's
+    # attention, times the slide probability of the lesion class) for a model whose CAMs do not
+    # localise while its attention does (benchmarks/results/mil_hard.md).
+    cam_score: str = "auto"
     # Slides labelled (manifest) with another class are all background for training.
     negatives_background: bool = True
     # Calibration on those negative slides (0: off): cam_high is raised to at least this quantile
@@ -308,6 +313,8 @@ class SegmentConfig(SegmenterFitParams):
             raise ConfigError("segment: need 0 <= cam_low <= cam_high <= 1")
         if self.soft_weight < 0:
             raise ConfigError("segment.soft_weight: must be >= 0")
+        if self.cam_score not in ("auto", "instance_scores"):
+            raise ConfigError("segment.cam_score: must be auto or instance_scores")
         if not 0 <= self.negative_quantile <= 1:
             raise ConfigError("segment.negative_quantile: must be in [0, 1] (0: off)")
         if not 0 <= self.cam_gate < 1:

@@ -19,10 +19,12 @@ from ..run_folder import RunFolder
 
 METRIC_COLUMNS = ("dice_cam", "iou_cam", "dice", "iou", "truth_lesion_um2")
 # CAM sources of the ensemble path: per-patch lesion-class probabilities (models with instance
-# logits), or min-max instance scores times the slide probability; the old unscaled rule is redone.
+# logits), or min-max instance scores times the slide probability (models without, or any model
+# with segment.cam_score: instance_scores); the old unscaled rule is redone.
 LOGIT_SOURCE = "ensemble:instance_logits"
 SLIDE_SCALED_SOURCE = "ensemble:instance_scores*slide_prob"
 OLD_RELATIVE_SOURCE = "ensemble:instance_scores"
+CHOSEN_SCALED_SOURCE = "ensemble:cam_score=instance_scores*slide_prob"   # segment.cam_score: instance_scores
 
 
 class CamProvider:
@@ -43,6 +45,12 @@ class CamProvider:
 
         return checkpoints_digest(self.ensembles.hashes(model_dir))
 
+    def current_sources(self) -> tuple[str, ...]:
+        """The CAM sources the ensemble path gives under the config's segment.cam_score."""
+        if self.cfg.segment.cam_score == "auto":
+            return (LOGIT_SOURCE, SLIDE_SCALED_SOURCE)
+        return (CHOSEN_SCALED_SOURCE,)
+
     def __call__(self, record: SlideRecord):
         from . import load_patch_cams
 
@@ -54,10 +62,10 @@ class CamProvider:
                 cams = load_patch_cams(path)
             except (OSError, ValueError) as exc:
                 raise SlideError(record.slide_id, f"unreadable CAM file {path}: {exc}") from None
-            # CAMs an ensemble made are redone when that ensemble has changed (or were made by the
-            # older rule, unscaled per-slide min-max scores); others are kept.
+            # CAMs an ensemble made are redone when that ensemble has changed or they were made by
+            # another rule (segment.cam_score, or the old unscaled min-max scores); others are kept.
             stale = cams.source.startswith("ensemble") and current and (
-                cams.model_hash != current or cams.source == OLD_RELATIVE_SOURCE)
+                cams.model_hash != current or cams.source not in self.current_sources())
             if not stale:
                 return cams
         if not current:
@@ -88,7 +96,7 @@ class CamProvider:
         wanted = self.cfg.segment.lesion_class or out.classes[-1]
         if wanted not in out.classes:
             raise ConfigError(f"segment.lesion_class {wanted!r} is not among the model's classes {out.classes}")
-        if out.class_probs is not None:
+        if out.class_probs is not None and self.cfg.segment.cam_score == "auto":
             scores = out.class_probs[:, out.classes.index(wanted)]
             source = LOGIT_SOURCE
         else:
@@ -97,7 +105,7 @@ class CamProvider:
             # here and in this slide": low everywhere on a slide the model calls normal.
             slide_prob = float(out.slide_probs[out.classes.index(wanted)])
             scores = np.clip(out.instance, 0.0, 1.0) * slide_prob
-            source = SLIDE_SCALED_SOURCE
+            source = SLIDE_SCALED_SOURCE if self.cfg.segment.cam_score == "auto" else CHOSEN_SCALED_SOURCE
         return PatchCams(coords, scores, float(patch_size_level0), lesion_class=wanted, source=source,
                          model_hash=checkpoints_hash)
 
