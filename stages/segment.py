@@ -8,9 +8,14 @@ Inputs, per slide of the manifest:
                                     RUN/features/{encoder}/{slide_id}.h5 + RUN/mil/{model}/{cohort}/
                                     (or --model-dir); the score is the ensemble's per-patch softmax
                                     probability of the lesion class when the model has instance
-                                    logits (fmamil), else its min-max normalised instance score.
+                                    logits (fmamil), else its min-max normalised instance score
+                                    times its slide probability of the lesion class.
                                     Any other CAM source can write this file instead.
   the slide itself                  read once at segment.work_mpp (the working grid).
+CAM thresholds: segment.cam_high (and with segment.gate_negatives the gate) raised above the CAM
+scores that the slides labelled negative reach (segment.negative_quantile; `segmentation.calibration`);
+the stage-2 mask is kept only where the CAM map is >= the gate (segment.cam_gate; 0: no gate).
+Recorded in model/config.json and each done.json.
 Outputs (RUN/segment/):
   model/model.safetensors, model/config.json   one segmenter trained on all slides' pseudo-labels;
                                     config.json (written last) records what it was trained on, so a
@@ -91,6 +96,13 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
         return report
 
     cam_hashes = {r.slide_id: sha256_file(run.segment_cams(r.slide_id)) for r in records}
+    thresholds = cam_thresholds(records, cams, cfg)
+    report.details["cam_thresholds"] = thresholds.as_dict()
+    if thresholds.negative_level is not None and thresholds.negative_level > cfg.segment.cam_high:
+        report.notes.append(
+            f"segment: CAM scores on {thresholds.n_negative_slides} negative slide(s) reach "
+            f"{thresholds.negative_level:.3f} (quantile {cfg.segment.negative_quantile}); cam_high raised to "
+            f"{thresholds.cam_high:.3f}, gate {thresholds.gate:.3f}")
     model_identity = hash_json({
         "config": training_config(cfg),
         "slides": {r.slide_id: {"path": str(r.path), "mpp": r.mpp, "cams": cam_hashes[r.slide_id],
@@ -102,7 +114,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     works: dict[str, object] = {}
 
     def load_work(record: SlideRecord) -> str:
-        works[record.slide_id] = load_slide_work(record, cams[record.slide_id], cfg)
+        works[record.slide_id] = load_slide_work(record, cams[record.slide_id], cfg, thresholds)
         return "done"
 
     # 2. Train one segmenter on every slide's pseudo-labels (unless an identical one exists).
@@ -122,6 +134,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
         save_segmenter(segmenter, run.segment_model_dir, {
             "identity": model_identity, "segmenter": cfg.segment.model, "model_args": cfg.segment.model_args,
             "input_mean": list(segmenter.input_mean), "input_std": list(segmenter.input_std),
+            "cam_thresholds": thresholds.as_dict(),
             "work_mpp": cfg.segment.work_mpp, "train": dataclasses.asdict(params),
             "history": dataclasses.asdict(history), "slides": sorted(works),
         })
@@ -134,7 +147,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     def identity(record: SlideRecord) -> dict:
         return {"format_version": DONE_FORMAT_VERSION, "slide_id": record.slide_id, "slide_path": str(record.path),
                 "slide_mpp_override": record.mpp, "cams": cam_hashes[record.slide_id], "model": model_sha,
-                "segment_config_hash": config_hash}
+                "segment_config_hash": config_hash, "cam_thresholds": thresholds.as_dict()}
 
     def is_complete(record: SlideRecord) -> bool:
         sid = record.slide_id
@@ -154,7 +167,7 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
             return "skipped"
         run.segment_done(sid).unlink(missing_ok=True)
         remove_slide_temps(run, sid)
-        work = works.pop(sid, None) or load_slide_work(record, cams[sid], cfg)
+        work = works.pop(sid, None) or load_slide_work(record, cams[sid], cfg, thresholds)
         result = segment_slide(work, segmenter, cfg, run, device)
         write_json_atomic(run.segment_done(sid), {
             "identity": identity(record),
@@ -172,6 +185,18 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     if note:
         report.notes.append(note)
     return report
+
+
+def cam_thresholds(records, cams: dict, cfg: Config):
+    """`calibration.CamThresholds` of this run: the config's, raised above the CAM scores of the
+    slides whose label marks them negative (`segment.negative_quantile`)."""
+    from wsi_pipeline.segmentation import calibrate_thresholds
+
+    s = cfg.segment
+    negatives = [cams[r.slide_id].scores for r in records
+                 if is_negative(r, cams[r.slide_id].lesion_class, cfg)]
+    return calibrate_thresholds(negatives, cam_low=s.cam_low, cam_high=s.cam_high, cam_gate=s.cam_gate,
+                                quantile=s.negative_quantile, gate_negatives=s.gate_negatives)
 
 
 SEGMENT = Stage(

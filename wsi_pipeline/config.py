@@ -303,8 +303,25 @@ class SegmentConfig(SegmenterFitParams):
     soft_weight: float = 0.3
     # Class whose CAM is the lesion; "" = the model's last class.
     lesion_class: str = ""
+    # Per-patch CAM from the fold ensemble: auto (instance logits' probability where the model has
+    # them, else instance_scores), or instance_scores (min-max instance scores, e.g. fmamil's
+    # attention, times the slide probability of the lesion class) for a model whose CAMs do not
+    # localise while its attention does (benchmarks/results/mil_hard.md).
+    cam_score: str = "auto"
     # Slides labelled (manifest) with another class are all background for training.
     negatives_background: bool = True
+    # Calibration on those negative slides (0: off): cam_high is raised to at least this quantile
+    # of their patches' CAM scores, since a score that normal tissue reaches is no lesion evidence.
+    # Chosen from the run's own labelled slides, recorded in model/config.json.
+    negative_quantile: float = 0.999
+    # Stage-2 mask kept only where the slide's CAM map is >= cam_gate (0: no floor) and, with
+    # gate_negatives, >= that quantile too: the segmenter draws the outline, the CAM says where a
+    # lesion may be. On the hard demo (lesions the segmenter cannot tell from confounders at
+    # work_mpp) it took Dice 0.62 -> 0.73 and normal tissue marked 1.4% -> 0.3%; where the
+    # segmenter sees lesions the CAM scores low (partly covered patches) it cuts them, hence off
+    # by default (benchmarks/results/mil_hard.md).
+    cam_gate: float = 0.0
+    gate_negatives: bool = False
     # Probability threshold of the mask, and the smallest lesion piece kept (µm²).
     threshold: float = 0.5
     min_lesion_area_um2: float = 2_000.0
@@ -319,6 +336,12 @@ class SegmentConfig(SegmenterFitParams):
             raise ConfigError("segment: need 0 <= cam_low <= cam_high <= 1")
         if self.soft_weight < 0:
             raise ConfigError("segment.soft_weight: must be >= 0")
+        if self.cam_score not in ("auto", "instance_scores"):
+            raise ConfigError("segment.cam_score: must be auto or instance_scores")
+        if not 0 <= self.negative_quantile <= 1:
+            raise ConfigError("segment.negative_quantile: must be in [0, 1] (0: off)")
+        if not 0 <= self.cam_gate < 1:
+            raise ConfigError("segment.cam_gate: must be in [0, 1) (0: off)")
         for name in ("epochs", "steps_per_epoch", "batch_size", "crop_px", "window_px"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"segment.{name}: must be >= 1")

@@ -79,7 +79,7 @@ def test_learned_filter_mixes_neighbours_and_is_trainable():
 
 def test_cams_and_instance_scores():
     torch.manual_seed(0)
-    model = make_small("fmamil", 12, 3).eval()
+    model = make_small("fmamil", 12, 3, instance_score="cam").eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         out = model(torch.randn(1, 50, 12), grid_coords(50, 9, generator)[None])
@@ -93,3 +93,24 @@ def test_cams_and_instance_scores():
     assert (out.logits <= out.instance_logits.amax(1) + 1e-6).all()
     torch.testing.assert_close(single.logits, single.instance_logits[:, 0])
     assert single.instance_scores.tolist() == [[0.0]]
+
+
+def test_instance_scores_are_the_attention_by_default():
+    """Heatmaps of fmamil show its attention unless instance_score="cam"; same weights, same logits."""
+    torch.manual_seed(0)
+    model = make_small("fmamil", 12, 2).eval()
+    torch.manual_seed(0)
+    cam_model = make_small("fmamil", 12, 2, instance_score="cam").eval()
+    seen = []
+    model.attention.register_forward_hook(lambda module, args, output: seen.append(output[1]))
+    x = torch.randn(1, 30, 12)
+    coords = grid_coords(30, 6, torch.Generator().manual_seed(1))[None]
+    with torch.no_grad():
+        out, ref = model(x, coords), cam_model(x, coords)
+    torch.testing.assert_close(out.instance_scores, seen[0])
+    torch.testing.assert_close(out.instance_scores.sum(dim=1), torch.ones(1))
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.instance_logits, ref.instance_logits)
+    assert not torch.allclose(out.instance_scores, ref.instance_scores)
+    with pytest.raises(ValueError, match="instance_score"):
+        make_small("fmamil", 12, 2, instance_score="gradcam")

@@ -1,6 +1,7 @@
 """Weakly supervised lesion segmentation from patch CAMs (FMaMIL stage 2), on plain arrays.
 
     coords, CAM scores --cam.cam_map--> CAM map on a working grid (grid.SlideGrid)
+    negative slides' CAM scores --calibration.calibrate_thresholds--> cam_high / gate above them
     CAM map, tissue    --pseudo_labels.make_pseudo_labels--> soft targets + pixel weights
     images, labels     --train.train_segmenter--> trained segmenter (labels self-corrected)
     image              --inference.predict_probability_map--> probability map (overlap-blended windows)
@@ -16,6 +17,7 @@ functions that run a model.
 _MODULE_OF = {
     **dict.fromkeys(("PatchCams", "cam_map", "estimate_stride", "load_patch_cams", "patch_coverage",
                      "save_patch_cams"), "cam"),
+    **dict.fromkeys(("CamThresholds", "calibrate_thresholds"), "calibration"),
     **dict.fromkeys(("lesion_geojson", "lesion_mask", "write_mask_tiff"), "export"),
     **dict.fromkeys(("SlideGrid", "read_grid_image", "resample"), "grid"),
     **dict.fromkeys(("blending_window", "predict_probability_map", "segmenter_predictor",
@@ -38,6 +40,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "PatchCams", "cam_map", "estimate_stride", "load_patch_cams", "patch_coverage", "save_patch_cams",
+    "CamThresholds", "calibrate_thresholds",
     "lesion_geojson", "lesion_mask", "write_mask_tiff",
     "SlideGrid", "read_grid_image", "resample",
     "blending_window", "predict_probability_map", "segmenter_predictor", "sliding_window_predict",

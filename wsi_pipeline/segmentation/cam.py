@@ -127,7 +127,7 @@ class PatchCams:
     """Per-patch lesion scores of one slide: the input of stage 2.
 
     coords (N, 2) level-0 top-left (x, y); scores (N,) in [0, 1] (probability of the lesion class,
-    or a min-max normalised score); patch_size_level0: patch side in level-0 px; lesion_class: the
+    or a min-max normalised score times the slide probability); patch_size_level0: patch side in level-0 px; lesion_class: the
     class the scores are for ("" unknown); source: where they came from; model_hash: identity of the
     fold ensemble that made them ("" when not made by one).
     """

@@ -14,7 +14,8 @@ from ..io import atomic_path, write_json_atomic
 
 # Keys that only shape the masks drawn from the probability map: changing them redoes the slides'
 # outputs but keeps the trained segmenter.
-INFERENCE_ONLY_KEYS = ("mask_mpp", "threshold", "min_lesion_area_um2")
+INFERENCE_ONLY_KEYS = ("mask_mpp", "threshold", "min_lesion_area_um2", "cam_gate",
+                       "gate_negatives")
 
 
 def training_config(cfg: Config) -> dict:

@@ -18,6 +18,13 @@ from ..manifest import SlideRecord
 from ..run_folder import RunFolder
 
 METRIC_COLUMNS = ("dice_cam", "iou_cam", "dice", "iou", "truth_lesion_um2")
+# CAM sources of the ensemble path: per-patch lesion-class probabilities (models with instance
+# logits), or min-max instance scores times the slide probability (models without, or any model
+# with segment.cam_score: instance_scores); the old unscaled rule is redone.
+LOGIT_SOURCE = "ensemble:instance_logits"
+SLIDE_SCALED_SOURCE = "ensemble:instance_scores*slide_prob"
+OLD_RELATIVE_SOURCE = "ensemble:instance_scores"
+CHOSEN_SCALED_SOURCE = "ensemble:cam_score=instance_scores*slide_prob"   # segment.cam_score: instance_scores
 
 
 class CamProvider:
@@ -38,6 +45,12 @@ class CamProvider:
 
         return checkpoints_digest(self.ensembles.hashes(model_dir))
 
+    def current_sources(self) -> tuple[str, ...]:
+        """The CAM sources the ensemble path gives under the config's segment.cam_score."""
+        if self.cfg.segment.cam_score == "auto":
+            return (LOGIT_SOURCE, SLIDE_SCALED_SOURCE)
+        return (CHOSEN_SCALED_SOURCE,)
+
     def __call__(self, record: SlideRecord):
         from . import load_patch_cams
 
@@ -49,8 +62,11 @@ class CamProvider:
                 cams = load_patch_cams(path)
             except (OSError, ValueError) as exc:
                 raise SlideError(record.slide_id, f"unreadable CAM file {path}: {exc}") from None
-            # CAMs an ensemble made are redone when that ensemble has changed; others are kept.
-            if not (cams.source.startswith("ensemble") and current and cams.model_hash != current):
+            # CAMs an ensemble made are redone when that ensemble has changed or they were made by
+            # another rule (segment.cam_score, or the old unscaled min-max scores); others are kept.
+            stale = cams.source.startswith("ensemble") and current and (
+                cams.model_hash != current or cams.source not in self.current_sources())
+            if not stale:
                 return cams
         if not current:
             raise SlideError(record.slide_id, f"no CAMs at {path} and no trained fold ensemble at {model_dir}: "
@@ -80,13 +96,16 @@ class CamProvider:
         wanted = self.cfg.segment.lesion_class or out.classes[-1]
         if wanted not in out.classes:
             raise ConfigError(f"segment.lesion_class {wanted!r} is not among the model's classes {out.classes}")
-        if out.class_probs is not None:
+        if out.class_probs is not None and self.cfg.segment.cam_score == "auto":
             scores = out.class_probs[:, out.classes.index(wanted)]
-            source = "ensemble:instance_logits"
+            source = LOGIT_SOURCE
         else:
-            # Relative scores (min-max per slide): every slide's top patches reach 1.
-            scores = np.clip(out.instance, 0.0, 1.0)
-            source = "ensemble:instance_scores"
+            # Min-max scores are relative: every slide's top patch reaches 1, a normal slide's too.
+            # Scaled by the ensemble's slide probability of the lesion class they become "lesion
+            # here and in this slide": low everywhere on a slide the model calls normal.
+            slide_prob = float(out.slide_probs[out.classes.index(wanted)])
+            scores = np.clip(out.instance, 0.0, 1.0) * slide_prob
+            source = SLIDE_SCALED_SOURCE if self.cfg.segment.cam_score == "auto" else CHOSEN_SCALED_SOURCE
         return PatchCams(coords, scores, float(patch_size_level0), lesion_class=wanted, source=source,
                          model_hash=checkpoints_hash)
 
@@ -101,6 +120,7 @@ class SlideWork:
     labels: object          # segmentation.PseudoLabels
     negative: bool          # all-background labels from the slide's label
     app_mag: float | None
+    gate: float = 0.0       # stage-2 mask only where cam >= gate (0: no gate)
 
 
 def is_negative(record: SlideRecord, lesion_class: str, cfg: Config) -> bool:
@@ -108,7 +128,9 @@ def is_negative(record: SlideRecord, lesion_class: str, cfg: Config) -> bool:
                 and record.label != lesion_class)
 
 
-def load_slide_work(record: SlideRecord, cams, cfg: Config) -> SlideWork:
+def load_slide_work(record: SlideRecord, cams, cfg: Config, thresholds=None) -> SlideWork:
+    """The slide's working data; `thresholds` (`calibration.CamThresholds`): the run's calibrated
+    cam_low / cam_high / gate, else the config's (no gate)."""
     from ..slides import open_slide
     from ..tissue import detect_tissue
     from . import SlideGrid, cam_map, make_pseudo_labels, read_grid_image
@@ -133,13 +155,15 @@ def load_slide_work(record: SlideRecord, cams, cfg: Config) -> SlideWork:
     cam = cam_map(cams.coords, cams.scores, cams.patch_size_level0, grid)
     negative = is_negative(record, cams.lesion_class, cfg)
     s = cfg.segment
-    labels = make_pseudo_labels(cam, cam_low=s.cam_low, cam_high=s.cam_high, tissue=tissue,
+    low, high, gate = ((thresholds.cam_low, thresholds.cam_high, thresholds.gate) if thresholds is not None
+                       else (s.cam_low, s.cam_high, 0.0))
+    labels = make_pseudo_labels(cam, cam_low=low, cam_high=high, tissue=tissue,
                                 soft_weight=s.soft_weight, negative=negative)
     try:
         app_mag = float(mag) if mag else None
     except ValueError:
         app_mag = None
-    return SlideWork(record, grid, image, tissue, cam, labels, negative, app_mag)
+    return SlideWork(record, grid, image, tissue, cam, labels, negative, app_mag, gate)
 
 
 def load_truth(slide_path: Path) -> tuple[np.ndarray, float] | None:
@@ -167,6 +191,10 @@ def segment_slide(work: SlideWork, model, cfg: Config, run: RunFolder, device) -
     s, grid, sid = cfg.segment, work.grid, work.record.slide_id
     prob = predict_probability_map(model, work.image, window_px=s.window_px, overlap=s.overlap,
                                    batch_size=s.batch_size, tissue=work.tissue, device=device)
+    if work.gate > 0:
+        # No lesion where the CAM does not support one (NaN: no patch there, no evidence).
+        with np.errstate(invalid="ignore"):
+            prob = np.where(work.cam >= work.gate, prob, 0.0).astype(np.float32)
     mask_grid = SlideGrid.for_mpp(grid.level0_wh, grid.slide_mpp, s.mask_mpp)
     mask = lesion_mask(prob, grid, mask_grid, threshold=s.threshold, min_area_um2=s.min_lesion_area_um2)
     collection = lesion_geojson(mask, mask_grid)
@@ -193,5 +221,6 @@ def segment_slide(work: SlideWork, model, cfg: Config, run: RunFolder, device) -
         "work_mpp": float(grid.mpp),
         "slide_mpp": float(grid.slide_mpp),
         "negative_label": work.negative,
+        "cam_gate": float(work.gate),
         "metrics": metrics,
     }

@@ -28,9 +28,15 @@ every detail; our choices are documented below.
 - Slide logits pool the CAMs with attention weights (not top-k), so every instance gets a gradient
   and, since the head is affine and the weights sum to 1, the logits equal the head of the attention
   pooled embedding.
-- ``instance_scores`` (B, L): the CAM of the last class (the positive class for binary tasks),
-  min–max normalised per bag to [0, 1] (no softmax; a bag whose CAM is constant scores 0). The scores
-  are relative within a slide; the raw CAMs are ``instance_logits``.
+- ``instance_scores`` (B, L), what heatmaps show (``instance_score``): ``"attention"`` (default)
+  the attention weights A, as for abmil and mambamil; ``"cam"`` the CAM of the last class (the
+  positive class for binary tasks), min–max normalised per bag to [0, 1] (no softmax; a bag whose
+  CAM is constant scores 0). The raw CAMs are always ``instance_logits`` (the segment stage's
+  per-patch probabilities come from them). Why attention by default: on the hard demo (lesions of
+  1-4 patches among confounders) the model that separates the slides best (CV AUC 0.95) ranks
+  lesion patches by attention (top decile 0.98 of a perfect map) but not by its CAM (0.06); the CAM
+  localises only when trained to (``train.instance_loss_weight``), at a cost in AUC
+  (benchmarks/results/mil_hard.md).
 
 B > 1 works (bags of equal length, each with its own grid).
 
@@ -52,6 +58,7 @@ from .registry import MILOutput, check_coord_dims, register_aggregator
 LICENSE = "Apache-2.0"  # this implementation (written here from the paper); no weights are shipped
 
 FILTER_INITS = ("small", "identity")
+INSTANCE_SCORES = ("attention", "cam")
 
 
 class SpectralFilter2d(nn.Module):
@@ -106,10 +113,13 @@ class FMaMIL(nn.Module):
                  rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2, dropout: float = 0.25,
                  filter_size: int = 32, filter_init: str = "small", max_grid_factor: int = 16,
                  attention_dim: int = 128, init: str = "mamba",
-                 layer_scale: float | None = None, context_drop: float = 0.5):
+                 layer_scale: float | None = None, context_drop: float = 0.5, instance_score: str = "attention"):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        if instance_score not in INSTANCE_SCORES:
+            raise ValueError(f"instance_score must be one of {INSTANCE_SCORES}, got {instance_score!r}")
+        self.instance_score = instance_score
         self.max_grid_factor = max_grid_factor
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
         self.frequency = FrequencyEncoding(d_model, filter_size, filter_init)
@@ -131,7 +141,8 @@ class FMaMIL(nn.Module):
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> MILOutput:
         """features (B, L, D), coords (B, L, 2) level-0 px or None → logits (B, C), instance_logits
-        (B, L, C) CAMs, instance_scores (B, L) min–max normalised CAM of the last class.
+        (B, L, C) CAMs, instance_scores (B, L): attention, or the min–max normalised CAM of the
+        last class (``instance_score``).
         Volume coords (B, L, 3) are refused: the frequency encoding is a 2-D grid filter."""
         check_coord_dims(coords, (2,), "fmamil")
         h = self.embed(features)
@@ -152,9 +163,12 @@ class FMaMIL(nn.Module):
         instance_logits = self.cam_head(h)                                     # (B, L, C)
         _, attention = self.attention(h)
         logits = torch.einsum("bl,blc->bc", attention, instance_logits)
-        cam = instance_logits[..., -1]
-        low, high = cam.amin(dim=1, keepdim=True), cam.amax(dim=1, keepdim=True)
-        instance_scores = (cam - low) / (high - low).clamp(min=1e-12)
+        if self.instance_score == "attention":
+            instance_scores = attention
+        else:
+            cam = instance_logits[..., -1]
+            low, high = cam.amin(dim=1, keepdim=True), cam.amax(dim=1, keepdim=True)
+            instance_scores = (cam - low) / (high - low).clamp(min=1e-12)
         return MILOutput(logits=logits, instance_scores=instance_scores, instance_logits=instance_logits)
 
 
