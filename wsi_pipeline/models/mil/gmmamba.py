@@ -181,8 +181,10 @@ class GMMamba(nn.Module):
         """h (1, L, d) embedded instances → logits (1, C), instance_scores (1, L)."""
         n_instances = h.shape[1]
         tokens, kept_index, kept_attention = [], [], []
-        for group in self.groups(n_instances, coords):
-            group = group.to(h.device)
+        groups = self.groups(n_instances, coords)
+        # One host-to-device copy for all groups: a copy from pageable memory waits for the GPU to
+        # finish the work queued before it, so one per group stalled the loop once per group.
+        for group in torch.cat(groups).to(h.device).split([len(g) for g in groups]):
             token, kept, attention = self.imm(h[:, group])
             tokens.append(token)
             kept_index.append(group[kept])
