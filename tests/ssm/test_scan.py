@@ -48,6 +48,8 @@ def max_chunk_steps(request, monkeypatch):
     # Short chunks make small test sequences cross several chunk boundaries.
     monkeypatch.setattr(scan, "MIN_CHUNK_STEPS", min(scan.MIN_CHUNK_STEPS, request.param))
     monkeypatch.setattr(scan, "MAX_CHUNK_STEPS", request.param)
+    # Blocks of 2 chunks: the multi-chunk sequences also cross block boundaries, and end on a part block.
+    monkeypatch.setattr(scan, "CHUNKS_PER_BLOCK", 2)
     return request.param
 
 
