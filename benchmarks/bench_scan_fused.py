@@ -8,8 +8,8 @@ with and without activation checkpointing, for issue 18.
 backward passes alternate between the model with the scan and the same model with the scan replaced by
 ``u * silu(z)`` (bench_mil's ``mambamil_noscan``), so both see the same machine load; the fastest pass
 of each is reported, in wall time and in process CPU time (``time.process_time``; with one thread the
-CPU time is what the pass costs when other jobs take the core away part of the time). Alternating matters on a shared machine: bench_mil measures the two in separate
-processes minutes apart.
+CPU time is what the pass costs when other jobs take the core away part of the time). Alternating
+matters on a shared machine: bench_mil measures the two in separate processes minutes apart.
 
 ``memory``: every (length, checkpoint_above) in a fresh subprocess; peak RSS rise
 (``ru_maxrss``) over one training forward + backward, measured after the model and the bag exist,
