@@ -14,7 +14,10 @@ D, delta_bias ``(D,)``; last state ``(B, D, N)``. Accumulation is fp32 (fp64 whe
 chunks of T steps, keeps only the state at chunk boundaries for backward, and its backward re-runs each
 chunk from its boundary state, then runs the adjoint recurrence backwards through the chunk — the
 scheme of mamba's CUDA kernel. Within a chunk, the O(B*D*N) per-step update is the only Python-level
-loop; everything else is vectorised over the chunk. ``selective_scan_ref`` is a few readable lines
+loop; everything else is vectorised over the chunk. State chunks are (T, B, N, D), channels as the
+unit-stride axis; the per-step vector work (softplus, gating, gradient formulas) runs per block of
+``CHUNKS_PER_BLOCK`` chunks; inputs are read as step-major views where their memory is step-major and
+results are returned step-major (benchmarks/results/scan_fused.md). ``selective_scan_ref`` is a few readable lines
 (a port of mamba-ssm's ``selective_scan_ref``) used as the oracle in tests.
 """
 
