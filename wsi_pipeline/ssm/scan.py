@@ -17,8 +17,8 @@ scheme of mamba's CUDA kernel. Within a chunk, the O(B*D*N) per-step update is t
 loop; everything else is vectorised over the chunk. State chunks are (T, B, N, D), channels as the
 unit-stride axis; the per-step vector work (softplus, gating, gradient formulas) runs per block of
 ``CHUNKS_PER_BLOCK`` chunks; inputs are read as step-major views where their memory is step-major and
-results are returned step-major (benchmarks/results/scan_fused.md). ``selective_scan_ref`` is a few readable lines
-(a port of mamba-ssm's ``selective_scan_ref``) used as the oracle in tests.
+results are returned step-major (benchmarks/results/scan_fused.md). ``selective_scan_ref`` is a few
+readable lines (a port of mamba-ssm's ``selective_scan_ref``) used as the oracle in tests.
 """
 
 from __future__ import annotations
