@@ -48,6 +48,8 @@ def max_chunk_steps(request, monkeypatch):
     # Short chunks make small test sequences cross several chunk boundaries.
     monkeypatch.setattr(scan, "MIN_CHUNK_STEPS", min(scan.MIN_CHUNK_STEPS, request.param))
     monkeypatch.setattr(scan, "MAX_CHUNK_STEPS", request.param)
+    # Blocks of 2 chunks: the multi-chunk sequences also cross block boundaries, and end on a part block.
+    monkeypatch.setattr(scan, "CHUNKS_PER_BLOCK", 2)
     return request.param
 
 
@@ -205,3 +207,30 @@ def test_native_saves_only_chunk_boundary_states_for_backward(monkeypatch):
     _, saved_ref = _saved_for_backward(selective_scan_ref, make_inputs(batch, dim, seqlen, dstate, True, True,
                                                                        True, True, True))
     assert max(t.numel() for t in saved_ref) >= full_states
+
+
+def test_native_reads_step_major_views_and_returns_step_major_results():
+    # As MambaBlock feeds it: u, z halves of one (B, L, 2D) projection, B and C slices of x_proj's
+    # (B, L, R + 2N) output, all viewed as (B, X, L). Results must equal ref's on contiguous copies,
+    # and come back step-major, the layout out_proj (and in_proj's backward) read.
+    gen = torch.Generator().manual_seed(3)
+    batch, dim, seqlen, dstate, rank = 2, 6, 45, 4, 3
+    xz = torch.randn(batch, seqlen, 2 * dim, generator=gen)
+    x_dbl = torch.randn(batch, seqlen, rank + 2 * dstate, generator=gen)
+    views = dict(u=xz[..., :dim].transpose(1, 2), z=xz[..., dim:].transpose(1, 2),
+                 delta=(0.5 * torch.rand(batch, seqlen, dim, generator=gen)).transpose(1, 2),
+                 B=x_dbl[..., rank:rank + dstate].transpose(1, 2), C=x_dbl[..., rank + dstate:].transpose(1, 2))
+    params = dict(A=-0.5 * torch.rand(dim, dstate, generator=gen), D=torch.randn(dim, generator=gen),
+                  delta_bias=torch.rand(dim, generator=gen))
+    native_in = {k: v.clone().requires_grad_() if k in params else v.detach().requires_grad_()
+                 for k, v in {**views, **params}.items()}
+    ref_in = {k: v.detach().contiguous().requires_grad_() for k, v in {**views, **params}.items()}
+    native = run_with_grads(selective_scan_native, native_in, True)
+    ref = run_with_grads(selective_scan_ref, ref_in, True)
+    assert native[0].transpose(1, 2).is_contiguous()
+    for name in ("u", "z", "delta", "B", "C"):
+        assert native[2][name].transpose(1, 2).is_contiguous(), name
+    torch.testing.assert_close(native[0], ref[0], rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(native[1], ref[1], rtol=RTOL, atol=ATOL)
+    for name in ref[2]:
+        torch.testing.assert_close(native[2][name], ref[2][name], rtol=RTOL, atol=ATOL, msg=f"grad of {name}")

@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from wsi_pipeline.ssm.conv1d import causal_conv1d
 from wsi_pipeline.ssm.orders import Identity, ScanOrder, Stride
@@ -75,12 +76,14 @@ class SSMBranch(nn.Module):
         # dt_proj's bias is applied inside the scan (delta_bias), before the softplus, as in Mamba.
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L)
         A = -torch.exp(self.A_log.float())
+        # delta, B, C (and z from in_proj) go in as (B, X, L) views of step-major memory, which the
+        # native scan reads without a copy (mamba-ssm's kernel makes the copies it needs itself).
         return selective_scan(
             x,
             delta,
             A,
-            B.transpose(1, 2).contiguous(),  # (B, N, L)
-            C.transpose(1, 2).contiguous(),
+            B.transpose(1, 2),  # (B, N, L)
+            C.transpose(1, 2),
             self.D.float(),
             z=z,
             delta_bias=self.dt_proj.bias.float(),
@@ -138,6 +141,9 @@ class BranchedMambaBlock(nn.Module):
     after in_proj, as in MambaMIL), scanned by that order's branch, put back in sequence order,
     and the branches are summed before out_proj. ``orders=[Identity(), Stride(10)]`` is MambaMIL's
     SRMamba; ``[Identity(), Reverse()]`` is BiMamba.
+    ``checkpoint_above`` (None: never): for sequences longer than this, with autograd on, each
+    branch keeps only its output for backward and recomputes the rest there, so one branch's
+    activations are alive at a time instead of all of them.
     (B, L, d_model) -> (B, L, d_model).
     """
 
@@ -155,8 +161,10 @@ class BranchedMambaBlock(nn.Module):
         conv_bias: bool = True,
         bias: bool = False,
         backend: str | None = None,
+        checkpoint_above: int | None = None,
     ):
         super().__init__()
+        self.checkpoint_above = checkpoint_above
         self.orders = list(orders) if orders is not None else [Identity(), Stride(10)]
         if not self.orders:
             raise ValueError("BranchedMambaBlock needs at least one scan order")
@@ -172,13 +180,25 @@ class BranchedMambaBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, L, d_model) -> (B, L, d_model)."""
         seqlen = hidden_states.shape[1]
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (B, 2*d_inner, L)
+        xz = self.in_proj(hidden_states)  # (B, L, 2*d_inner)
         total = None
+        recompute = (self.checkpoint_above is not None and seqlen > self.checkpoint_above
+                     and torch.is_grad_enabled())
         for order, branch in zip(self.orders, self.branches):
-            x, z = order.apply(xz, dim=-1).chunk(2, dim=1)
-            y = order.undo(branch(x, z), seqlen, dim=-1)
+            if recompute:
+                y = checkpoint(self._run_branch, order, branch, xz, use_reentrant=False)
+            else:
+                y = self._run_branch(order, branch, xz)
             total = y if total is None else total + y
-        return self.out_proj(total.transpose(1, 2))
+        return self.out_proj(total)
+
+    @staticmethod
+    def _run_branch(order: ScanOrder, branch: SSMBranch, xz: torch.Tensor) -> torch.Tensor:
+        """One scan order: (B, L, 2*d_inner) -> (B, L, d_inner), back in sequence order."""
+        # Reordered along L in (B, L, C) layout, so x, z and the branch output stay step-major
+        # (the scan's layout) and no (B, C, L) copy is made on the way in or out.
+        x, z = order.apply(xz, dim=1).transpose(1, 2).chunk(2, dim=1)
+        return order.undo(branch(x, z).transpose(1, 2), xz.shape[1], dim=1)
 
 
 class MultiOrderMamba(nn.Module):

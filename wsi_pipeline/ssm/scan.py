@@ -14,8 +14,11 @@ D, delta_bias ``(D,)``; last state ``(B, D, N)``. Accumulation is fp32 (fp64 whe
 chunks of T steps, keeps only the state at chunk boundaries for backward, and its backward re-runs each
 chunk from its boundary state, then runs the adjoint recurrence backwards through the chunk — the
 scheme of mamba's CUDA kernel. Within a chunk, the O(B*D*N) per-step update is the only Python-level
-loop; everything else is vectorised over the chunk. ``selective_scan_ref`` is a few readable lines
-(a port of mamba-ssm's ``selective_scan_ref``) used as the oracle in tests.
+loop; everything else is vectorised over the chunk. State chunks are (T, B, N, D), channels as the
+unit-stride axis; the per-step vector work (softplus, gating, gradient formulas) runs per block of
+``CHUNKS_PER_BLOCK`` chunks; inputs are read as step-major views where their memory is step-major and
+results are returned step-major (benchmarks/results/scan_fused.md). ``selective_scan_ref`` is a few
+readable lines (a port of mamba-ssm's ``selective_scan_ref``) used as the oracle in tests.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from wsi_pipeline.ssm.backend import load_mamba_selective_scan_fn, resolve_backe
 # temporaries of backward cache-friendly while making each vectorised op large enough to use all cores;
 # measured on 2 cores, see benchmarks/results/ssm.md. The step count per chunk is clamped to
 # [MIN, MAX]_CHUNK_STEPS.
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 19
 MIN_CHUNK_STEPS = 16
 MAX_CHUNK_STEPS = 256
+# Chunks per block: the per-step (S, B, D) vector work runs once per block of S = this * T steps
+# (see _Block); 8 x 32 steps x 1024 channels is 1 MB of fp32 per block tensor.
+CHUNKS_PER_BLOCK = 8
 
 
 def selective_scan(
@@ -160,7 +166,10 @@ def selective_scan_native(
     """Chunked scan with a recomputing backward; same contract as :func:`selective_scan`.
 
     Memory beyond inputs and outputs: ``L/T`` boundary states ``(B, D, N)`` kept for backward (none
-    when no gradient is needed) plus a few ``(T, B, D, N)`` chunk tensors, T from ``CHUNK_ELEMENTS``.
+    when no gradient is needed) plus a few ``(T, B, N, D)`` chunk tensors, T from ``CHUNK_ELEMENTS``.
+    Inputs whose memory is step-major (``x.transpose(1, 2)`` contiguous, as Mamba's in_proj and x_proj
+    produce them) are read without a copy; ``out`` and the sequence-long gradients are returned
+    step-major (``(B, L, D)`` memory viewed as ``(B, D, L)``), which is the layout out_proj reads.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     out, last_state = _SelectiveScanNative.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
@@ -168,40 +177,81 @@ def selective_scan_native(
 
 
 def chunk_steps(batch: int, dim: int, dstate: int) -> int:
-    """Steps T per chunk so that a (T, B, D, N) chunk tensor holds about ``CHUNK_ELEMENTS`` values."""
+    """Steps T per chunk so that a (T, B, N, D) chunk tensor holds about ``CHUNK_ELEMENTS`` values."""
     return max(MIN_CHUNK_STEPS, min(MAX_CHUNK_STEPS, CHUNK_ELEMENTS // max(1, batch * dim * dstate)))
 
 
-class _Chunk:
-    """One chunk's inputs in step-major layout: (T, B, D) for u/delta/z, (T, B, 1, N) for B and C.
+def _steps_first(x):
+    """(B, X, L) -> (L, B, X) view, unit stride along X; copies only when x is not step-major in memory."""
+    view = x.permute(2, 0, 1)
+    return view if view.stride(-1) == 1 else view.contiguous()
 
-    Step-major layout makes ``tensor[t]`` contiguous, so the per-step update reads and writes
-    contiguous (B, D, N) blocks.
-    """
 
-    def __init__(self, u, delta, B, C, z, delta_bias, delta_softplus, start, stop, dtype):
-        def steps_first(x):  # (B, X, L) -> (T, B, X), contiguous
-            return x[:, :, start:stop].permute(2, 0, 1).to(dtype).contiguous()
+def _step_major_empty(like, dtype=None):
+    """An uninitialised (B, X, L) tensor stored as (B, L, X), i.e. step-major; returns (tensor, (L, B, X) view)."""
+    batch, width, seqlen = like.shape
+    storage = like.new_empty((batch, seqlen, width), dtype=dtype or like.dtype)
+    return storage.transpose(1, 2), storage.permute(1, 0, 2)
 
-        self.u = steps_first(u)
-        self.delta_raw = steps_first(delta)
+
+def _softplus(x):
+    # F.softplus is not vectorised on CPU (measured 15x slower than exp on a chunk); log(1 + exp(x))
+    # with the same threshold is. Below x = -17 it returns 0 instead of exp(x) < 4e-8: a step size
+    # that small changes nothing the tolerance could see, and the gradient uses sigmoid(x) exactly.
+    return torch.where(x > 20, x, torch.exp(x).add_(1).log_())
+
+
+class _Block:
+    """One block's inputs, step-major: (S, B, D) for u/delta/z, (S, B, N, 1) for variable B and C,
+    (N, D) for fixed B and C. Views of the inputs where their memory allows; ``delta`` is computed.
+
+    A block is ``CHUNKS_PER_BLOCK`` chunks: the per-step vector work (softplus, gating, the
+    gradient formulas on (S, B, D)) runs once per block, the state work ((T, B, N, D)) per chunk.
+    Per chunk, the (T, B, D) ops were too small to amortise their dispatch (measured: a third of the
+    scan's time at T = 32, D = 1024)."""
+
+    def __init__(self, seq, delta_bias, delta_softplus, start, stop, dtype):
+        def take(x):
+            return x[start:stop].to(dtype) if x is not None else None
+
+        self.start, self.stop = start, stop
+        self.u = take(seq["u"])
+        self.delta_raw = take(seq["delta"])
         if delta_bias is not None:
             self.delta_raw = self.delta_raw + delta_bias.to(dtype)
-        self.delta = F.softplus(self.delta_raw) if delta_softplus else self.delta_raw
-        self.B = steps_first(B).unsqueeze(2) if B.dim() == 3 else B.to(dtype)
-        self.C = steps_first(C).unsqueeze(2) if C.dim() == 3 else C.to(dtype)
-        self.z = steps_first(z) if z is not None else None
+        self.delta = _softplus(self.delta_raw) if delta_softplus else self.delta_raw
+        self.delta_u = self.delta * self.u
+        self.B = take(seq["B"]).unsqueeze(-1) if seq["B"].dim() == 3 else seq["B"]
+        self.C = take(seq["C"]).unsqueeze(-1) if seq["C"].dim() == 3 else seq["C"]
+        self.z = take(seq["z"])
+
+    def chunks(self, steps):
+        """(offset in the block, offset + T) of the block's chunks, in order."""
+        return [(lo, min(lo + steps, self.stop - self.start)) for lo in range(0, self.stop - self.start, steps)]
+
+    def sub(self, x, lo, hi):
+        """Rows lo:hi of a per-step block tensor; fixed (N, D) B or C are returned as they are."""
+        return x[lo:hi] if x.dim() == 4 else x
 
 
-def _chunk_states(chunk: _Chunk, A, h0, workspace):
-    """States of every step of a chunk, started from ``h0`` (B, D, N).
+def _sequences(u, delta, B, C, z, dtype):
+    """Step-major (L, B, X) views of the sequence inputs; fixed B/C become (N, D) in ``dtype``."""
+    return {"u": _steps_first(u), "delta": _steps_first(delta), "z": _steps_first(z) if z is not None else None,
+            "B": _steps_first(B) if B.dim() == 3 else B.t().to(dtype).contiguous(),
+            "C": _steps_first(C) if C.dim() == 3 else C.t().to(dtype).contiguous()}
 
-    Returns ``(H, decay)``, both (T, B, D, N) views of ``workspace[0]`` and ``workspace[1]``:
-    ``H[t] = h_t`` and ``decay[t] = exp(delta_t * A)``.
+
+def _chunk_states(delta, delta_u, B, A_t, h0, workspace):
+    """States of every step of a chunk, started from ``h0`` (B, N, D); ``A_t`` is A transposed (N, D),
+    delta and delta_u (T, B, D), B (T, B, N, 1) or (N, D).
+
+    Returns ``(H, decay)``, both (T, B, N, D) views of ``workspace[0]`` and ``workspace[1]``:
+    ``H[t] = h_t`` and ``decay[t] = exp(delta_t * A)``. D is the unit-stride axis of every operand,
+    so each op is a plain vectorised loop over channels (with N last, the inner loops were 16 long).
     """
-    steps = chunk.u.shape[0]
-    decay = torch.mul(chunk.delta.unsqueeze(-1), A, out=workspace[1, :steps]).exp_()
-    states = torch.mul((chunk.delta * chunk.u).unsqueeze(-1), chunk.B, out=workspace[0, :steps])
+    steps = delta.shape[0]
+    decay = torch.mul(delta.unsqueeze(2), A_t, out=workspace[1, :steps]).exp_()
+    states = torch.mul(delta_u.unsqueeze(2), B, out=workspace[0, :steps])
     # unbind once: per-step indexing would add three view constructions to every iteration.
     h, a = states.unbind(0), decay.unbind(0)
     h[0].addcmul_(a[0], h0)
@@ -211,7 +261,7 @@ def _chunk_states(chunk: _Chunk, A, h0, workspace):
 
 
 def _workspace(count: int, steps: int, state):
-    """``count`` (T, B, D, N) chunk buffers shaped like ``state`` (B, D, N), reused by every chunk.
+    """``count`` (T, B, N, D) chunk buffers shaped like ``state`` (B, N, D), reused by every chunk.
 
     Fresh chunk-sized tensors per chunk cost more than the arithmetic on them: glibc hands blocks of a
     few MB back to the OS when freed, so every new one page-faults (measured: exp of a product 3-6 ms
@@ -219,30 +269,33 @@ def _workspace(count: int, steps: int, state):
     return state.new_empty((count, steps, *state.shape))
 
 
-def _readout(states, C):
-    """y_t = <C_t, h_t>: (T, B, D, N) states with C (T, B, 1, N) or (D, N) -> (T, B, D)."""
-    if C.dim() == 4:
-        steps, batch, dim, dstate = states.shape
-        y = torch.bmm(states.view(steps * batch, dim, dstate), C.view(steps * batch, dstate, 1))
-        return y.view(steps, batch, dim)
-    return (states * C).sum(-1)
+def _over_n(states, weights):
+    """sum_n states[t, b, n, d] * weights -> (T, B, D); weights (T, B, N, 1) per step or (N, D) fixed.
+
+    Per step it is one (1, N) x (N, D) product per (t, b): a batched matmul whose operands are
+    contiguous (20x faster than the same contraction over a unit-stride N axis, measured)."""
+    steps, batch, dstate, dim = states.shape
+    if weights.dim() == 4:
+        rows = weights.reshape(steps * batch, 1, dstate)
+        return torch.bmm(rows, states.view(steps * batch, dstate, dim)).view(steps, batch, dim)
+    return (states * weights).sum(2)
 
 
-def _reduce_over_d(weights, states):
-    """sum_d weights[t, b, d] * states[t, b, d, n] -> (T, B, N), as one batched matmul."""
-    steps, batch, dim, dstate = states.shape
-    out = torch.bmm(weights.reshape(steps * batch, 1, dim), states.view(steps * batch, dim, dstate))
-    return out.view(steps, batch, dstate)
+def _over_d(states, weights):
+    """sum_d states[t, b, n, d] * weights[t, b, d] -> (T, B, N)."""
+    return torch.einsum("tbnd,tbd->tbn", states, weights.contiguous())
 
 
-def _contract_state(values, A):
-    """sum_n values[t, b, d, n] * A[d, n] -> (T, B, D), as one matmul batched over d.
+def _over_steps(states, weights):
+    """sum_{t, b} states[t, b, n, d] * weights[t, b, d] -> (N, D), written into ``states`` first.
 
-    Same result as ``(values * A).sum(-1)`` without writing a chunk-sized product; the transposed view
-    is a valid strided GEMM operand, so no copy is made (about 2x faster on CPU, measured)."""
-    steps, batch, dim, dstate = values.shape
-    out = torch.bmm(values.view(steps * batch, dim, dstate).transpose(0, 1), A.unsqueeze(-1))  # (D, T*B, 1)
-    return out.view(dim, steps * batch).t().reshape(steps, batch, dim)
+    (einsum turns this into a matmul batched over d that copies every operand, 100x slower.)"""
+    return states.mul_(weights.unsqueeze(2)).sum((0, 1))
+
+
+def _block_starts(seqlen, steps):
+    """Block start steps: blocks are CHUNKS_PER_BLOCK chunks of ``steps`` (the last may be shorter)."""
+    return range(0, seqlen, steps * CHUNKS_PER_BLOCK)
 
 
 class _SelectiveScanNative(torch.autograd.Function):
@@ -250,123 +303,148 @@ class _SelectiveScanNative(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         dtype = torch.promote_types(u.dtype, torch.float32)
         batch, dim, seqlen = u.shape
-        A_c = A.to(dtype)
+        dstate = A.shape[1]
+        A_t = A.to(dtype).t().contiguous()
         D_c = D.to(dtype) if D is not None else None
-        steps = chunk_steps(batch, dim, A.shape[1])
-        starts = range(0, seqlen, steps)
+        seq = _sequences(u, delta, B, C, z, dtype)
+        steps = chunk_steps(batch, dim, dstate)
         keep_boundaries = any(ctx.needs_input_grad)
-        boundaries = u.new_empty((len(starts), batch, dim, A.shape[1]), dtype=dtype) if keep_boundaries else None
-        out = u.new_empty(u.shape)
-        h = u.new_zeros((batch, dim, A.shape[1]), dtype=dtype)
+        n_chunks = -(-seqlen // steps)
+        boundaries = u.new_empty((n_chunks, batch, dstate, dim), dtype=dtype) if keep_boundaries else None
+        out, out_steps = _step_major_empty(u)
+        h = u.new_zeros((batch, dstate, dim), dtype=dtype)
         workspace = _workspace(2, steps, h)
-        for index, start in enumerate(starts):
-            stop = min(start + steps, seqlen)
-            if keep_boundaries:
-                boundaries[index] = h
-            chunk = _Chunk(u, delta, B, C, z, delta_bias, delta_softplus, start, stop, dtype)
-            states, _ = _chunk_states(chunk, A_c, h, workspace)
-            h = states[-1].clone()  # the workspace is overwritten by the next chunk
-            y = _readout(states, chunk.C)
+        index = 0
+        for start in _block_starts(seqlen, steps):
+            block = _Block(seq, delta_bias, delta_softplus, start, min(start + steps * CHUNKS_PER_BLOCK, seqlen), dtype)
+            y = block.u.new_empty(block.u.shape)
+            for lo, hi in block.chunks(steps):
+                if keep_boundaries:
+                    boundaries[index] = h
+                index += 1
+                states, _ = _chunk_states(block.delta[lo:hi], block.delta_u[lo:hi], block.sub(block.B, lo, hi),
+                                          A_t, h, workspace)
+                h = states[-1].clone()  # the workspace is overwritten by the next chunk
+                y[lo:hi] = _over_n(states, block.sub(block.C, lo, hi))
             if D_c is not None:
-                y = y + chunk.u * D_c
-            if chunk.z is not None:
-                y = y * F.silu(chunk.z)
-            out[:, :, start:stop] = y.permute(1, 2, 0)
+                y.addcmul_(block.u, D_c)
+            if block.z is not None:
+                y.mul_(F.silu(block.z))
+            out_steps[start:block.stop] = y
         ctx.delta_softplus = delta_softplus
         ctx.steps = steps
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, boundaries)
         ctx.set_materialize_grads(False)
-        return out, h
+        return out, h.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_out, grad_last_state):
         u, delta, A, B, C, D, z, delta_bias, boundaries = ctx.saved_tensors
         dtype = boundaries.dtype
         batch, dim, seqlen = u.shape
-        A_c = A.to(dtype)
+        dstate = A.shape[1]
+        steps = ctx.steps
+        A_t = A.to(dtype).t().contiguous()
         D_c = D.to(dtype) if D is not None else None
         variable_B, variable_C = B.dim() == 3, C.dim() == 3
+        seq = _sequences(u, delta, B, C, z, dtype)
+        grad_steps = _steps_first(grad_out) if grad_out is not None else None
 
-        # Sequence-long gradients are written chunk by chunk straight into the inputs' dtype, so bf16/fp16
+        # Sequence-long gradients are written block by block straight into the inputs' dtype, so bf16/fp16
         # inputs never get a whole-sequence fp32 gradient copy; reductions accumulate in ``dtype``.
-        du = torch.empty_like(u)
-        ddelta = torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dA = torch.zeros_like(A, dtype=dtype)
-        dB = torch.empty_like(B) if variable_B else torch.zeros_like(B, dtype=dtype)
-        dC = torch.empty_like(C) if variable_C else torch.zeros_like(C, dtype=dtype)
+        # They are step-major, the layout of the projections that produced u, delta, z, B and C.
+        du, du_steps = _step_major_empty(u)
+        ddelta, ddelta_steps = _step_major_empty(delta)
+        dz, dz_steps = _step_major_empty(z) if z is not None else (None, None)
+        dA_t = A_t.new_zeros(A_t.shape)
+        dB, dB_steps = _step_major_empty(B) if variable_B else (None, None)
+        dC, dC_steps = _step_major_empty(C) if variable_C else (None, None)
+        dB_t = None if variable_B else A_t.new_zeros(A_t.shape)
+        dC_t = None if variable_C else A_t.new_zeros(A_t.shape)
         dD = torch.zeros_like(D, dtype=dtype) if D is not None else None
         ddelta_bias = torch.zeros_like(delta_bias, dtype=dtype) if delta_bias is not None else None
 
         # adjoint_in: dLoss/dh at the last step of the chunk coming from later steps
         # (decay_{t+1} * adjoint_{t+1}), plus the gradient of the returned last state.
         if grad_last_state is not None:
-            adjoint_in = grad_last_state.to(dtype)
+            adjoint_in = grad_last_state.transpose(1, 2).to(dtype)
         else:
-            adjoint_in = u.new_zeros((batch, dim, A.shape[1]), dtype=dtype)
-        starts = range(0, seqlen, ctx.steps)
-        workspace = _workspace(3, ctx.steps, adjoint_in)
-        for index in reversed(range(len(starts))):
-            start = starts[index]
-            stop = min(start + ctx.steps, seqlen)
-            chunk = _Chunk(u, delta, B, C, z, delta_bias, ctx.delta_softplus, start, stop, dtype)
-            h0 = boundaries[index]
-            states, decay = _chunk_states(chunk, A_c, h0, workspace)
-
-            if grad_out is not None:
-                grad = grad_out[:, :, start:stop].permute(2, 0, 1).to(dtype).contiguous()
+            adjoint_in = u.new_zeros((batch, dstate, dim), dtype=dtype)
+        workspace = _workspace(3, steps, adjoint_in)
+        for start in reversed(_block_starts(seqlen, steps)):
+            block = _Block(seq, delta_bias, ctx.delta_softplus, start,
+                           min(start + steps * CHUNKS_PER_BLOCK, seqlen), dtype)
+            stop = block.stop
+            if grad_steps is not None:
+                grad = grad_steps[start:stop].to(dtype)
             else:
-                grad = chunk.u.new_zeros(chunk.u.shape)
-            if chunk.z is not None:
-                y = _readout(states, chunk.C)
+                grad = block.u.new_zeros(block.u.shape)
+            if block.z is not None:
+                gate = torch.sigmoid(block.z)
+                grad_y = grad * block.z * gate       # the gradient reaching y = <C, h> + D u
+                y = block.u.new_empty(block.u.shape)
+            else:
+                grad_y = grad
+            d_delta = block.u.new_empty(block.u.shape)
+            w = block.u.new_empty(block.u.shape)
+            chunks = block.chunks(steps)
+            first_chunk = start // steps
+            for number in reversed(range(len(chunks))):
+                lo, hi = chunks[number]
+                h0 = boundaries[first_chunk + number]
+                delta_c, B_c, C_c = block.delta[lo:hi], block.sub(block.B, lo, hi), block.sub(block.C, lo, hi)
+                states, decay = _chunk_states(delta_c, block.delta_u[lo:hi], B_c, A_t, h0, workspace)
+                g = grad_y[lo:hi]
+                if block.z is not None:
+                    y[lo:hi] = _over_n(states, C_c)
+                if variable_C:
+                    dC_steps[start + lo:start + hi] = _over_d(states, g)
+                else:
+                    dC_t += (states * g.unsqueeze(2)).sum((0, 1))
+
+                # Adjoint recurrence, backwards in time: adj_t = grad_t * C_t + decay_{t+1} * adj_{t+1}.
+                adjoint = torch.mul(g.unsqueeze(2), C_c, out=workspace[2, : hi - lo])
+                adj, a = adjoint.unbind(0), decay.unbind(0)
+                adj[-1].add_(adjoint_in)
+                for t in range(len(adj) - 2, -1, -1):
+                    adj[t].addcmul_(a[t + 1], adj[t + 1])
+                adjoint_in = a[0] * adj[0]
+
+                # d(delta_t * A): adj_t * decay_t * h_{t-1}, with h_{-1} the boundary state.
+                # decay is not needed after this, so it becomes d_log_decay in place, and the product with
+                # A goes into the states' buffer (no fresh chunk-sized tensors, see _workspace).
+                d_log_decay = decay.mul_(adjoint)
+                d_log_decay[1:] *= states[:-1]
+                d_log_decay[0] *= h0
+                torch.sum(torch.mul(d_log_decay, A_t, out=states), 2, out=d_delta[lo:hi])
+                del states, decay
+                dA_t += _over_steps(d_log_decay, delta_c)
+                del d_log_decay
+
+                # Input term delta_t * u_t * B_t: w = sum_n adj_t * B_t feeds delta and u.
+                w[lo:hi] = _over_n(adjoint, B_c)
+                if variable_B:
+                    dB_steps[start + lo:start + hi] = _over_d(adjoint, block.delta_u[lo:hi])
+                else:
+                    dB_t += (adjoint * block.delta_u[lo:hi].unsqueeze(2)).sum((0, 1))
+
+            # Per-step gradient formulas, once for the whole block.
+            if block.z is not None:
                 if D_c is not None:
-                    y = y + chunk.u * D_c
-                gate = torch.sigmoid(chunk.z)
+                    y.addcmul_(block.u, D_c)
                 # d silu(z)/dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-                dz[:, :, start:stop] = (grad * y * gate * (1 + chunk.z * (1 - gate))).permute(1, 2, 0)
-                grad = grad * chunk.z * gate
-            du_chunk = grad * D_c if D_c is not None else torch.zeros_like(grad)
+                dz_steps[start:stop] = grad * y * gate * (1 + block.z * (1 - gate))
+            du_block = w * block.delta
             if D_c is not None:
-                dD += (grad * chunk.u).sum((0, 1))
-            if variable_C:
-                dC[:, :, start:stop] = _reduce_over_d(grad, states).permute(1, 2, 0)
-            else:
-                dC += (states * grad.unsqueeze(-1)).sum((0, 1))
-
-            # Adjoint recurrence, backwards in time: adj_t = grad_t * C_t + decay_{t+1} * adj_{t+1}.
-            adjoint = torch.mul(grad.unsqueeze(-1), chunk.C, out=workspace[2, : stop - start])
-            adj, a = adjoint.unbind(0), decay.unbind(0)
-            adj[-1].add_(adjoint_in)
-            for t in range(len(adj) - 2, -1, -1):
-                adj[t].addcmul_(a[t + 1], adj[t + 1])
-            adjoint_in = a[0] * adj[0]
-
-            # d(delta_t * A): adj_t * decay_t * h_{t-1}, with h_{-1} the boundary state.
-            # decay is not needed after this, so it becomes d_log_decay in place (one chunk tensor fewer).
-            d_log_decay = decay.mul_(adjoint)
-            d_log_decay[1:] *= states[:-1]
-            d_log_decay[0] *= h0
-            del states, decay
-            d_delta = _contract_state(d_log_decay, A_c)
-            dA += d_log_decay.mul_(chunk.delta.unsqueeze(-1)).sum((0, 1))
-            del d_log_decay
-
-            # Input term delta_t * u_t * B_t: w = sum_n adj_t * B_t feeds delta and u.
-            if variable_B:
-                w = torch.bmm(adjoint.view(-1, dim, A.shape[1]), chunk.B.view(-1, A.shape[1], 1))
-                w = w.view(chunk.u.shape)
-                dB[:, :, start:stop] = _reduce_over_d(chunk.delta * chunk.u, adjoint).permute(1, 2, 0)
-            else:
-                w = (adjoint * chunk.B).sum(-1)
-                dB += (adjoint * (chunk.delta * chunk.u).unsqueeze(-1)).sum((0, 1))
-            d_delta += w * chunk.u
-            du_chunk += w * chunk.delta
+                du_block.addcmul_(grad_y, D_c)
+                dD += (grad_y * block.u).sum((0, 1))
+            d_delta.addcmul_(w, block.u)
             if ctx.delta_softplus:
-                d_delta = d_delta * torch.sigmoid(chunk.delta_raw)
+                d_delta.mul_(torch.sigmoid(block.delta_raw))
             if ddelta_bias is not None:
                 ddelta_bias += d_delta.sum((0, 1))
-            du[:, :, start:stop] = du_chunk.permute(1, 2, 0)
-            ddelta[:, :, start:stop] = d_delta.permute(1, 2, 0)
+            du_steps[start:stop] = du_block
+            ddelta_steps[start:stop] = d_delta
 
         def cast(grad, like):
             return grad.to(like.dtype) if grad is not None else None
@@ -374,9 +452,9 @@ class _SelectiveScanNative(torch.autograd.Function):
         return (
             cast(du, u),
             cast(ddelta, delta),
-            cast(dA, A),
-            cast(dB, B),
-            cast(dC, C),
+            cast(dA_t.t(), A),
+            cast(dB if variable_B else dB_t.t(), B),
+            cast(dC if variable_C else dC_t.t(), C),
             cast(dD, D),
             cast(dz, z),
             cast(ddelta_bias, delta_bias),

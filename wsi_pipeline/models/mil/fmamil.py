@@ -42,7 +42,8 @@ B > 1 works (bags of equal length, each with its own grid).
 
 Context branch (``layer_scale``, ``context_drop``, default 0.5): as in
 :mod:`~wsi_pipeline.models.mil.mambamil`, whose docstring says why; ``context_drop=0`` is the
-reference design.
+reference design. ``checkpoint_above`` (None: off): activation checkpointing of the Mamba
+layers for bags longer than this, as in MambaMIL.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class FMaMIL(nn.Module):
                  rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2, dropout: float = 0.25,
                  filter_size: int = 32, filter_init: str = "small", max_grid_factor: int = 16,
                  attention_dim: int = 128, init: str = "mamba",
-                 layer_scale: float | None = None, context_drop: float = 0.5, instance_score: str = "attention"):
+                 layer_scale: float | None = None, context_drop: float = 0.5, instance_score: str = "attention",
+                 checkpoint_above: int | None = None):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -124,8 +126,8 @@ class FMaMIL(nn.Module):
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
         self.frequency = FrequencyEncoding(d_model, filter_size, filter_init)
         self.layers = nn.ModuleList(
-            PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand),
-                            layer_scale, context_drop)
+            PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand, checkpoint_above),
+                            layer_scale, context_drop, checkpoint_above)
             for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)

@@ -35,6 +35,11 @@ Mamba layer's branch is skipped, per bag and training pass, with probability ``c
 passes. Without it, on 48 slides with lesions of 1-4 patches, the mixer memorised the training
 slides (validation loss rising from epoch 1-3) before the attention found the lesions; the
 measurements are in benchmarks/results/mil_hard.md. ``context_drop=0`` is the reference design.
+
+``checkpoint_above`` (None: off): for bags longer than this, each layer and each scan branch
+recomputes its activations in backward instead of keeping them (``torch.utils.checkpoint``): same
+gradients, about one more forward pass of the mixers in time, and peak memory that no longer holds
+every layer's activations at once (benchmarks/results/scan_fused.md).
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ class MambaMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int, mixer: str = "srmamba", d_model: int = 512,
                  n_layers: int = 2, rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba", scan: str = "bag",
-                 layer_scale: float | None = None, context_drop: float = 0.5):
+                 layer_scale: float | None = None, context_drop: float = 0.5,
+                 checkpoint_above: int | None = None):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -66,8 +72,8 @@ class MambaMIL(nn.Module):
         self.scan = scan
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
         self.layers = nn.ModuleList(
-            PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand),
-                            layer_scale, context_drop)
+            PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand, checkpoint_above),
+                            layer_scale, context_drop, checkpoint_above)
             for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)

@@ -2,7 +2,8 @@
 
 - :func:`build_mixer`: the sequence mixer of one layer — ``"srmamba"`` (forward + stride-reordered
   branch, MambaMIL's SRMamba), ``"bimamba"`` (forward + reversed branch) or ``"mamba"`` (one scan).
-- :class:`PreNormResidual`: ``x + mixer(LayerNorm(x))``, the layer MambaMIL stacks.
+- :class:`PreNormResidual`: ``x + mixer(LayerNorm(x))``, the layer MambaMIL stacks; optionally
+  with activation checkpointing for long bags (``checkpoint_above``).
 - :class:`TanhAttentionPool`: ABMIL's ungated attention, ``w · tanh(V h)``, softmax over instances.
 - :func:`init_weights`: the two initialisation schemes the Mamba MIL models offer (see there).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from wsi_pipeline.ssm import BranchedMambaBlock, Identity, MambaBlock, Reverse, Stride
 
@@ -19,18 +21,20 @@ INIT_SCHEMES = ("mamba", "reference")
 
 
 def build_mixer(kind: str, d_model: int, rate: int = 10, d_state: int = 16, d_conv: int = 4,
-                expand: float = 2) -> nn.Module:
+                expand: float = 2, checkpoint_above: int | None = None) -> nn.Module:
     """(B, L, d_model) → (B, L, d_model) mixer; ``rate`` is used by ``"srmamba"`` only.
 
     SRMamba and BiMamba have one in_proj/out_proj and separate SSM parameters (conv, x_proj,
     dt_proj, A, D) per scan order, summed before out_proj, as in MambaMIL's reference code.
+    ``checkpoint_above``: for longer sequences each branch is recomputed in backward
+    (:class:`~wsi_pipeline.ssm.BranchedMambaBlock`).
     """
     if kind == "srmamba":
         return BranchedMambaBlock(d_model, [Identity(), Stride(rate)], d_state=d_state, d_conv=d_conv,
-                                  expand=expand)
+                                  expand=expand, checkpoint_above=checkpoint_above)
     if kind == "bimamba":
         return BranchedMambaBlock(d_model, [Identity(), Reverse()], d_state=d_state, d_conv=d_conv,
-                                  expand=expand)
+                                  expand=expand, checkpoint_above=checkpoint_above)
     if kind == "mamba":
         return MambaBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
     raise ValueError(f"mixer must be one of {MIXERS}, got {kind!r}")
@@ -52,13 +56,21 @@ class PreNormResidual(nn.Module):
     is the probability, per bag and training pass, that the branch is skipped (stochastic depth;
     the kept branch is not rescaled, so eval needs no correction), so the instance path alone must
     classify the bag on those passes.
+
+    ``checkpoint_above`` (None: never): when a bag has more instances than this and gradients are
+    on, the branch's activations are not kept for backward but recomputed there
+    (``torch.utils.checkpoint``), so only the layer input stays in memory between forward and
+    backward. Same values and gradients; one more forward of the branch in time.
     """
 
     def __init__(self, d_model: int, mixer: nn.Module, layer_scale: float | None = None,
-                 context_drop: float = 0.0):
+                 context_drop: float = 0.0, checkpoint_above: int | None = None):
         super().__init__()
         if not 0.0 <= context_drop < 1.0:
             raise ValueError(f"context_drop must be in [0, 1), got {context_drop}")
+        if checkpoint_above is not None and checkpoint_above < 0:
+            raise ValueError(f"checkpoint_above must be None or >= 0, got {checkpoint_above}")
+        self.checkpoint_above = checkpoint_above
         self.norm = nn.LayerNorm(d_model)
         self.mixer = mixer
         self.context_drop = context_drop
@@ -71,10 +83,21 @@ class PreNormResidual(nn.Module):
                 return x
         else:
             keep = None
-        branch = self.mixer(self.norm(x))
+        if checkpointing(self.checkpoint_above, x):
+            branch = checkpoint(self._branch, x, use_reentrant=False)
+        else:
+            branch = self._branch(x)
         if self.gamma is not None:
             branch = branch * self.gamma
         return x + branch if keep is None else x + keep * branch
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mixer(self.norm(x))
+
+
+def checkpointing(above: int | None, x: torch.Tensor) -> bool:
+    """Whether to checkpoint a (B, L, d) input: an option is set, L exceeds it and autograd records."""
+    return above is not None and x.shape[1] > above and torch.is_grad_enabled()
 
 
 class TanhAttentionPool(nn.Module):
