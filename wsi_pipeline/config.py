@@ -183,9 +183,10 @@ class TrainConfig:
     # Standardise each feature dimension with the mean/std of the training fold's instances (stored
     # in the fold checkpoint, applied by every consumer). training/standardize.py.
     standardize: bool = True
-    # Subtract each bag's own mean instance before standardising (removes per-slide stain shift;
-    # stored in the checkpoint as input_center_per_slide, applied by every consumer).
-    center_per_slide: bool = False
+    # Subtract each bag's own centre before standardising (removes per-slide stain shift; stored in
+    # the checkpoint as input_center_per_slide, applied by every consumer): median (what true means;
+    # robust to lesions), mean, or false. training/standardize.py says why the median.
+    center_per_slide: bool | str = False
     # Training passes only: drop this fraction of each bag's instances afresh every pass (at least
     # one kept); shuffle_instances: feed them in a random order (order-dependent scans).
     instance_dropout: float = 0.0
@@ -193,9 +194,14 @@ class TrainConfig:
 
     def __post_init__(self):
         check_name(self.model, "train.model")
-        for name in ("standardize", "center_per_slide", "shuffle_instances"):
+        for name in ("standardize", "shuffle_instances"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train.{name}: must be true or false, got {getattr(self, name)!r}")
+        center = {True: "median", False: ""}.get(self.center_per_slide, self.center_per_slide)
+        if center not in ("", "mean", "median"):
+            raise ConfigError(f"train.center_per_slide: must be median, mean, true (= median) or false, "
+                              f"got {self.center_per_slide!r}")
+        object.__setattr__(self, "center_per_slide", center)  # frozen dataclass
         if self.center_per_slide and not self.standardize:
             raise ConfigError("train.center_per_slide: needs train.standardize: true (it is applied "
                               "by the same input standardisation)")
@@ -512,6 +518,9 @@ def _coerce(hint, value, key: str, source: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for simple in (bool, str):  # `bool | str` settings (train.center_per_slide) take either
+            if simple in inner and type(value) is simple and len(inner) > 1:
+                return value
         return _coerce(inner[0], value, key, source)
     if hint is bool:
         if not isinstance(value, bool):

@@ -117,3 +117,45 @@ def test_mamba_models_take_the_context_options(name):
     assert all(layer.context_drop == 0.5 for layer in model.layers)
     out = model.eval()(torch.randn(1, 5, 6), torch.randint(0, 1000, (1, 5, 2)).float())
     assert out.logits.shape == (1, 2)
+
+
+def test_median_centring_does_not_carry_the_lesion_into_a_lesion_slides_normal_patches(tmp_path):
+    # 30 % of one slide's patches carry a lesion offset in dimension 0. The bag mean moves by 30 % of
+    # the offset, so mean centring shifts every normal patch of that slide in proportion to the lesion
+    # (a shortcut a model can learn instead of the lesion). The median moves only within the normal
+    # tissue's own spread (to its 0.5/0.7 quantile, ~0.57 sd), however strong the lesion.
+    rng = np.random.default_rng(1)
+    normal = rng.normal(size=(400, 6)).astype(np.float32)
+    shift_of = {}
+    for offset in (8.0, 80.0):
+        lesion_slide = normal.copy()
+        lesion_slide[:120, 0] += offset
+        for stat in ("mean", "median"):
+            model = InputStandardizer(create_aggregator("abmil", 6, 2, **META["model_args"]),
+                                      np.zeros(6), np.ones(6), center_per_slide=stat)
+            seen = []
+            model.model.forward = lambda x, coords=None, seen=seen: seen.append(x[0]) or None
+            for bag in (normal, lesion_slide):
+                model(torch.from_numpy(bag)[None])
+            shift_of[stat, offset] = float((seen[1][120:] - seen[0][120:]).abs().max())
+    assert shift_of["mean", 8.0] == pytest.approx(2.4, rel=1e-3)
+    assert shift_of["mean", 80.0] == pytest.approx(24.0, rel=1e-3)
+    assert shift_of["median", 8.0] < 0.8
+    assert shift_of["median", 80.0] == pytest.approx(shift_of["median", 8.0], abs=1e-5)
+    plain = _bags(2)
+    # a median-centred checkpoint says so, and loads with the same centring
+    centred = InputStandardizer.fit(create_aggregator("abmil", 6, 2, **META["model_args"]), plain,
+                                    center_per_slide="median")
+    save_fold_model(centred, tmp_path / "fold_0", META)
+    loaded, meta = load_fold_model(tmp_path / "fold_0")
+    assert loaded.center_per_slide == "median" and meta["center_per_slide"] == "median"
+    x = torch.from_numpy(plain[0].features)[None]
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, centred.eval()(x).logits, atol=1e-6)
+
+
+def test_center_per_slide_true_means_median_and_mean_keeps_the_old_fold_hash():
+    from wsi_pipeline.config import TrainConfig
+    assert TrainConfig(center_per_slide=True).center_per_slide == "median"
+    assert TrainConfig(center_per_slide="mean").center_per_slide == "mean"
+    assert TrainConfig(center_per_slide=False).center_per_slide == ""

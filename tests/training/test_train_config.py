@@ -16,7 +16,7 @@ from wsi_pipeline.config import ConfigError, TrainConfig, config_from_dict
     ({"balance": "oversample"}, "train.balance: must be class_weights, sampler or none"),
     ({"weight_decay": -0.1}, "train.weight_decay: must be >= 0"),
     ({"instance_dropout": 1.0}, r"train.instance_dropout: must be in \[0, 1\)"),
-    ({"center_per_slide": "yes"}, "train.center_per_slide must be true or false"),
+    ({"center_per_slide": "yes"}, "train.center_per_slide: must be median, mean"),
     ({"center_per_slide": True, "standardize": False}, "train.center_per_slide: needs train.standardize"),
     ({"optimizer": "sgd"}, "train.optimizer: must be one of adamw, adam, radam"),
     ({"min_epochs": -1}, "train.min_epochs: must be >= 0"),

@@ -47,10 +47,13 @@ def save_fold_model(model, fold_dir: str | Path, meta: dict) -> None:
 
     from .standardize import CENTER_KEY, unwrap
 
+    def model_center(stats):
+        return "median" if float(stats[CENTER_KEY].reshape(-1)[0]) > 1.5 else "mean"
+
     model, stats = unwrap(model)
     meta = {**meta, "standardize": stats is not None}
     if stats is not None and CENTER_KEY in stats:
-        meta["center_per_slide"] = True
+        meta["center_per_slide"] = True if model_center(stats) == "mean" else "median"
     missing = [k for k in _REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"fold meta lacks {missing}")
@@ -117,7 +120,7 @@ def load_fold_model(fold_dir: str | Path, device="cpu"):
             if len(stats) != len(STATS_KEYS):
                 raise ValueError(f"has {sorted(stats)} but not both of {list(STATS_KEYS)}")
             model = InputStandardizer(model, stats["input_mean"].cpu(), stats["input_std"].cpu(),
-                                      center_per_slide=center is not None and bool(center.reshape(-1)[0] > 0))
+                                      center_per_slide=_center_of(center))
             if model.input_mean.shape[0] != int(meta["in_dim"]):
                 raise ValueError(f"input statistics of dimension {model.input_mean.shape[0]}, "
                                  f"in_dim {meta['in_dim']}")
@@ -192,3 +195,11 @@ def stamp_training_run(fold_dir: str | Path, run_id: str) -> dict:
         meta = {**meta, RUN_ID_KEY: run_id}
         write_json_atomic(Path(fold_dir) / META_FILE, meta)
     return meta
+
+
+def _center_of(center) -> str:
+    """The centring a checkpoint's input_center_per_slide tensor records ("" when absent or 0)."""
+    if center is None:
+        return ""
+    code = float(center.reshape(-1)[0])
+    return "median" if code > 1.5 else "mean" if code > 0 else ""

@@ -162,7 +162,9 @@ def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str
         "seed": train.seed, "deterministic": train.deterministic, "standardize": train.standardize,
         "warmup_epochs": train.warmup_epochs, "instance_loss_weight": train.instance_loss_weight,
         "instance_topk": train.instance_topk, "fold": fold.fold,
-        **({"center_per_slide": True} if train.center_per_slide else {}),
+        # mean keeps the key's old value (True), so folds trained before the median option stay valid
+        **({"center_per_slide": True if train.center_per_slide == "mean" else train.center_per_slide}
+           if train.center_per_slide else {}),
         **({"instance_dropout": train.instance_dropout} if train.instance_dropout else {}),
         **({"shuffle_instances": True} if train.shuffle_instances else {}),
         **({"optimizer": train.optimizer} if train.optimizer != "adamw" else {}),

@@ -17,12 +17,17 @@ training lasts, while a linear probe behind a StandardScaler finds it at once.
   the aggregator's own (unchanged) weight names; `training.checkpoints.load_fold_model` re-wraps the
   model when they are present, so every consumer of a checkpoint (predict, heatmap, segment CAMs, the
   train stage's own test predictions) goes through the same standardisation.
-- Per-slide centring (`center_per_slide=True`, `train.center_per_slide`): each bag's own mean
-  instance is subtracted first, x - mean_i(x), then the fold's per-dimension statistics (fitted on
-  the centred training instances) apply. It removes whatever shifts every patch of a slide alike
-  (stain, scanner, thickness) and keeps how each patch differs from its own slide. Stored as a
-  third tensor `input_center_per_slide` (1.0) in model.safetensors; a checkpoint without it is
-  not centred. It needs the whole bag in one forward pass (every consumer passes the whole bag).
+- Per-slide centring (`train.center_per_slide`: `median`, the default meaning of `true`, or
+  `mean`): each bag's own per-dimension median (or mean) instance is subtracted first, then the
+  fold's per-dimension statistics (fitted on the centred training instances) apply. It removes
+  whatever shifts every patch of a slide alike (stain, scanner, thickness) and keeps how each patch
+  differs from its own slide. The median, because a lesion covering 10-30 % of a slide drags the
+  mean: every normal patch of a lesion slide then carries the negated lesion shift, and a model can
+  separate the slides by attending to normal patches (on the demo cohort, mean centring gave AUC
+  1.000 with no lesion patch in any heatmap's top decile). The median stays on normal tissue while
+  lesions cover less than half the slide. Stored as a third tensor `input_center_per_slide` in
+  model.safetensors (1.0 mean, 2.0 median); a checkpoint without it is not centred. It needs the
+  whole bag in one forward pass (every consumer passes the whole bag).
 """
 
 from __future__ import annotations
@@ -36,6 +41,26 @@ from torch import nn
 STATS_KEYS = ("input_mean", "input_std")
 CENTER_KEY = "input_center_per_slide"
 STD_FLOOR_REL = 1e-6
+CENTER_CODES = {"": 0.0, "mean": 1.0, "median": 2.0}
+
+
+def center_stat(center_per_slide) -> str:
+    """"", "mean" or "median" from a config/checkpoint value (True: "mean", as checkpoints before the
+    median option were written)."""
+    if center_per_slide is True:
+        return "mean"
+    if center_per_slide in (False, None):
+        return ""
+    if center_per_slide not in CENTER_CODES:
+        raise ValueError(f"center_per_slide must be mean, median or false, got {center_per_slide!r}")
+    return center_per_slide
+
+
+def bag_center(x: torch.Tensor, stat: str) -> torch.Tensor:
+    """Each bag's centre along the instance axis (-2), keepdim: per-dimension mean or (lower) median."""
+    if stat == "median":
+        return x.median(dim=-2, keepdim=True).values
+    return x.mean(dim=-2, keepdim=True)
 
 
 def fit_input_stats(features: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +97,7 @@ def fit_input_stats(features: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndar
 class InputStandardizer(nn.Module):
     """`model` behind a fixed per-dimension standardisation: forward((x - mean) / std, coords)."""
 
-    def __init__(self, model: nn.Module, mean, std, center_per_slide: bool = False):
+    def __init__(self, model: nn.Module, mean, std, center_per_slide: bool | str = False):
         super().__init__()
         self.model = model
         mean = torch.as_tensor(np.asarray(mean), dtype=torch.float32).reshape(-1)
@@ -83,26 +108,30 @@ class InputStandardizer(nn.Module):
             raise ValueError("input statistics must be finite with std > 0")
         self.register_buffer("input_mean", mean)
         self.register_buffer("input_std", std)
-        self.register_buffer(CENTER_KEY, torch.tensor([1.0 if center_per_slide else 0.0]))
+        self.register_buffer(CENTER_KEY, torch.tensor([CENTER_CODES[center_stat(center_per_slide)]]))
 
     @property
-    def center_per_slide(self) -> bool:
-        return bool(getattr(self, CENTER_KEY).item() > 0)
+    def center_per_slide(self) -> str:
+        """"" (off), "mean" or "median"."""
+        code = float(getattr(self, CENTER_KEY).item())
+        return "median" if code > 1.5 else "mean" if code > 0 else ""
 
     @classmethod
-    def fit(cls, model: nn.Module, bags, center_per_slide: bool = False) -> "InputStandardizer":
+    def fit(cls, model: nn.Module, bags, center_per_slide: bool | str = False) -> "InputStandardizer":
         """Wrap `model` with statistics fitted on `bags` (objects with `.features`, or arrays);
         with `center_per_slide` the statistics are those of the bag-centred instances."""
+        stat = center_stat(center_per_slide)
         arrays = (np.asarray(getattr(b, "features", b), dtype=np.float64) for b in bags)
-        if center_per_slide:
-            arrays = (x - x.mean(axis=0, keepdims=True) for x in arrays)
+        if stat:  # the same centre as forward() computes (float32, torch's median)
+            arrays = (x - bag_center(torch.from_numpy(x).float(), stat).double().numpy() for x in arrays)
         mean, std = fit_input_stats(arrays)
-        return cls(model, mean, std, center_per_slide)
+        return cls(model, mean, std, stat)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None):
         x = features.to(self.input_mean.dtype)
-        if self.center_per_slide:  # (B, L, D): each bag's own mean instance
-            x = x - x.mean(dim=-2, keepdim=True)
+        stat = self.center_per_slide
+        if stat:  # (B, L, D): each bag's own median (or mean) instance
+            x = x - bag_center(x, stat)
         x = (x - self.input_mean) / self.input_std
         return self.model(x.to(features.dtype) if features.is_floating_point() else x, coords)
 
