@@ -66,7 +66,7 @@ def explain_volumes(manifest: Manifest, run: RunFolder, model_dir: Path, cfg: Co
         d = fold_of[record.slide_id]
         if d not in loaded:
             loaded[d] = load_fold_model(d)
-        truth = truth_dir / f"{record.slide_id}_lesion.nii.gz" if truth_dir else None
+        truth = record.truth_mask or (truth_dir / f"{record.slide_id}_lesion.nii.gz" if truth_dir else None)
         e = explain_volume(record, run, [loaded[d]], cfg.train.model, cfg.extract.encoder, params, truth)
         rows.append({"volume_id": e.volume_id, "label": record.label, "probs": e.probs,
                      "peak_source_vox": list(e.peak_source_vox), "peak_in_lesion": e.peak_in_lesion,
