@@ -55,6 +55,10 @@ def volume_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("volume_workflow")
     manifest = write_demo_volumes(root / "cohort", n_patients=4, seed=3, spacing_scale=2.0)
+    # One bad row in a cohort of its own: a 2-D image where a volume is expected.
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 1), np.float32), np.eye(4)), str(root / "cohort" / "flat.nii"))
+    with open(manifest, "a", newline="") as fh:
+        csv.writer(fh).writerow(["BAD-2D", "flat.nii", "P999", "normal", "bad_ct", "CT", ""])
     config = root / "tiny.yaml"
     config.write_text(TINY_CONFIG)
     run = root / "run"
@@ -65,7 +69,12 @@ def volume_run(tmp_path_factory):
 
 def test_run_on_volume_rows_writes_every_stage_output(volume_run):
     run, cohort = volume_run["run"], volume_run["root"] / "cohort"
-    assert volume_run["code"] == 0, volume_run["out"][-3000:]
+    # The bad volume fails alone (exit 1), named in failures.csv; the other cohort runs to the end.
+    assert volume_run["code"] == 1, volume_run["out"][-3000:]
+    failures = list(csv.DictReader(open(run / "failures.csv")))
+    assert [(f["slide_id"], f["stage"]) for f in failures] == [("BAD-2D", "tile")]
+    assert "volume 'BAD-2D'" in failures[0]["error"] and "flat.nii is a 2-D image" in failures[0]["error"]
+    assert "cohort 'bad_ct' was not trained: BAD-2D failed before training" in volume_run["out"]
     ids = [f"VOL-{n:03d}" for n in range(4)]
     for volume_id in ids:
         scan = nib.load(str(cohort / "volumes" / f"{volume_id}.nii.gz"))
@@ -92,6 +101,7 @@ def test_run_on_volume_rows_writes_every_stage_output(volume_run):
     summary = json.loads((run / "volumes_summary.json").read_text())
     c = summary["cohorts"]["demo_ct"]
     assert c["status"] == "done" and c["n_volumes"] == 4 and c["n_explained"] == 4
+    assert summary["cohorts"]["bad_ct"]["status"] == "failed"
     # Positives have truth masks (manifest truth_mask column): peak-in-lesion and Dice per volume,
     # each from the fold model that held the volume out.
     assert c["n_positive_with_truth"] == 2 and 0 <= c["mean_dice"] <= 1
@@ -105,7 +115,7 @@ def test_rerun_redoes_nothing(volume_run):
                                                    "heatmaps/*/*") for p in run.glob(pat)}
     code, out, _ = _run(["run", "--manifest", str(volume_run["manifest"]), "--config", str(volume_run["config"]),
                          "--out", str(run), "--cores", "1"])
-    assert code == 0
+    assert code == 1   # the bad volume is tried again and fails again; nothing else reruns
     assert {p: p.stat().st_mtime_ns for p in outputs} == outputs
 
 

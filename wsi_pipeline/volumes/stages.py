@@ -29,7 +29,7 @@ import numpy as np
 
 from ..coords_h5 import coords_h5_is_valid, read_coords_h5, read_slide_identity, write_instance_coords_h5
 from ..features_h5 import features_h5_is_valid, write_features_h5
-from ..io import write_json_atomic
+from ..io import remove_stale_temps, write_json_atomic
 from ..run_folder import RunFolder
 from ..slides.identity import SlideIdentity, file_fingerprint
 from .volume import VolumeError
@@ -194,6 +194,8 @@ def heatmap_volume(runner, record, *, force: bool = False) -> str:
         except (OSError, json.JSONDecodeError):
             pass
     done.unlink(missing_ok=True)
+    # What a killed job left for this volume only (other volumes' jobs write in the same folder).
+    remove_stale_temps(runner.out_dir, [*outputs.values(), done])
 
     fold = held_out_fold(model_dir, volume_id)
     if fold is not None:
