@@ -3,7 +3,8 @@ of one MIL aggregator (`training.cv.cross_validate`, the train stage's own) → 
 montages, CAM masks.
 
     run_volumes(manifest, cfg, run_dir, params)   the whole path for the manifest's volume rows
-    run_volume_demo(out)                           `wsi-pipeline demo-volumes OUT`: generate + run
+    run_volume_demo(out)                           `wsi-pipeline demo-volumes OUT`: generate, then `wsi-pipeline run`
+    summarise_volume_run(run_dir, manifest, model) RUN/volumes_summary.json of a workflow run
 
 Heatmap figures use, for each volume, the fold model that held it out (no volume is explained by
 a model that trained on it). Results: RUN/volumes_summary.json (CV AUC, peak-in-lesion rate, Dice).
@@ -22,13 +23,12 @@ import yaml
 from ..config import Config, config_from_dict
 from ..errors import PipelineError
 from ..io import write_json_atomic, write_text_atomic
-from ..manifest import Manifest, load_manifest
+from ..manifest import Manifest
 from ..run_folder import RunFolder
 
 
 log = logging.getLogger("wsi_pipeline")
 DEMO_MODEL = "mambamil_3d"
-DEMO_MODEL_ARGS = {"d_model": 64, "d_state": 8, "expand": 1, "n_layers": 1, "rate": 8, "dropout": 0.1}
 
 
 def extract_volumes(manifest: Manifest, run: RunFolder, encoder_name: str, checkpoint, params) -> dict:
