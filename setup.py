@@ -11,7 +11,8 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 # (source in the repository, destination inside the wsi_pipeline package)
-SHIPPED = [("workflow", "workflow"), ("manifests/schema.json", "manifests/schema.json")]
+SHIPPED = [("workflow", "workflow"), ("manifests/schema.json", "manifests/schema.json"),
+           ("configs/volumes_demo.yaml", "configs/volumes_demo.yaml")]   # wsi-pipeline demo-volumes
 
 
 class BuildPyWithWorkflow(build_py):

@@ -2,6 +2,7 @@
 
     Stage(name, help, sections, run, args, ...)
         sections   the config sections the stage's outputs depend on (the Snakefile hashes them)
+        volume_sections  the further sections its outputs of a volume row depend on (`volumes`)
         run        the Python API: run(manifest, cfg, run_dir, **options) -> StageReport
         args       the CLI arguments of `wsi-pipeline {name}` (cli.py builds its subcommands from
                    `stages.STAGES`; the workflow's rules call those same words)
@@ -129,6 +130,8 @@ class Stage:
     check_args: Callable[[argparse.Namespace], None] | None = None     # names in the arguments, first
     check: Callable[[Config, argparse.Namespace], None] | None = None  # the config, before anything is written
     record_root_config: bool = False         # also RUN/config.yaml (the data stages, as before)
+    # Volume rows' outputs also depend on these (a slide's do not: changing `volumes` reruns no slide).
+    volume_sections: tuple[str, ...] = ()
 
     @property
     def run_flag(self) -> str:

@@ -6,6 +6,9 @@ go to RUN/heatmaps/{model}/: {slide_id}.png, .tif, .geojson, {slide_id}_topk/ (s
 `wsi_pipeline.exports`), then {slide_id}.done.json last. The done file records what the outputs
 were made from (checkpoint sha256s, features file, heatmap config hash, slide file); a rerun skips a
 slide whose done file matches and whose outputs all exist, and redoes it otherwise.
+A volume row gets {id}.heatmap.nii.gz (on the scan's own grid and affine), .montage.png and
+.cam_mask.nii.gz instead, and Dice against its truth_mask where the manifest gives one
+(wsi_pipeline/volumes/stages.py).
 
 Wiring only: one slide's work is `wsi_pipeline.heatmaps.HeatmapRunner` (torch loads only when a
 slide needs scores). The ensemble runs on `train.device`, loaded once per model folder per batch.
@@ -55,7 +58,7 @@ def run_heatmap(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
 
 
 HEATMAP = Stage(
-    name=STAGE, sections=("heatmap",), run=run_heatmap, run_arg=("run",), check=check_colormap,
+    name=STAGE, sections=("heatmap",), volume_sections=("volumes",), run=run_heatmap, run_arg=("run",), check=check_colormap,
     help="stage 4: per-patch score heatmaps (PNG overlay, pyramidal TIFF, QuPath GeoJSON, top-k patches)",
     args=(MANIFEST, arg("--run", required=True, help="run folder with features (and mil/ models)"), CONFIG,
           arg("--model", default=None, help="MIL model name (default: train.model); outputs "

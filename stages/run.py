@@ -119,7 +119,15 @@ def cli(args) -> int:
 
     # Before the lock, before Snakemake starts and before RUN is created: every manifest/config/
     # name/registry problem at once, as InputsError -> exit 2 (even when RUN is in use by a run).
-    validate_run_inputs(args.manifest, args.config, model=args.model)
+    manifest, _ = validate_run_inputs(args.manifest, args.config, model=args.model)
+    volumes = [r for r in manifest if r.is_volume]
+    if volumes and (args.segment or args.detect):
+        from wsi_pipeline.errors import InputsError
+
+        flag = "--segment" if args.segment else "--detect"
+        rows = ", ".join(f"{r.row} ({r.slide_id})" for r in volumes[:5]) + (" ..." if len(volumes) > 5 else "")
+        raise InputsError([f"{flag} works on whole-slide images; manifest rows {rows} are volumes "
+                           f"(CT/MR): run them without {flag}"])
     return _run_workflow(args)
 
 
@@ -151,6 +159,7 @@ def _run_workflow(args) -> int:
         print(f"            {metrics_file.parent}")
     if (run_dir / "heatmaps" / model).is_dir():
         print(f"  heatmaps: {run.heatmaps_dir(model)}")
+    _summarise_volumes(args, run_dir, model)
     segment_metrics = run.segment_dir / "metrics.csv"
     if args.segment and segment_metrics.is_file():
         print(f"  segment:  {run.segment_dir} ({summarise_segmentation(segment_metrics)})")
@@ -171,3 +180,19 @@ def _run_workflow(args) -> int:
         print(f"\nsnakemake exited with {code}; job logs are under {run_dir / 'logs' / 'snakemake'}",
               file=sys.stderr)
     return code
+
+
+def _summarise_volumes(args, run_dir: Path, model: str) -> None:
+    """A manifest with volume rows: RUN/volumes_summary.json (CV AUC, heatmap peak in lesion, CAM
+    Dice per volume cohort, from metrics.json and the heatmap stage's done files), one line each."""
+    from wsi_pipeline.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    if args.no_train or not any(r.is_volume for r in manifest):
+        return
+    from wsi_pipeline.volumes.cohort import format_summary, summarise_volume_run
+
+    summary = summarise_volume_run(run_dir, manifest, model)
+    for line in format_summary(summary).splitlines():
+        print(f"  volumes:  {line}")
+    print(f"            {run_dir / 'volumes_summary.json'}")

@@ -1,4 +1,6 @@
 """Stage 1 — tile: slide → tissue mask → patch grid at target µm/px → coords.h5 (+ GeoJSON, QC PNG).
+A volume row: scan → canonical RAS, resampled → body mask → 2.5-D instances → coords.h5 with coords
+(N, 3) (the `volumes` config section; wsi_pipeline/volumes/stages.py).
 
 Outputs per slide in RUN/tiles/: {id}.tissue.geojson and {id}.qc.png first, {id}.coords.h5 last;
 all atomic, and coords.h5 is the completion marker a rerun checks: with the config hash and the
@@ -40,7 +42,12 @@ def tile_config_hash(cfg: Config, record: SlideRecord) -> str:
 
 def tile_slide(record: SlideRecord, cfg: Config, run: RunFolder, *, force: bool = False) -> str:
     """Tile one slide; returns "done", or "skipped" when a valid coords.h5 for this config and this
-    slide file exists."""
+    slide file exists. A volume row (modality CT/MR) is cut into its 2.5-D instances instead
+    (wsi_pipeline/volumes/stages.py)."""
+    if record.is_volume:
+        from wsi_pipeline.volumes.stages import tile_volume
+
+        return tile_volume(record, cfg, run, force=force)
     out = run.coords_h5(record.slide_id)
     config_hash = tile_config_hash(cfg, record)
     if not record.path.is_file():
@@ -145,6 +152,6 @@ def run_tile(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: boo
 
 
 OUT = arg("--out", required=True, help="run folder")
-TILE = Stage(name=STAGE, sections=("slides", "tissue", "tiling"), run=run_tile, record_root_config=True,
+TILE = Stage(name=STAGE, sections=("slides", "tissue", "tiling"), volume_sections=("volumes",), run=run_tile, record_root_config=True,
              help="stage 1: tissue detection and µm-exact patch coordinates",
              args=(MANIFEST, CONFIG, OUT, SLIDES, FORCE, NO_PROGRESS))

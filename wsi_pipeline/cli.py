@@ -30,12 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "slide, stronger stain shift, tissue holes (smaller slides by default)")
 
     p = sub.add_parser("demo-volumes", help="synthetic CT cohort (NIfTI + truth masks + manifest), then "
-                                            "instances, MambaMIL 5-fold CV and NIfTI heatmaps end to end")
-    p.add_argument("out", help="output folder")
+                                            "`wsi-pipeline run` on it: instances, MambaMIL 5-fold CV, NIfTI "
+                                            "heatmaps (settings: configs/volumes_demo.yaml)")
+    p.add_argument("out", help="output folder (the run folder is OUT/run)")
     p.add_argument("--n", type=int, default=40, help="number of patients, one volume each (default 40)")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--model", default="mambamil_3d", help="MIL aggregator (default mambamil_3d)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cores", type=int, default=None, help="cores for the workflow (default: all)")
     p.add_argument("--generate-only", action="store_true", help="only write the cohort and its manifest")
 
     # One subcommand per stage, built from its description (stages/base.py: name, help, arguments).
@@ -95,13 +97,15 @@ def _dispatch(args) -> int:
         from .names import check_name
 
         result = run_volume_demo(args.out, n_patients=args.n, epochs=args.epochs, model=check_name(args.model, "--model"),
-                                 seed=args.seed, generate_only=args.generate_only)
+                                 seed=args.seed, generate_only=args.generate_only, cores=args.cores)
         if args.generate_only:
             print(f"demo volumes: {args.n} CT volumes; manifest {result}")
             return 0
-        print(format_summary(result))
-        print(f"    {args.out}/run/volumes_summary.json")
-        return 0 if all(c["status"] == "done" for c in result["cohorts"].values()) else 1
+        summary, code = result
+        if summary is None:
+            return code or 1
+        print(format_summary(summary))
+        return code if code else (0 if all(c["status"] == "done" for c in summary["cohorts"].values()) else 1)
 
     if args.command == "validate-manifest":
         from .manifest import load_manifest

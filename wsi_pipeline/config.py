@@ -434,6 +434,79 @@ class DetectConfig:
             raise ConfigError("detect.device: must be auto, cpu, cuda or cuda:N")
 
 
+# The CT window presets of wsi_pipeline/volumes/intensity.py (CT_WINDOWS), named here so that
+# validating a config does not import the volumes package (torch); a test keeps the two equal.
+CT_WINDOW_PRESETS = ("soft_tissue", "liver", "lung", "bone", "brain")
+
+
+@dataclass(frozen=True)
+class VolumesConfig:
+    """Radiology volumes (manifest rows with modality CT/MR): how the tile stage cuts a volume into
+    2.5-D instances (wsi_pipeline/volumes/instances.py) and how the heatmap stage explains it.
+    The encoder is extract.encoder (any 2-D encoder sees each instance as one RGB image)."""
+    # Isotropic voxel size the volume is resampled to before instances are cut (mm); null keeps
+    # the file's own spacing.
+    target_spacing_mm: float | None = 2.0
+    # In-plane box side and step (voxels of the resampled grid); slab thickness and step along the
+    # axial axis (slices).
+    patch_size_vox: int = 16
+    stride_vox: int = 8
+    slice_step: int = 4
+    # windows: three CT windows of the slab's centre slice as RGB; slices: three neighbouring slices
+    # in the first window. MR: the normalised slice(s).
+    channels: str = "windows"
+    # CT windows: preset names (soft_tissue, liver, lung, bone, brain) or [centre, width] HU pairs.
+    windows: list = field(default_factory=lambda: ["soft_tissue", "liver", "bone"])
+    # Keep a box when at least this fraction of its voxels is body (CT: HU above min_hu; MR: Otsu).
+    min_body_fraction: float = 0.5
+    min_hu: float = -500.0
+    # MR intensities: percentile (1st-99th of the body -> [0, 1]) or zscore.
+    mri_normalisation: str = "percentile"
+    # Heatmap stage: Gaussian smoothing at half the instance lattice step, and the CAM mask
+    # threshold (fraction of the volume's maximum heat).
+    smooth: bool = True
+    cam_threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.target_spacing_mm is not None:
+            _positive("volumes.target_spacing_mm", self.target_spacing_mm)
+        for name in ("patch_size_vox", "stride_vox", "slice_step"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"volumes.{name}: must be >= 1, got {getattr(self, name)!r}")
+        if self.channels not in ("windows", "slices"):
+            raise ConfigError(f"volumes.channels: must be windows or slices, got {self.channels!r}")
+        if not self.windows:
+            raise ConfigError("volumes.windows: need at least one window")
+        for w in self.windows:
+            if isinstance(w, str):
+                if w not in CT_WINDOW_PRESETS:
+                    raise ConfigError(f"volumes.windows: unknown preset {w!r}; known: {', '.join(CT_WINDOW_PRESETS)}")
+            elif not (isinstance(w, list) and len(w) == 2
+                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in w) and w[1] > 0):
+                raise ConfigError(f"volumes.windows: each window is a preset name or [centre, width] HU "
+                                  f"with width > 0, got {w!r}")
+        if self.channels == "windows" and len(self.windows) != 3:
+            raise ConfigError(f"volumes.windows: channels 'windows' needs exactly 3 windows (RGB), "
+                              f"got {len(self.windows)}")
+        if not 0 < self.min_body_fraction <= 1:
+            raise ConfigError("volumes.min_body_fraction: must be in (0, 1]")
+        if self.mri_normalisation not in ("percentile", "zscore"):
+            raise ConfigError("volumes.mri_normalisation: must be percentile or zscore")
+        if not 0 < self.cam_threshold < 1:
+            raise ConfigError("volumes.cam_threshold: must be in (0, 1)")
+
+    def instance_params(self):
+        """The instance settings as `volumes.instances.VolumeInstanceParams`."""
+        from .volumes.instances import VolumeInstanceParams
+
+        return VolumeInstanceParams(
+            target_spacing_mm=self.target_spacing_mm, patch_size_vox=self.patch_size_vox,
+            stride_vox=self.stride_vox, slice_step=self.slice_step, channels=self.channels,
+            windows=tuple(w if isinstance(w, str) else tuple(float(v) for v in w) for w in self.windows),
+            min_body_fraction=self.min_body_fraction, min_hu=self.min_hu,
+            mri_normalisation=self.mri_normalisation)
+
+
 @dataclass(frozen=True)
 class Config:
     slides: SlideConfig = field(default_factory=SlideConfig)
@@ -444,6 +517,7 @@ class Config:
     heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    volumes: VolumesConfig = field(default_factory=VolumesConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

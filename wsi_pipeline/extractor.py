@@ -102,6 +102,10 @@ class Extractor:
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
     def __call__(self, record: SlideRecord, force: bool = False) -> str:
+        if record.is_volume:  # 2.5-D instances of a CT/MR scan, same encoder and features.h5 layout
+            from .volumes.stages import extract_volume
+
+            return extract_volume(self, record, force=force)
         e = self.cfg.extract
         coords_path = self.run.coords_h5(record.slide_id)
         if not coords_h5_is_valid(coords_path):

@@ -130,6 +130,10 @@ class HeatmapRunner:
         return table, names, {"classes": out.classes, "probs": [float(v) for v in out.slide_probs]}
 
     def __call__(self, record: SlideRecord, force: bool = False) -> str:
+        if record.is_volume:  # NIfTI heatmap on the scan's grid, montage, CAM mask (+ Dice)
+            from .volumes.stages import heatmap_volume
+
+            return heatmap_volume(self, record, force=force)
         # The exports' file names start with the slide_id (exports.export_paths): checked here once.
         slide_id = self.run.name(record.slide_id, "slide_id")
         features_path = self.run.features_h5(self.cfg.extract.encoder, slide_id)

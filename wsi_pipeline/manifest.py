@@ -1,11 +1,15 @@
-"""Manifests: CSV rows `slide_id, path, patient_id, label, cohort` (+ optional `mpp`, `modality`).
+"""Manifests: CSV rows `slide_id, path, patient_id, label, cohort` (+ optional `mpp`, `modality`,
+`volume_id`, `truth_mask`).
 
 `wsi` (TRIDENT's batch-CSV column) is accepted for `path` when there is no `path` column. Any other
 column is kept (`SlideRecord.extra`, `Manifest.extra_columns`) and reported once, as one warning:
 so one CSV can also carry another tool's columns (TRIDENT's `wsi`, CLAM's `case_id`, clinical data).
 
 A row with `modality` CT or MR is a radiology volume (NIfTI file or DICOM series folder; its
-`slide_id` is the volume's id); empty or absent `modality` is a whole-slide image.
+`slide_id`, or its `volume_id` (an alias column for volume rows), is the volume's id; `truth_mask`
+optionally names a lesion mask NIfTI on the scan's grid, for the heatmap stage's Dice); empty or
+absent `modality` is a whole-slide image. A cohort is all slides or all volumes: their features are
+not comparable, so one cohort mixing both is refused.
 
 Validation collects every problem (row and field named) and raises them together, so a user fixes a
 manifest in one pass. Missing slide files are reported here by `validate`, but batch stages treat
@@ -24,7 +28,9 @@ from .errors import ManifestError
 from .names import name_problem, short_repr
 
 REQUIRED_COLUMNS = ("slide_id", "path", "patient_id", "label", "cohort")
-OPTIONAL_COLUMNS = ("mpp", "modality")
+OPTIONAL_COLUMNS = ("mpp", "modality", "volume_id", "truth_mask")
+# A manifest of volumes may name its id column volume_id instead of slide_id.
+ID_COLUMNS = ("slide_id", "volume_id")
 # Column names read as another (only when that one is absent): TRIDENT calls the slide file `wsi`.
 COLUMN_ALIASES = {"wsi": "path"}
 VOLUME_MODALITIES = ("CT", "MR")
@@ -46,6 +52,7 @@ class SlideRecord:
     mpp: float | None   # manifest override of the file's resolution, µm/px
     row: int            # 1-based data row number (header is row 0), for messages
     modality: str = ""  # "" for a slide; "CT" or "MR" for a volume
+    truth_mask: Path | None = None  # volumes: lesion truth mask (NIfTI on the scan's grid), absolute
     # The row's cells in columns the pipeline does not use, as (column, text) pairs (a tuple: the
     # record stays hashable); never a path or a name, only carried to exports.
     extra: tuple[tuple[str, str], ...] = ()
@@ -113,7 +120,8 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
         for row in raw_rows:
             row[column] = row.pop(alias, "")
     header = [aliases.get(c, c) for c in header]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header
+               and not (c == "slide_id" and "volume_id" in header)]
     if missing:
         alias_note = "; a `wsi` column is read as `path`" if "path" in missing else ""
         raise ManifestError(path, [f"missing column(s): {', '.join(missing)} "
@@ -134,19 +142,26 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
         where = f"row {i}"
         if None in row:  # DictReader puts surplus cells under the key None
             problems.append(f"{where}: more cells than columns")
-        slide_id = row.get("slide_id", "")
+        modality = row.get("modality", "") or ""
+        id_column = "volume_id" if row.get("volume_id") and not row.get("slide_id") else "slide_id"
+        slide_id = row.get(id_column, "")
         if slide_id:
-            where = f"row {i} (slide_id {short_repr(slide_id)})"
-        for col in ("slide_id", "path", "patient_id", "cohort"):
+            where = f"row {i} ({id_column} {short_repr(slide_id)})"
+        if row.get("slide_id") and row.get("volume_id"):
+            problems.append(f"{where}: both slide_id and volume_id are filled; give the id once")
+        if row.get("volume_id") and not modality:
+            problems.append(f"{where}: volume_id is for volume rows; set modality (CT or MR) or use slide_id")
+        if not slide_id:
+            problems.append(f"{where}: empty {' or '.join(c for c in ID_COLUMNS if c in header)}")
+        for col in ("path", "patient_id", "cohort"):
             if not row.get(col):
                 problems.append(f"{where}: empty {col}")
-        for col in PATH_NAME_COLUMNS:
-            value = row.get(col)
+        for col, value in ((id_column, slide_id), ("cohort", row.get("cohort"))):
             problem = name_problem(value) if value else None
             if problem:
                 problems.append(f"{where}: {col} {problem}")
         if slide_id in seen_ids:
-            problems.append(f"{where}: duplicate slide_id (first at row {seen_ids[slide_id]})")
+            problems.append(f"{where}: duplicate {id_column} (first at row {seen_ids[slide_id]})")
         elif slide_id:
             seen_ids[slide_id] = i
         label = row.get("label", "")
@@ -162,7 +177,6 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
             except ValueError:
                 problems.append(f"{where}: mpp must be a positive number of µm per pixel, got {mpp_text!r}")
                 mpp = None
-        modality = row.get("modality", "") or ""
         if modality and modality not in VOLUME_MODALITIES:
             problems.append(f"{where}: modality must be empty (a slide) or one of "
                             f"{', '.join(VOLUME_MODALITIES)} (a volume), got {modality!r}")
@@ -180,9 +194,34 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
         exists = slide_path.exists() if modality else slide_path.is_file()   # a DICOM series is a folder
         if check_files and row.get("path") and not exists:
             problems.append(f"{where}: {'volume' if modality else 'slide'} file not found: {slide_path}")
-        records.append(SlideRecord(slide_id, slide_path, patient, label, cohort, mpp, i, modality,
+        truth_mask = None
+        if row.get("truth_mask"):
+            if not modality:
+                problems.append(f"{where}: truth_mask is for volume rows (modality CT or MR)")
+            truth_mask = Path(row["truth_mask"])
+            if not truth_mask.is_absolute():
+                truth_mask = (path.parent / truth_mask).resolve()
+        records.append(SlideRecord(slide_id, slide_path, patient, label, cohort, mpp, i, modality, truth_mask,
                                    tuple((c, row.get(c) or "") for c in extra)))
 
+    problems += mixed_cohort_problems(records)
     if problems:
         raise ManifestError(path, problems)
     return Manifest(path, tuple(records), tuple(extra))
+
+
+def mixed_cohort_problems(records) -> list[str]:
+    """One problem per cohort that holds both slides and volumes: a cohort trains one model on one
+    kind of feature (slide patches at µm/px vs. CT/MR instances), so the rows must be split."""
+    problems = []
+    for cohort in sorted({r.cohort for r in records if r.cohort}):
+        rows = [r for r in records if r.cohort == cohort]
+        slides = [r for r in rows if not r.is_volume]
+        volumes = [r for r in rows if r.is_volume]
+        if slides and volumes:
+            def listed(rs):
+                shown = ", ".join(f"{r.row} ({r.slide_id})" for r in rs[:5])
+                return shown + (f" and {len(rs) - 5} more" if len(rs) > 5 else "")
+            problems.append(f"cohort {cohort!r} mixes slides (rows {listed(slides)}) and volumes (rows "
+                            f"{listed(volumes)}): their features are not comparable; give them separate cohorts")
+    return problems

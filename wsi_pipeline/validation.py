@@ -41,6 +41,9 @@ def validate_run_inputs(manifest_path: str | Path, config_path: str | Path | Non
             model_ok = False
     if cfg is not None:
         problems += registry_problems(cfg, model=model if model_ok else None, model_key=model_key)
+        if manifest is not None and model_ok:
+            problems += volume_model_problems(manifest, model or cfg.train.model,
+                                              model_key if model else "train.model")
     if problems:
         raise InputsError(problems)
     return manifest, cfg
@@ -52,6 +55,23 @@ def registry_problems(cfg: Config, *, model: str | None = None, model_key: str =
     problems = [aggregator_problem(model, model_key) if model else aggregator_problem(cfg.train.model),
                 encoder_problem(cfg.extract.encoder), segmenter_problem(cfg.segment.model)]
     return [p for p in problems if p]
+
+
+def volume_model_problems(manifest: Manifest, model: str, key: str) -> list[str]:
+    """A manifest with volume rows needs an aggregator that takes 3-D coords (N, 3)."""
+    from .models.mil import list_aggregators
+    from .models.mil.registry import AGGREGATORS
+
+    volumes = [r for r in manifest if r.is_volume]
+    if not volumes or model not in list_aggregators():
+        return []
+    accepted = tuple(AGGREGATORS.get_metadata(model).get("coord_dims", (2,)))
+    if 3 in accepted:
+        return []
+    fit = [n for n in list_aggregators() if 3 in tuple(AGGREGATORS.get_metadata(n).get("coord_dims", ()))]
+    return [f"{key}: {model!r} takes 2-D slide coords only, but the manifest has volume rows "
+            f"({', '.join(r.slide_id for r in volumes[:3])}{' ...' if len(volumes) > 3 else ''}); "
+            f"aggregators for volumes: {', '.join(fit)}"]
 
 
 def aggregator_problem(name: str, key: str = "train.model") -> str | None:

@@ -25,9 +25,11 @@ MANIFEST, CFG = validate_run_inputs(MANIFEST_PATH, PIPELINE_CONFIG or None, mode
 _ROW_SCHEMA = os.path.join(workflow.basedir, "..", "manifests", "schema.json")
 with open(MANIFEST_PATH, newline="", encoding="utf-8-sig") as _fh:
     for _row in csv.DictReader(_fh):
-        # An empty optional mpp means "read it from the file": not a value to validate.
+        # An empty optional cell means "not given" (mpp: read it from the file; slide_id/volume_id:
+        # the other column names the row): not a value to validate.
         validate({k.strip(): v.strip() for k, v in _row.items()
-                  if k is not None and isinstance(v, str) and not (k.strip() == "mpp" and v.strip() == "")},
+                  if k is not None and isinstance(v, str)
+                  and not (k.strip() in ("mpp", "slide_id", "volume_id", "truth_mask") and v.strip() == "")},
                  _ROW_SCHEMA)
 
 
@@ -89,7 +91,14 @@ def section_hash(*sections):
 # stages/). Its shell line spells the stage's CLI words (name, run-folder flag) as literals, so that
 # every placeholder in it stays visibly quoted; tests/workflow/test_stage_rules.py checks they match.
 def stage_hash(name):
-    return section_hash(*get_stage(name).sections)
+    stage = get_stage(name)
+    plain = section_hash(*stage.sections)
+    if not stage.volume_sections:
+        return plain
+    # Per row: a volume's job also reruns when the `volumes` section changes; a slide's hash is the
+    # one it always had, so changing volume settings reruns no slide.
+    with_volumes = section_hash(*stage.sections, *stage.volume_sections)
+    return lambda wc: with_volumes if SLIDES[wc.slide].is_volume else plain
 
 
 def slide_row_hash(slide):

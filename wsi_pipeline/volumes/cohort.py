@@ -3,7 +3,8 @@ of one MIL aggregator (`training.cv.cross_validate`, the train stage's own) → 
 montages, CAM masks.
 
     run_volumes(manifest, cfg, run_dir, params)   the whole path for the manifest's volume rows
-    run_volume_demo(out)                           `wsi-pipeline demo-volumes OUT`: generate + run
+    run_volume_demo(out)                           `wsi-pipeline demo-volumes OUT`: generate, then `wsi-pipeline run`
+    summarise_volume_run(run_dir, manifest, model) RUN/volumes_summary.json of a workflow run
 
 Heatmap figures use, for each volume, the fold model that held it out (no volume is explained by
 a model that trained on it). Results: RUN/volumes_summary.json (CV AUC, peak-in-lesion rate, Dice).
@@ -12,20 +13,22 @@ a model that trained on it). Results: RUN/volumes_summary.json (CV AUC, peak-in-
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
 
-from ..config import Config, ExtractConfig, TrainConfig
+import yaml
+
+from ..config import Config, config_from_dict
 from ..errors import PipelineError
-from ..io import write_json_atomic
-from ..manifest import Manifest, load_manifest
+from ..io import write_json_atomic, write_text_atomic
+from ..manifest import Manifest
 from ..run_folder import RunFolder
 
 
 log = logging.getLogger("wsi_pipeline")
 DEMO_MODEL = "mambamil_3d"
-DEMO_MODEL_ARGS = {"d_model": 64, "d_state": 8, "expand": 1, "n_layers": 1, "rate": 8, "dropout": 0.1}
 
 
 def extract_volumes(manifest: Manifest, run: RunFolder, encoder_name: str, checkpoint, params) -> dict:
@@ -66,7 +69,7 @@ def explain_volumes(manifest: Manifest, run: RunFolder, model_dir: Path, cfg: Co
         d = fold_of[record.slide_id]
         if d not in loaded:
             loaded[d] = load_fold_model(d)
-        truth = truth_dir / f"{record.slide_id}_lesion.nii.gz" if truth_dir else None
+        truth = record.truth_mask or (truth_dir / f"{record.slide_id}_lesion.nii.gz" if truth_dir else None)
         e = explain_volume(record, run, [loaded[d]], cfg.train.model, cfg.extract.encoder, params, truth)
         rows.append({"volume_id": e.volume_id, "label": record.label, "probs": e.probs,
                      "peak_source_vox": list(e.peak_source_vox), "peak_in_lesion": e.peak_in_lesion,
@@ -105,27 +108,92 @@ def run_volumes(manifest: Manifest, cfg: Config, run_dir: str | Path, params, tr
     return summary
 
 
+def demo_config_path() -> Path:
+    """configs/volumes_demo.yaml: package data in an installed wheel (setup.py ships it as
+    wsi_pipeline/configs/), else the checkout's configs/ beside this package."""
+    packaged = Path(__file__).resolve().parents[1] / "configs" / "volumes_demo.yaml"
+    return packaged if packaged.is_file() else Path(__file__).resolve().parents[2] / "configs" / "volumes_demo.yaml"
+
+
 def demo_config(epochs: int = 20, folds: int = 5, model: str = DEMO_MODEL, seed: int = 0) -> Config:
-    """The demo's settings; the small Mamba width applies to the Mamba aggregators only."""
-    model_args = dict(DEMO_MODEL_ARGS) if "mamba" in model else {}
-    return Config(extract=ExtractConfig(encoder="stain_texture", checkpoint="none"),
-                  train=TrainConfig(model=model, model_args=model_args, classes=["normal", "lesion"],
-                                    folds=folds, epochs=epochs,
-                                    patience=8, lr=5e-4, seed=seed, device="cpu", bootstrap=200))
+    """The demo's settings (configs/volumes_demo.yaml) with these overrides; the small Mamba width
+    applies to the Mamba aggregators only."""
+    path = demo_config_path()
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    train = raw.setdefault("train", {})
+    train.update({"model": model, "folds": folds, "epochs": epochs, "seed": seed})
+    if "mamba" not in model:
+        train["model_args"] = {}
+    return config_from_dict(raw, source=str(path))
+
+
+def summarise_volume_run(run_dir: str | Path, manifest: Manifest, model: str) -> dict:
+    """RUN/volumes_summary.json of a workflow run over volume rows: per volume cohort the CV AUC
+    (metrics.json) and, from the heatmap stage's done files, each volume's prediction, heatmap
+    peak, peak-in-lesion and CAM-mask Dice (where its row has a truth_mask)."""
+    run = RunFolder(run_dir)
+    summary = {"model": model, "cohorts": {}}
+    for cohort in sorted({r.cohort for r in manifest if r.is_volume}):
+        metrics_file = run.mil_dir(model, cohort) / "metrics.json"
+        try:
+            pooled = json.loads(metrics_file.read_text(encoding="utf-8"))["pooled"]
+        except (OSError, KeyError, json.JSONDecodeError) as exc:
+            summary["cohorts"][cohort] = {"status": "failed", "error": f"no readable {metrics_file}: {exc}"}
+            continue
+        rows = []
+        for record in manifest:
+            done = run.heatmaps_dir(model) / f"{record.slide_id}.done.json"
+            if record.cohort != cohort or not done.is_file():
+                continue
+            d = json.loads(done.read_text(encoding="utf-8"))
+            folder = done.parent
+            rows.append({"volume_id": record.slide_id, "label": record.label,
+                         "probs": dict(zip(d["prediction"]["classes"], d["prediction"]["probs"])),
+                         "model_fold": d.get("model_fold"), "peak_source_vox": d["peak_source_vox"],
+                         "peak_in_lesion": d["peak_in_lesion"], "dice": d["dice"],
+                         "heatmap": str(folder / d["outputs"]["heatmap"]), "mask": str(folder / d["outputs"]["cam_mask"])})
+        positives = [r for r in rows if r["peak_in_lesion"] is not None]
+        summary["cohorts"][cohort] = {
+            "status": "done", "auc": pooled["auc"], "n_volumes": pooled["n_slides"], "n_explained": len(rows),
+            "peak_in_lesion_rate": (sum(r["peak_in_lesion"] for r in positives) / len(positives)) if positives else None,
+            "mean_dice": (sum(r["dice"] for r in positives) / len(positives)) if positives else None,
+            "n_positive_with_truth": len(positives), "volumes": rows}
+    write_json_atomic(Path(run_dir) / "volumes_summary.json", summary)
+    return summary
 
 
 def run_volume_demo(out: str | Path, n_patients: int = 40, epochs: int = 20, model: str = DEMO_MODEL,
-                    seed: int = 0, generate_only: bool = False) -> dict | Path:
+                    seed: int = 0, generate_only: bool = False, cores: int | None = None) -> tuple[dict | None, int] | Path:
+    """Generate the cohort under `out`, write its config (out/volumes_demo.yaml) and run it through
+    the workflow (`wsi-pipeline run`) into out/run; returns (volumes summary, run exit code)."""
+    import argparse
+
+    from stages import run as workflow
+
     from .demo import write_demo_volumes
-    from .instances import VolumeInstanceParams
 
     out = Path(out)
     manifest_path = write_demo_volumes(out, n_patients=n_patients, seed=seed)
     if generate_only:
         return manifest_path
-    manifest = load_manifest(manifest_path, require_labels=True)
+    config_path = out / "volumes_demo.yaml"
     cfg = demo_config(epochs=epochs, model=model, seed=seed)
-    return run_volumes(manifest, cfg, out / "run", VolumeInstanceParams(), truth_dir=out / "truth")
+    write_text_atomic(config_path, "# wsi-pipeline demo-volumes: the settings of this run\n"
+                      + yaml.safe_dump(_changed_sections(cfg), sort_keys=False))
+    args = argparse.Namespace(manifest=str(manifest_path), config=str(config_path), out=str(out / "run"),
+                              profile="local", model=None, cores=str(cores) if cores else None, gpu=False,
+                              no_train=False, no_heatmaps=False, segment=False, detect=False,
+                              exclude_failed=False, dry_run=False, snakemake_args=[])
+    code = workflow.cli(args)
+    summary_path = out / "run" / "volumes_summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    return summary, code
+
+
+def _changed_sections(cfg: Config) -> dict:
+    """The config sections the demo sets (extract, train, volumes) as plain YAML data."""
+    full = cfg.to_dict()
+    return {name: full[name] for name in ("extract", "train", "volumes")}
 
 
 def format_summary(summary: dict) -> str:
@@ -135,8 +203,11 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{cohort}: FAILED: {c['error']}")
             continue
         auc = c["auc"]["value"]
-        lines.append(f"{cohort}: {summary['model']} CV AUC {auc:.3f} over {c['n_volumes']} volumes; heatmap peak "
-                     f"in lesion {c['peak_in_lesion_rate']:.0%} of {c['n_positive_with_truth']} positives; "
-                     f"mean CAM-mask Dice {c['mean_dice']:.3f}")
+        text = f"{cohort}: {summary['model']} CV AUC " + (f"{auc:.3f}" if auc is not None else "undefined")
+        text += f" over {c['n_volumes']} volumes"
+        if c["n_positive_with_truth"]:
+            text += (f"; heatmap peak in lesion {c['peak_in_lesion_rate']:.0%} of {c['n_positive_with_truth']} "
+                     f"positives; mean CAM-mask Dice {c['mean_dice']:.3f}")
+        lines.append(text)
     return "\n".join(lines)
 

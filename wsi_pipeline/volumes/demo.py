@@ -12,7 +12,8 @@ LPS, and permuted axes such as slices first): reading must canonicalise to get i
               negatives)
     noise     Gaussian, σ 12 HU; stored as int16 HU
 
-The manifest has the slide manifest's columns plus `modality` (CT): see manifests/README.md.
+The manifest names each scan by `volume_id` (the slide_id alias of volume rows), with `modality` CT
+and `truth_mask` (the lesion mask, for Dice): see manifests/README.md.
 """
 
 from __future__ import annotations
@@ -110,11 +111,11 @@ def write_demo_volumes(out: str | Path, n_patients: int = 40, seed: int = 0, spa
         write_nifti(out / "volumes" / f"{volume_id}.nii.gz", np.rint(hu).astype(np.int16), affine, dtype=np.int16)
         write_nifti(out / "truth" / f"{volume_id}_lesion.nii.gz", lesion.astype(np.uint8), affine, dtype=np.uint8)
         rows.append([volume_id, f"volumes/{volume_id}.nii.gz", f"P{n:03d}", "lesion" if positive else "normal",
-                     "demo_ct", "CT"])
+                     "demo_ct", "CT", f"truth/{volume_id}_lesion.nii.gz"])
     manifest = out / "manifest.csv"
     with atomic_path(manifest) as tmp:
         with open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["slide_id", "path", "patient_id", "label", "cohort", "modality"])
+            writer.writerow(["volume_id", "path", "patient_id", "label", "cohort", "modality", "truth_mask"])
             writer.writerows(rows)
     return manifest
