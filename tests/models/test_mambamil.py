@@ -132,3 +132,27 @@ def test_mambamil_is_causal_in_its_forward_branch_but_sees_later_instances_throu
     with torch.no_grad():
         torch.testing.assert_close(hidden(plain, extended)[:, :40], hidden(plain, x))
         assert not torch.allclose(hidden(stride, extended)[:, :40], hidden(stride, x))
+
+
+def test_final_norm_false_keeps_each_instances_magnitude_for_the_attention():
+    """The final LayerNorm maps h and 3·h to the same vector, so an instance that differs from the
+    slide only in magnitude (a centred feature far from the slide mean) gets the same attention as a
+    small one; final_norm=False keeps the difference. Only the norm's 2·d parameters go."""
+    torch.manual_seed(0)
+    with_norm = MambaMIL(16, 2, d_model=16, n_layers=1, d_state=4, layer_scale=0.0).eval()
+    without = MambaMIL(16, 2, d_model=16, n_layers=1, d_state=4, layer_scale=0.0, final_norm=False).eval()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(with_norm) - count(without) == 2 * 16 and isinstance(without.norm, torch.nn.Identity)
+    direction = torch.randn(16)
+    bag = torch.stack([direction, 3.0 * direction, torch.randn(16)])[None]   # (1, 3, 16)
+    for model in (with_norm, without):
+        model.embed = torch.nn.Identity()   # layer_scale 0: the layer is the identity, h = the input
+    with torch.no_grad():
+        scores_norm = with_norm(bag).instance_scores[0]
+        scores_plain = without(bag).instance_scores[0]
+    torch.testing.assert_close(scores_norm[0], scores_norm[1], rtol=1e-4, atol=1e-6)
+    assert abs(float(scores_plain[0] - scores_plain[1])) > 1e-3
+    torch.testing.assert_close(scores_plain.sum(), torch.tensor(1.0))
+    reloaded = create_aggregator("mambamil", in_dim=16, n_classes=2, d_model=16, n_layers=1, d_state=4,
+                                 final_norm=False)
+    reloaded.load_state_dict(MambaMIL(16, 2, d_model=16, n_layers=1, d_state=4, final_norm=False).state_dict())

@@ -2,7 +2,7 @@
 
     h  = dropout(GELU(Linear(in_dim → d_model)))(x)           (B, L, d_model)
     h  = h + mixer(LayerNorm(h))                               × n_layers
-    h  = LayerNorm(h)
+    h  = LayerNorm(h)                                          (final_norm; Identity if False)
     A  = softmax_i(w · tanh(V h_i))                            (B, L)  attention, d_model → 128 → 1
     logits = Linear(Σ_i A_i h_i)                               (B, C)
 
@@ -40,6 +40,11 @@ measurements are in benchmarks/results/mil_hard.md. ``context_drop=0`` is the re
 recomputes its activations in backward instead of keeping them (``torch.utils.checkpoint``): same
 gradients, about one more forward pass of the mixers in time, and peak memory that no longer holds
 every layer's activations at once (benchmarks/results/scan_fused.md).
+
+Final LayerNorm (``final_norm``, default True = the reference): ``final_norm=False`` feeds the
+attention and the head the residual stream as it is. On the hard demo (centred, standardised
+features; lesions of 1-4 patches) the per-instance LayerNorm made MambaMIL memorise the training
+slides; without it the attention finds the lesions (benchmarks/results/mil_hard.md).
 """
 
 from __future__ import annotations
@@ -63,7 +68,7 @@ class MambaMIL(nn.Module):
                  n_layers: int = 2, rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba", scan: str = "bag",
                  layer_scale: float | None = None, context_drop: float = 0.5,
-                 checkpoint_above: int | None = None):
+                 checkpoint_above: int | None = None, final_norm: bool = True):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -76,7 +81,8 @@ class MambaMIL(nn.Module):
                             layer_scale, context_drop, checkpoint_above)
             for _ in range(n_layers)
         )
-        self.norm = nn.LayerNorm(d_model)
+        # final_norm=False: no LayerNorm before the attention (module docstring, "Final LayerNorm").
+        self.norm = nn.LayerNorm(d_model) if final_norm else nn.Identity()
         self.attention = TanhAttentionPool(d_model, attention_dim)
         self.head = nn.Linear(d_model, n_classes)
         init_weights(self, init)
