@@ -26,8 +26,10 @@ demo: venv
 	$(VENV)/bin/wsi-pipeline run --manifest $(DEMO_DIR)/cohort/manifest.csv \
 		--config configs/demo.yaml --out $(DEMO_DIR)/run
 
+# Two workers, one file each at a time (module fixtures stay in one process), one torch thread
+# each: two OpenMP pools on two cores spin-wait on each other (BENCHMARKS.md, "Threads").
 test: venv slurm-deps
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # What tests/workflow/test_slurm.py needs for its one-node SLURM cluster: Debian's slurmctld, slurmd,
 # slurm-client and munge (apt-get install --no-install-recommends, ~10 s; instant when present).

@@ -14,7 +14,19 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
 
+# The longest test files first (stable order otherwise, each file kept together): under
+# `make test`'s two xdist workers (`--dist loadfile`) the Snakemake chain of test_workflow.py and
+# the SLURM cluster test then start at once on their own workers, and the short files fill in.
+LONG_FILES = ("workflow/test_workflow.py", "workflow/test_slurm.py")
+
+
+def _long_first(item) -> int:
+    path = item.nodeid.split("::")[0]
+    return next((i for i, name in enumerate(LONG_FILES) if path.endswith(name)), len(LONG_FILES))
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_long_first)
     if config.getoption("--runslow"):
         return
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
