@@ -100,7 +100,7 @@ def read_coords_h5(path: str | Path) -> tuple[np.ndarray, dict]:
     """(coords (N, k) int64, attrs dict); `attrs["coord_dims"]` is k (2 for files from before it)."""
     with h5py.File(path, "r") as f:
         ds = f["coords"]
-        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+        attrs = {k: plain_attr(v) for k, v in ds.attrs.items()}
         attrs.setdefault("coord_dims", 2)
         return ds[()].astype(np.int64), attrs
 
@@ -136,7 +136,8 @@ def read_slide_identity(path: str | Path) -> SlideIdentity | None:
         return SlideIdentity.from_attrs(f["coords"].attrs)
 
 
-def _plain(value):
+def plain_attr(value):
+    """An h5 attribute as a plain Python value (bytes -> str, numpy scalar -> Python scalar)."""
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.generic):

@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .coords_h5 import plain_attr
 from .io import atomic_path
 from .sources import COORD_DIMS
 
@@ -60,20 +61,12 @@ def coords_attrs(path: str | Path) -> dict:
     written before they were put there, the root's (where a name the encoder's attrs also use
     carries a "coords_" prefix, which is taken off)."""
     with h5py.File(path, "r") as f:
-        on_coords = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+        on_coords = {k: plain_attr(v) for k, v in f["coords"].attrs.items()}
         if "patch_size" in on_coords or "patch_size_level0" in on_coords:
             return on_coords
-        root = {k: _plain(v) for k, v in f.attrs.items()}
+        root = {k: plain_attr(v) for k, v in f.attrs.items()}
     unprefixed = {k[len("coords_"):]: v for k, v in root.items() if k.startswith("coords_")}
     return {**root, **unprefixed, **on_coords}
-
-
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def features_h5_is_valid(path: str | Path, config_hash: str | None = None,
