@@ -33,6 +33,7 @@ OPTIONAL_COLUMNS = ("mpp", "modality", "volume_id", "truth_mask")
 ID_COLUMNS = ("slide_id", "volume_id")
 # Column names read as another (only when that one is absent): TRIDENT calls the slide file `wsi`.
 COLUMN_ALIASES = {"wsi": "path"}
+_EXTRA_REPORTED: set[tuple[str, tuple[str, ...]]] = set()   # (manifest, extra columns) already warned of
 VOLUME_MODALITIES = ("CT", "MR")
 # slide_id and cohort become file and folder names under the run folder, Snakemake wildcards and
 # shell words: both follow the one name rule (wsi_pipeline.names). patient_id and label never become
@@ -129,9 +130,11 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
     if "" in header:
         problems.append(f"column {header.index('') + 1} has no name in the header")
     extra = [c for c in header if c and c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
-    if extra:
-        # Kept, not refused: one CSV may serve TRIDENT or a clinical table too. Said once, so a
-        # misspelt optional column (`mpp_um`) does not pass unnoticed.
+    if extra and (str(path), tuple(extra)) not in _EXTRA_REPORTED:
+        # Kept, not refused: one CSV may serve TRIDENT or a clinical table too. Said once per
+        # process (a command loads its manifest more than once), so a misspelt optional column
+        # (`mpp_um`) does not pass unnoticed.
+        _EXTRA_REPORTED.add((str(path), tuple(extra)))
         log.warning(f"{path}: column(s) not used by wsi-pipeline, kept as they are: {', '.join(extra)} "
                     f"(used: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)})")
     if not raw_rows:
