@@ -191,9 +191,22 @@ class TrainConfig:
     # one kept); shuffle_instances: feed them in a random order (order-dependent scans).
     instance_dropout: float = 0.0
     shuffle_instances: bool = False
+    # Settings for one aggregator only, over the keys above whenever that model trains, so that one
+    # config serves several models (e.g. fmamil's instance loss, which the others cannot take):
+    #   per_model: {fmamil: {instance_loss_weight: 1.0, model_args: {final_norm: false}}}
+    # model_args are merged key by key over train.model_args. `for_model` gives the result.
+    per_model: dict = field(default_factory=dict)
+
+    def for_model(self, model: str) -> "TrainConfig":
+        """The settings `model` trains with: these, with train.per_model[model] over them."""
+        override = dict(self.per_model.get(model, {}))
+        if "model_args" in override:
+            override["model_args"] = {**self.model_args, **override["model_args"]}
+        return dataclasses.replace(self, model=model, per_model={}, **override)
 
     def __post_init__(self):
         check_name(self.model, "train.model")
+        self._check_per_model()
         for name in ("standardize", "shuffle_instances"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train.{name}: must be true or false, got {getattr(self, name)!r}")
@@ -239,6 +252,32 @@ class TrainConfig:
                 raise ConfigError(f"train.classes: need >= 2 distinct class names, got {self.classes!r}")
         if any(not isinstance(k, str) for k in self.model_args):
             raise ConfigError("train.model_args: keys must be argument names (strings)")
+
+    def _check_per_model(self):
+        """Each per_model entry: a valid model name mapping train keys (not model/per_model) to
+        values of the key's type; the merged settings must pass the same checks as train itself."""
+        hints = typing.get_type_hints(TrainConfig)
+        allowed = sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("model", "per_model"))
+        coerced = {}
+        for model, settings in self.per_model.items():
+            if not isinstance(model, str):
+                raise ConfigError(f"train.per_model: keys must be model names, got {model!r}")
+            check_name(model, "train.per_model")
+            key = f"train.per_model.{model}"
+            if not isinstance(settings, dict):
+                raise ConfigError(f"{key}: must be a mapping of train settings, got {settings!r}")
+            unknown = sorted(set(map(str, settings)) - set(allowed))
+            if unknown:
+                raise ConfigError(f"{key}: unknown or not per-model key(s) {', '.join(unknown)} "
+                                  f"(allowed: {', '.join(allowed)})")
+            coerced[model] = {name: _coerce(hints[name], value, f"{key}.{name}", "config")
+                              for name, value in settings.items()}
+        object.__setattr__(self, "per_model", coerced)  # frozen dataclass
+        for model in coerced:
+            try:
+                self.for_model(model)
+            except ConfigError as exc:
+                raise ConfigError(f"train.per_model.{model}: {exc}") from None
 
 
 @dataclass(frozen=True)

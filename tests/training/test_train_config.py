@@ -31,3 +31,28 @@ def test_good_train_settings():
                                       "bootstrap": 0, "model_args": {"hidden_dim": 64}}})
     assert cfg.train == TrainConfig(model="abmil", classes=["neg", "pos"], device="cuda:1", bootstrap=0,
                                     model_args={"hidden_dim": 64})
+
+
+@pytest.mark.parametrize("per_model, message", [
+    ({"../x": {"epochs": 5}}, "train.per_model"),
+    ({"fmamil": 3}, "train.per_model.fmamil: must be a mapping"),
+    ({"fmamil": {"model": "abmil"}}, "train.per_model.fmamil: unknown or not per-model key.*model"),
+    ({"fmamil": {"epoch": 5}}, "train.per_model.fmamil: unknown or not per-model key.*epoch"),
+    ({"fmamil": {"epochs": "many"}}, "train.per_model.fmamil.epochs must be an integer"),
+    ({"fmamil": {"instance_loss_weight": -1}}, "train.per_model.fmamil: train.instance_loss_weight: must be >= 0"),
+])
+def test_bad_per_model_settings_name_the_model_and_key(per_model, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"train": {"per_model": per_model}})
+
+
+def test_per_model_settings_apply_to_their_model_only_and_merge_model_args():
+    cfg = config_from_dict({"train": {
+        "model": "mambamil", "epochs": 30, "model_args": {"dropout": 0.1, "d_model": 64},
+        "per_model": {"fmamil": {"instance_loss_weight": 1, "model_args": {"d_model": 32, "final_norm": False}}}}})
+    fm = cfg.train.for_model("fmamil")
+    assert fm.model == "fmamil" and fm.instance_loss_weight == 1.0 and fm.epochs == 30
+    assert fm.model_args == {"dropout": 0.1, "d_model": 32, "final_norm": False} and fm.per_model == {}
+    other = cfg.train.for_model("abmil")
+    assert other.instance_loss_weight == 0.0 and other.model_args == {"dropout": 0.1, "d_model": 64}
+    assert cfg.train.model_args == {"dropout": 0.1, "d_model": 64}          # the base is untouched

@@ -181,3 +181,21 @@ def test_paper_preset_trains_through_the_stage_with_its_optimizer(tmp_path):
     assert meta["train_config"]["optimizer"] == "adam" and meta["epochs_run"] == 2
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="adamw"))
     assert run_train(manifest, other, run_dir, progress=False)["c1"]["folds_trained"] == [0, 1]
+
+
+def test_per_model_settings_reach_only_the_model_they_name(tmp_path):
+    """An instance loss in train.per_model.mean: abmil (no instance logits, which would refuse it)
+    trains with the same config, and mean's folds record mean's own settings."""
+    from stages.train import run_train
+    from wsi_pipeline.manifest import load_manifest
+
+    run_dir, manifest_path = make_cohort(tmp_path, n_patients=9)
+    manifest = load_manifest(manifest_path, require_labels=True)
+    cfg = small_config(folds=3, epochs=2, patience=2, bootstrap=0, model_args={"dropout": 0.0}, per_model={
+        "abmil": {"model_args": {"hidden_dim": 32, "attention_dim": 16}},
+        "mean": {"instance_loss_weight": 1.0, "lr": 1e-3, "model_args": {"hidden_dim": 16}}})
+    assert run_train(manifest, cfg, run_dir, progress=False)["c1"]["folds_trained"] == [0, 1, 2]
+    run_train(manifest, cfg, run_dir, model="mean", progress=False)
+    _, meta = load_fold_model(RunFolder(run_dir).mil_dir("mean", "c1") / "fold_0")
+    assert meta["model"] == "mean" and meta["model_args"] == {"dropout": 0.0, "hidden_dim": 16}
+    assert meta["train_config"]["lr"] == 1e-3 and meta["train_config"]["instance_loss_weight"] == 1.0

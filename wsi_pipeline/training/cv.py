@@ -59,7 +59,7 @@ def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, featur
     from ..models.mil import create_aggregator, list_aggregators
     from .splits import check_cohort_size
 
-    train = cfg.train
+    train = cfg.train.for_model(model_name)
     if model_name not in list_aggregators():
         raise PipelineError(f"unknown model {model_name!r}; registered aggregators: {', '.join(list_aggregators())}")
     known = sorted({r.cohort for r in manifest})
@@ -200,7 +200,7 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
     from .trainer import (deterministic_algorithms, predict_probs, resolve_device,
                            seed_everything, train_fold)
 
-    train, encoder = cfg.train, cfg.extract.encoder
+    train, encoder = cfg.train.for_model(model_name), cfg.extract.encoder
     cohort, records, classes = plan["cohort"], plan["records"], plan["classes"]
     out_dir = run.mil_dir(model_name, cohort)
     out_dir.mkdir(parents=True, exist_ok=True)

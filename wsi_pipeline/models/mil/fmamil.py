@@ -9,7 +9,7 @@ every detail; our choices are documented below.
     grid: instances on the slide's patch grid (:mod:`.patch_grid`; near-square raster without coords)
     h   = h + gather(irfft2(W ⊙ rfft2(scatter(h))))                  learnable frequency encoding
     h   = h + mixer(LayerNorm(h))  × n_layers, over the instances in grid raster order
-    h   = LayerNorm(h)
+    h   = LayerNorm(h)                                               (final_norm; Identity if False)
     instance_logits = Linear(h)                                      (B, L, C) class activation maps
     A   = softmax_i(w · tanh(V h_i))                                 (B, L)
     logits = Σ_i A_i · instance_logits_i                             (B, C) attention-weighted CAM pooling
@@ -44,6 +44,11 @@ Context branch (``layer_scale``, ``context_drop``, default 0.5): as in
 :mod:`~wsi_pipeline.models.mil.mambamil`, whose docstring says why; ``context_drop=0`` is the
 reference design. ``checkpoint_above`` (None: off): activation checkpointing of the Mamba
 layers for bags longer than this, as in MambaMIL.
+
+Final LayerNorm (``final_norm``, default True = the paper's structure): ``False`` feeds the CAM head
+and the attention the residual stream as it is, as MambaMIL's option of the same name (whose
+docstring says why: a per-instance LayerNorm rescales away how far a centred lesion patch is from its
+slide).
 """
 
 from __future__ import annotations
@@ -115,7 +120,7 @@ class FMaMIL(nn.Module):
                  filter_size: int = 32, filter_init: str = "small", max_grid_factor: int = 16,
                  attention_dim: int = 128, init: str = "mamba",
                  layer_scale: float | None = None, context_drop: float = 0.5, instance_score: str = "attention",
-                 checkpoint_above: int | None = None):
+                 checkpoint_above: int | None = None, final_norm: bool = True):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -130,7 +135,9 @@ class FMaMIL(nn.Module):
                             layer_scale, context_drop, checkpoint_above)
             for _ in range(n_layers)
         )
-        self.norm = nn.LayerNorm(d_model)
+        # final_norm=False: no per-instance LayerNorm before the CAM head and the attention (module
+        # docstring, "Final LayerNorm").
+        self.norm = nn.LayerNorm(d_model) if final_norm else nn.Identity()
         self.attention = TanhAttentionPool(d_model, attention_dim)
         self.cam_head = nn.Linear(d_model, n_classes)
         init_weights(self, init)
