@@ -114,3 +114,32 @@ def test_instance_scores_are_the_attention_by_default():
     assert not torch.allclose(out.instance_scores, ref.instance_scores)
     with pytest.raises(ValueError, match="instance_score"):
         make_small("fmamil", 12, 2, instance_score="gradcam")
+
+
+class _PassThrough(torch.nn.Module):
+    def forward(self, h, grid):
+        return h
+
+
+def test_final_norm_false_keeps_each_instances_magnitude_for_the_cams():
+    """As mambamil's option: with the final LayerNorm h and 3·h get the same CAM; without it the CAM
+    head sees the magnitude. Only the norm's 2·d parameters go, and the state reloads by name."""
+    torch.manual_seed(0)
+    with_norm = make_small("fmamil", 12, 2, layer_scale=0.0).eval()
+    torch.manual_seed(0)
+    without = make_small("fmamil", 12, 2, layer_scale=0.0, final_norm=False).eval()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    width = with_norm.norm.normalized_shape[0]
+    assert count(with_norm) - count(without) == 2 * width and isinstance(without.norm, torch.nn.Identity)
+    direction = torch.randn(width)
+    bag = torch.stack([direction, 3.0 * direction, torch.randn(width)])[None]
+    for model in (with_norm, without):
+        model.embed = torch.nn.Identity()        # layer_scale 0: the Mamba layers pass h through
+        model.frequency = _PassThrough()         # and the frequency encoding too
+    with torch.no_grad():
+        cams_norm = with_norm(bag).instance_logits[0]
+        cams_plain = without(bag).instance_logits[0]
+    torch.testing.assert_close(cams_norm[0], cams_norm[1], rtol=1e-4, atol=1e-5)
+    assert (cams_plain[0] - cams_plain[1]).abs().max() > 1e-3
+    make_small("fmamil", 12, 2, final_norm=False).load_state_dict(
+        make_small("fmamil", 12, 2, final_norm=False).state_dict())
