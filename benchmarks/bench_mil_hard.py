@@ -13,7 +13,8 @@ For every trained model in RUN/mil/{model}/{cohort}/:
     a slide's n lesion patches that are its n top-scored patches (pooled over slides).
 With RUN/segment/ (the segment stage): mean Dice on lesion slides (its metrics.csv) and the share of
 normal tissue marked: mask pixels outside the lesion over tissue pixels outside the lesion, pooled over
-all slides (tissue = the tile stage's patches, lesion = the truth mask).
+all slides (tissue = the tile stage's patches, lesion = the truth mask), and on the slides without a
+lesion alone (false alarms, where the rest is outline around a lesion).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def segment_stats(run_dir: Path, records, run: RunFolder, encoder: str):
         rows = {row["slide_id"]: row for row in csv.DictReader(fh)}
     dice = [float(rows[r.slide_id]["dice"]) for r in records
             if r.slide_id in rows and float(rows[r.slide_id]["truth_lesion_um2"]) > 0]
-    marked = tissue = 0
+    marked = tissue = marked_neg = tissue_neg = 0
     for r in records:
         tif = seg / f"{r.slide_id}.tif"
         if not tif.is_file():
@@ -111,8 +112,12 @@ def segment_stats(run_dir: Path, records, run: RunFolder, encoder: str):
         normal = tissue_m & ~les
         marked += int((pred & normal).sum())
         tissue += int(normal.sum())
+        if not les.any():   # slides without a lesion: marks there are false alarms, not outlines
+            marked_neg += int((pred & normal).sum())
+            tissue_neg += int(normal.sum())
     return {"dice_mean": float(np.mean(dice)) if dice else float("nan"), "n_lesion_slides": len(dice),
-            "normal_marked_pct": 100.0 * marked / tissue if tissue else float("nan")}
+            "normal_marked_pct": 100.0 * marked / tissue if tissue else float("nan"),
+            "lesion_free_marked_pct": 100.0 * marked_neg / tissue_neg if tissue_neg else float("nan")}
 
 
 def main(argv=None) -> int:
@@ -150,7 +155,8 @@ def main(argv=None) -> int:
     if seg:
         lines.append("")
         lines.append(f"segment ({args.label}): mean Dice on {seg['n_lesion_slides']} lesion slides "
-                     f"{seg['dice_mean']:.3f}; normal tissue marked {seg['normal_marked_pct']:.2f}%")
+                     f"{seg['dice_mean']:.3f}; normal tissue marked {seg['normal_marked_pct']:.2f}% "
+                     f"(on slides without a lesion {seg['lesion_free_marked_pct']:.2f}%)")
     text = "\n".join(lines)
     print(text)
     if args.out:
