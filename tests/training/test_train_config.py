@@ -56,3 +56,18 @@ def test_per_model_settings_apply_to_their_model_only_and_merge_model_args():
     other = cfg.train.for_model("abmil")
     assert other.instance_loss_weight == 0.0 and other.model_args == {"dropout": 0.1, "d_model": 64}
     assert cfg.train.model_args == {"dropout": 0.1, "d_model": 64}          # the base is untouched
+
+
+def test_demo_config_gives_each_model_its_recipe():
+    """configs/demo.yaml serves --model mambamil, fmamil and abmil: the instance loss (which abmil
+    cannot take) and final_norm reach only the models they are for."""
+    from pathlib import Path
+
+    from wsi_pipeline.config import load_config
+
+    train = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").train
+    fmamil, mambamil, abmil = (train.for_model(m) for m in ("fmamil", "mambamil", "abmil"))
+    assert fmamil.instance_loss_weight == 1.0 and fmamil.model_args == {"final_norm": False}
+    assert mambamil.instance_loss_weight == 0.0 and mambamil.model_args == {"final_norm": False}
+    assert abmil.instance_loss_weight == 0.0 and abmil.model_args == {}
+    assert {fmamil.center_per_slide, mambamil.center_per_slide, abmil.center_per_slide} == {"median"}
