@@ -8,7 +8,9 @@ The recurrence, per batch b, channel d and state n (mamba-ssm's semantics and sh
     out_t  = y_t * silu(z_t)                         (when z is given)
 
 Shapes: u, delta, z ``(B, D, L)``; A ``(D, N)``; B, C ``(B, N, L)`` (input-dependent) or ``(D, N)``;
-D, delta_bias ``(D,)``; last state ``(B, D, N)``. Accumulation is fp32 (fp64 when an input is fp64).
+D, delta_bias ``(D,)``; initial (h_{-1}, default 0) and last state ``(B, D, N)``. The initial state lets a
+long sequence be scanned in pieces, each starting from the last state of the one before
+(:mod:`wsi_pipeline.ssm.chunked`); mamba-ssm's kernel has no such input, so it is ``native``/``ref`` only. Accumulation is fp32 (fp64 when an input is fp64).
 
 ``selective_scan_native`` never materialises a ``(B, D, L, N)`` tensor: it walks the sequence in
 chunks of T steps, keeps only the state at chunk boundaries for backward, and its backward re-runs each
@@ -29,7 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from wsi_pipeline.ssm.backend import load_mamba_selective_scan_fn, resolve_backend
+from wsi_pipeline.ssm.backend import load_mamba_selective_scan_fn, requested_backend, resolve_backend
 
 # Elements of one (T, B, D, N) chunk tensor. About 1M floats (4 MB) keeps the handful of chunk-sized
 # temporaries of backward cache-friendly while making each vectorised op large enough to use all cores;
@@ -55,14 +57,22 @@ def selective_scan(
     delta_softplus=False,
     return_last_state=False,
     backend=None,
+    initial_state=None,
 ):
     """Selective scan with mamba-ssm's signature; the backend is chosen by :func:`resolve_backend`.
 
     Returns ``out`` ``(B, D, L)`` in ``u``'s dtype, or ``(out, last_state)`` with ``last_state``
     ``(B, D, N)`` in fp32 when ``return_last_state``. On the ``cuda`` backend ``last_state`` carries
     no gradient (mamba-ssm's kernel has none); use ``native`` to differentiate through it.
+    ``initial_state`` ``(B, D, N)`` (default zeros) is differentiable; mamba-ssm's kernel cannot take
+    one, so with it ``auto`` runs ``native`` even on a GPU and a forced ``cuda`` is an error.
     """
     name = resolve_backend(backend, u.device)
+    if initial_state is not None and name == "cuda":
+        if requested_backend(backend) == "cuda":
+            raise RuntimeError("SSM backend 'cuda' was forced but mamba-ssm's kernel has no initial state "
+                               "input; use 'native' or 'auto' for scans that start from a carried state")
+        name = "native"
     if name == "cuda":
         kernel = load_mamba_selective_scan_fn()
         if torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and any(
@@ -81,7 +91,7 @@ def selective_scan(
         # error rather than a silently missing gradient term. The native backend differentiates it.
         return out, last_state.detach()
     scan = selective_scan_ref if name == "ref" else selective_scan_native
-    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,7 +106,7 @@ def _warn_kernel_backward_not_bitwise() -> None:
         UserWarning, stacklevel=3)
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state=None):
     if A.is_complex():
         raise NotImplementedError(
             "complex A is not supported by the 'native' and 'ref' SSM backends (real A only, as in Mamba-1 "
@@ -122,15 +132,18 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
             raise ValueError(f"{name} must be (D,) with D={dim}, got {tuple(vec.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, dim, dstate):
+        raise ValueError(f"initial_state must be (B, D, N)={(batch, dim, dstate)}, got {tuple(initial_state.shape)}")
 
 
 def selective_scan_ref(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+    initial_state=None,
 ):
     """Sequential reference (mamba-ssm's ``selective_scan_ref``, real A): same contract as
     :func:`selective_scan`. Materialises ``(B, D, L, N)`` tensors and back-propagates through a Python
     loop, so it is for tests and small inputs only."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
     compute_dtype = torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (t.to(compute_dtype) for t in (u, delta, A, B, C))
@@ -143,7 +156,10 @@ def selective_scan_ref(
         delta_B_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
     else:
         delta_B_u = torch.einsum("bdl,dn,bdl->bdln", delta, B, u)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    if initial_state is None:
+        h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=compute_dtype)
+    else:
+        h = initial_state.to(compute_dtype)
     ys = []
     for i in range(u.shape[2]):
         h = delta_A[:, :, i] * h + delta_B_u[:, :, i]
@@ -161,7 +177,8 @@ def selective_scan_ref(
 
 
 def selective_scan_native(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+    initial_state=None,
 ):
     """Chunked scan with a recomputing backward; same contract as :func:`selective_scan`.
 
@@ -171,8 +188,9 @@ def selective_scan_native(
     produce them) are read without a copy; ``out`` and the sequence-long gradients are returned
     step-major (``(B, L, D)`` memory viewed as ``(B, D, L)``), which is the layout out_proj reads.
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    out, last_state = _SelectiveScanNative.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    out, last_state = _SelectiveScanNative.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                  initial_state)
     return (out, last_state) if return_last_state else out
 
 
@@ -300,7 +318,7 @@ def _block_starts(seqlen, steps):
 
 class _SelectiveScanNative(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
         dtype = torch.promote_types(u.dtype, torch.float32)
         batch, dim, seqlen = u.shape
         dstate = A.shape[1]
@@ -312,7 +330,10 @@ class _SelectiveScanNative(torch.autograd.Function):
         n_chunks = -(-seqlen // steps)
         boundaries = u.new_empty((n_chunks, batch, dstate, dim), dtype=dtype) if keep_boundaries else None
         out, out_steps = _step_major_empty(u)
-        h = u.new_zeros((batch, dstate, dim), dtype=dtype)
+        if initial_state is None:
+            h = u.new_zeros((batch, dstate, dim), dtype=dtype)
+        else:   # (B, D, N) -> the scan's (B, N, D) layout, a copy (the loop writes into the state chunks)
+            h = initial_state.to(dtype).transpose(1, 2).contiguous()
         workspace = _workspace(2, steps, h)
         index = 0
         for start in _block_starts(seqlen, steps):
@@ -333,6 +354,7 @@ class _SelectiveScanNative(torch.autograd.Function):
             out_steps[start:block.stop] = y
         ctx.delta_softplus = delta_softplus
         ctx.steps = steps
+        ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, boundaries)
         ctx.set_materialize_grads(False)
         return out, h.transpose(1, 2)
@@ -446,6 +468,11 @@ class _SelectiveScanNative(torch.autograd.Function):
             du_steps[start:stop] = du_block
             ddelta_steps[start:stop] = d_delta
 
+        # After the first chunk, adjoint_in is dLoss/dh_{-1}: the initial state's gradient.
+        grad_initial = None
+        if ctx.initial_state_dtype is not None:
+            grad_initial = adjoint_in.transpose(1, 2).to(ctx.initial_state_dtype)
+
         def cast(grad, like):
             return grad.to(like.dtype) if grad is not None else None
 
@@ -459,4 +486,5 @@ class _SelectiveScanNative(torch.autograd.Function):
             cast(dz, z),
             cast(ddelta_bias, delta_bias),
             None,
+            grad_initial,
         )
