@@ -71,6 +71,12 @@ class SSMBranch(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """x, z: (B, d_inner, L) -> gated scan output (B, d_inner, L)."""
         x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", backend=self.backend)
+        return self.ssm(x, z)
+
+    def ssm(self, x: torch.Tensor, z: torch.Tensor | None, initial_state: torch.Tensor | None = None,
+            return_last_state: bool = False):
+        """The part after the conv: x (conv output), z (B, d_inner, L) -> (B, d_inner, L), and the last
+        state (B, d_inner, N) with ``return_last_state``; ``initial_state`` as in :func:`selective_scan`."""
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj's bias is applied inside the scan (delta_bias), before the softplus, as in Mamba.
@@ -88,7 +94,9 @@ class SSMBranch(nn.Module):
             z=z,
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
+            return_last_state=return_last_state,
             backend=self.backend,
+            initial_state=initial_state,
         )
 
 
