@@ -75,6 +75,19 @@ def test_native_matches_ref_outputs_and_grads(max_chunk_steps, variable_B, varia
         torch.testing.assert_close(native[2][name], ref[2][name], rtol=RTOL, atol=ATOL, msg=f"grad of {name}")
 
 
+@pytest.mark.parametrize("has_z", [True, False])
+def test_native_matches_ref_for_one_sequence(max_chunk_steps, has_z):
+    # B = 1 (a MIL bag): the scan writes its results straight into the step-major outputs instead of
+    # through block temporaries, a path batch 2 does not take.
+    flags = dict(variable_B=True, variable_C=True, has_D=True, has_z=has_z, has_delta_bias=True, seed=11)
+    native = run_with_grads(selective_scan_native, make_inputs(1, 6, 45, 4, **flags), True)
+    ref = run_with_grads(selective_scan_ref, make_inputs(1, 6, 45, 4, **flags), True)
+    for a, b in zip(native[:2], ref[:2]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    for name in ref[2]:
+        torch.testing.assert_close(native[2][name], ref[2][name], rtol=RTOL, atol=ATOL, msg=f"grad of {name}")
+
+
 def test_native_gradcheck_fp64(max_chunk_steps):
     inputs = make_inputs(1, 3, 20, 2, True, True, True, True, True, dtype=torch.float64)
     names = list(inputs)
