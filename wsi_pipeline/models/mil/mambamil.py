@@ -43,10 +43,11 @@ every layer's activations at once (benchmarks/results/scan_fused.md). ``checkpoi
 off) adds sequence-chunked recompute for those bags: each layer is recomputed in pieces of that
 many instances, the scan state and conv inputs carried across pieces, so one layer's whole-bag
 activations are never held either (:class:`~.mil_layers.PreNormResidual`). With
-``checkpoint_above=0, checkpoint_chunk=8192`` a d_model-512 MambaMIL's training pass rises by about
-20 KiB per instance in fp32 (CPU, 10k-100k; a 1M bag ~20 GiB plus the 4 GiB bag itself), against 129
-KiB without checkpointing and 59 with layer checkpointing (benchmarks/results/scan_round2.md); it
-costs about 1.5x the time of a plain pass on CPU. The pieces use the native scan (mamba-ssm's kernel
+``checkpoint_above=0, checkpoint_chunk=2048`` a d_model-512 MambaMIL's training pass rises by 18-20
+KiB per instance in fp32 (CPU, 10k-100k; a 1M bag ~19 GiB plus the 4 GiB bag itself), against 124
+KiB without checkpointing and 59 with layer checkpointing; one piece's recompute adds ~90 KiB per
+piece step, a constant (benchmarks/results/scan_round2.md). It costs about 1.4x the time of a plain
+pass on CPU, as layer checkpointing does. The pieces use the native scan (mamba-ssm's kernel
 cannot start from a carried state), so on a GPU this trades much more time for memory.
 
 Final LayerNorm (``final_norm``, default True = the reference): ``final_norm=False`` feeds the
