@@ -31,6 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from wsi_pipeline.ssm import cpu_kernel
 from wsi_pipeline.ssm.backend import load_mamba_selective_scan_fn, requested_backend, resolve_backend
 
 # Elements of one (T, B, D, N) chunk tensor. About 1M floats (4 MB) keeps the handful of chunk-sized
@@ -189,8 +190,11 @@ def selective_scan_native(
     step-major (``(B, L, D)`` memory viewed as ``(B, D, L)``), which is the layout out_proj reads.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    out, last_state = _SelectiveScanNative.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                                  initial_state)
+    if cpu_kernel.applies(u, delta, A, B, C, D, z, delta_bias, initial_state):   # opt-in, see there
+        out, last_state = cpu_kernel.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    else:
+        out, last_state = _SelectiveScanNative.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                      initial_state)
     return (out, last_state) if return_last_state else out
 
 
