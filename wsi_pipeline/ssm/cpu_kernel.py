@@ -2,8 +2,9 @@
 
 Why: the ``native`` scan in PyTorch makes ~21 passes over every (T, N, D) chunk per forward +
 backward (each op is one pass), which bounds it at ~1 CPU-s per 10k x 1024 x 16 scan on one core.
-Fused, the state stays in cache and each step is one sweep: 0.37-0.40 CPU-s for the same scan
-(2.5x), which brings MambaMIL's CPU fwd+bwd near the no-scan model (benchmarks/results/scan_round2.md).
+Fused, the state stays in cache and each step is one sweep: 0.35-0.40 CPU-s for the same scan
+(2.5-3x), which brings MambaMIL's CPU fwd+bwd to 1.2-1.3x the no-scan model, from 1.8-2.0x
+(benchmarks/results/scan_round2.md).
 
 Off by default: it needs a C compiler at run time. ``WSI_SSM_CPU_KERNEL=1`` turns it on; the first
 scan in a process then compiles the source below with ``$CC`` (else ``cc``) into a private temporary
