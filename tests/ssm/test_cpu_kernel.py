@@ -117,3 +117,12 @@ def test_chunked_layer_with_the_kernel_matches_the_whole_layer(kernel_on):
     torch.testing.assert_close(pieces[0], whole[0], rtol=1e-5, atol=1e-5)
     for got, want in zip(pieces[1], whole[1]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@needs_compiler
+def test_loading_the_kernel_keeps_the_process_float_mode(kernel_on):
+    """-ffast-math at link time would pull in crtfastmath.o, whose constructor turns on flush-to-zero
+    for the whole process: every later float computation (torch's too) would lose denormals."""
+    assert cpu_kernel.load() is not None
+    tiny = torch.tensor([1e-39], dtype=torch.float32) / 10
+    assert tiny.item() > 0

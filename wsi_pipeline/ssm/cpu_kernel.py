@@ -34,7 +34,11 @@ import torch
 ENV_VAR = "WSI_SSM_CPU_KERNEL"
 # Steps between the boundary states the forward keeps for the backward (as the PyTorch scan's chunks).
 STEPS = 32
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared")
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC")
+# Linked in a second step without -ffast-math: gcc links crtfastmath.o into a -ffast-math link, whose
+# constructor sets flush-to-zero / denormals-are-zero for the whole process when the library loads,
+# which would silently change every other float computation of the run (torch's included).
+LDFLAGS = ("-shared",)
 
 SOURCE = r"""
 #include <stdint.h>
@@ -245,12 +249,18 @@ def load():
                       RuntimeWarning, stacklevel=2)
         return None
     with tempfile.TemporaryDirectory(prefix="wsi_ssm_kernel_") as build:
-        source, library = os.path.join(build, "scan.c"), os.path.join(build, "scan.so")
+        source, objects = os.path.join(build, "scan.c"), os.path.join(build, "scan.o")
+        library = os.path.join(build, "scan.so")
         with open(source, "w") as handle:
             handle.write(SOURCE)
+        error = None
         try:
-            proc = subprocess.run([compiler, *CFLAGS, source, "-o", library], capture_output=True, text=True)
-            error = proc.stderr.strip()[-300:] if proc.returncode != 0 else None
+            for command in ([compiler, *CFLAGS, "-c", source, "-o", objects],
+                            [compiler, *LDFLAGS, objects, "-o", library]):
+                proc = subprocess.run(command, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    error = proc.stderr.strip()[-300:]
+                    break
         except OSError as exc:    # e.g. $CC names no executable
             error = str(exc)
         if error is not None:
