@@ -3,6 +3,7 @@ with and without activation checkpointing, for issue 18.
 
     python benchmarks/bench_scan_fused.py ratio --length 10000 [--passes 3]
     python benchmarks/bench_scan_fused.py memory --lengths 10000 30000 100000 [--checkpoint none 0]
+        [--chunk 8192]
 
 ``ratio``: one process, one MambaMIL (in_dim 1024, d_model 512, its defaults otherwise); forward +
 backward passes alternate between the model with the scan and the same model with the scan replaced by
@@ -14,6 +15,7 @@ matters on a shared machine: bench_mil measures the two in separate processes mi
 ``memory``: every (length, checkpoint_above) in a fresh subprocess; peak RSS rise
 (``ru_maxrss``) over one training forward + backward, measured after the model and the bag exist,
 i.e. activations, gradients and workspace. A linear fit in L extrapolates to 1M instances.
+``--chunk N`` adds ``checkpoint_chunk=N`` (sequence-chunked recompute) to every checkpointed run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 IN_DIM, WIDTH = 1024, 512
 
 
-def build(checkpoint_above=None):
+def build(checkpoint_above=None, checkpoint_chunk=None):
     import torch
 
     from wsi_pipeline.models.mil import create_aggregator
@@ -39,6 +41,8 @@ def build(checkpoint_above=None):
     cfg = {"d_model": WIDTH, "context_drop": 0.0}
     if checkpoint_above is not None:
         cfg["checkpoint_above"] = checkpoint_above
+        if checkpoint_chunk is not None:
+            cfg["checkpoint_chunk"] = checkpoint_chunk
     return create_aggregator("mambamil", IN_DIM, 2, **cfg)
 
 
@@ -82,18 +86,19 @@ def ratio(length: int, passes: int) -> dict:
             "cpu_ratio": best_cpu["scan"] / best_cpu["no_scan"], "all": times, "all_cpu": cpu_times}
 
 
-def memory_child(length: int, checkpoint_above) -> dict:
+def memory_child(length: int, checkpoint_above, checkpoint_chunk=None) -> dict:
     import torch
 
-    model = build(checkpoint_above)
+    model = build(checkpoint_above, checkpoint_chunk)
     step(model, torch.randn(1, 100, IN_DIM))        # warm-up (small, so its own peak stays below the base)
     features = torch.randn(1, length, IN_DIM)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     step(model, features)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"length": length, "checkpoint_above": checkpoint_above, "seconds": seconds,
+    return {"length": length, "checkpoint_above": checkpoint_above, "checkpoint_chunk": checkpoint_chunk,
+            "seconds": seconds, "cpu_seconds": cpu_seconds,
             "base_mb": base, "peak_mb": peak, "rise_mb": peak - base}
 
 
@@ -104,17 +109,19 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     parser.add_argument("--checkpoint", nargs="+", default=["none", "0"])
+    parser.add_argument("--chunk", type=int, default=None, help="checkpoint_chunk for checkpointed runs")
     args = parser.parse_args()
     if args.mode == "ratio":
         print(json.dumps(ratio(args.length, args.passes)))
     elif args.mode == "child":
         above = None if args.checkpoint[0] == "none" else int(args.checkpoint[0])
-        print(json.dumps(memory_child(args.length, above)))
+        print(json.dumps(memory_child(args.length, above, args.chunk if above is not None else None)))
     else:
         for above in args.checkpoint:
             for length in args.lengths:
+                chunk = ["--chunk", str(args.chunk)] if args.chunk is not None else []
                 proc = subprocess.run([sys.executable, __file__, "child", "--length", str(length),
-                                       "--checkpoint", above], capture_output=True, text=True)
+                                       "--checkpoint", above, *chunk], capture_output=True, text=True)
                 line = proc.stdout.strip().splitlines()[-1:] or [json.dumps({"error": proc.stderr[-300:]})]
                 print(line[0], flush=True)
 

@@ -38,6 +38,29 @@ def test_causal_conv1d_matches_nn_conv1d_and_is_causal():
     assert torch.equal(causal_conv1d(changed, weight, bias)[..., :12], causal_conv1d(x, weight, bias)[..., :12])
 
 
+@pytest.mark.parametrize("seqlen", [1, 3, 20])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_step_major_causal_conv_matches_conv1d_with_gradients(seqlen, activation):
+    # Step-major x (a (B, L, D) tensor viewed as (B, D, L), as in_proj makes it) takes the shifted
+    # multiply-add path; values and every gradient must equal F.conv1d's (fp64, so exactly up to rounding).
+    gen = torch.Generator().manual_seed(seqlen)
+    steps = torch.randn(2, seqlen, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(5, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
+    x = steps.transpose(1, 2)
+    assert x.stride(1) == 1
+    out = causal_conv1d(x, weight, bias, activation=activation)
+    assert out.transpose(1, 2).is_contiguous()   # returned step-major, the scan's layout
+    expected = F.conv1d(x.contiguous(), weight.unsqueeze(1), bias, padding=3, groups=5)[..., :seqlen]
+    expected = F.silu(expected) if activation else expected
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, (steps, weight, bias), grad)
+    want = torch.autograd.grad(expected, (steps, weight, bias), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_mamba_block_has_mamba_parameters_and_init():
     block = MambaBlock(d_model=40, d_state=8, expand=2, dt_min=0.001, dt_max=0.1)
     assert set(block.state_dict()) == MAMBA_PARAMETER_NAMES

@@ -75,6 +75,19 @@ def test_native_matches_ref_outputs_and_grads(max_chunk_steps, variable_B, varia
         torch.testing.assert_close(native[2][name], ref[2][name], rtol=RTOL, atol=ATOL, msg=f"grad of {name}")
 
 
+@pytest.mark.parametrize("has_z", [True, False])
+def test_native_matches_ref_for_one_sequence(max_chunk_steps, has_z):
+    # B = 1 (a MIL bag): the scan writes its results straight into the step-major outputs instead of
+    # through block temporaries, a path batch 2 does not take.
+    flags = dict(variable_B=True, variable_C=True, has_D=True, has_z=has_z, has_delta_bias=True, seed=11)
+    native = run_with_grads(selective_scan_native, make_inputs(1, 6, 45, 4, **flags), True)
+    ref = run_with_grads(selective_scan_ref, make_inputs(1, 6, 45, 4, **flags), True)
+    for a, b in zip(native[:2], ref[:2]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    for name in ref[2]:
+        torch.testing.assert_close(native[2][name], ref[2][name], rtol=RTOL, atol=ATOL, msg=f"grad of {name}")
+
+
 def test_native_gradcheck_fp64(max_chunk_steps):
     inputs = make_inputs(1, 3, 20, 2, True, True, True, True, True, dtype=torch.float64)
     names = list(inputs)
@@ -234,3 +247,44 @@ def test_native_reads_step_major_views_and_returns_step_major_results():
     torch.testing.assert_close(native[1], ref[1], rtol=RTOL, atol=ATOL)
     for name in ref[2]:
         torch.testing.assert_close(native[2][name], ref[2][name], rtol=RTOL, atol=ATOL, msg=f"grad of {name}")
+
+
+def test_initial_state_native_matches_ref_with_its_gradient(max_chunk_steps):
+    # The carried state of a sequence scanned in pieces: native and ref agree on outputs and on every
+    # gradient, the initial state's included (it flows back through every decay of the sequence).
+    inputs = make_inputs(2, 6, 40, 4, True, True, True, True, True, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    inputs["initial_state"] = torch.randn(2, 6, 4, generator=gen).requires_grad_()
+    native = run_with_grads(selective_scan_native, inputs, True)
+    ref = run_with_grads(selective_scan_ref, {k: v.detach().requires_grad_() if v is not None else None
+                                              for k, v in inputs.items()}, True)
+    assert "initial_state" in native[2]
+    for a, b in zip(native[:2], ref[:2]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    for name in ref[2]:
+        torch.testing.assert_close(native[2][name], ref[2][name], rtol=RTOL, atol=ATOL, msg=f"grad of {name}")
+    assert native[2]["initial_state"].abs().sum() > 0
+
+
+def test_scanning_in_pieces_with_the_carried_state_equals_one_scan():
+    inputs = make_inputs(1, 5, 50, 3, True, True, True, True, True, dtype=torch.float64)
+    whole, last = selective_scan_native(**inputs, delta_softplus=True, return_last_state=True)
+    cut, state, outs = 17, None, []
+    for lo, hi in ((0, cut), (cut, 50)):
+        piece = {k: (v[..., lo:hi] if v is not None and v.dim() == 3 and v.shape[-1] == 50 else v)
+                 for k, v in inputs.items()}
+        out, state = selective_scan_native(**piece, delta_softplus=True, return_last_state=True,
+                                           initial_state=state)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, dim=-1), whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, last, rtol=1e-12, atol=1e-12)
+
+
+def test_initial_state_with_a_forced_cuda_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(scan, "resolve_backend", lambda backend, device: "cuda")
+    inputs = make_inputs(1, 4, 10, 3, True, True, False, False, False)
+    with pytest.raises(RuntimeError, match="initial state"):
+        selective_scan(**inputs, backend="cuda", initial_state=torch.zeros(1, 4, 3))
+    # auto falls back to the native scan, which takes one
+    out = selective_scan(**inputs, initial_state=torch.zeros(1, 4, 3))
+    torch.testing.assert_close(out, selective_scan_ref(**inputs), rtol=RTOL, atol=ATOL)

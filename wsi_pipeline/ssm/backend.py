@@ -2,7 +2,9 @@
 
 Backends:
 - ``"cuda"``: mamba-ssm's compiled ``selective_scan_fn`` (and causal-conv1d's kernel); GPU tensors only.
-- ``"native"``: our chunked PyTorch scan; runs on any device, exact up to float rounding.
+- ``"native"``: our chunked PyTorch scan; runs on any device, exact up to float rounding. On CPU,
+  ``WSI_SSM_CPU_KERNEL=1`` makes it use a fused C kernel where it applies (fp32, input-dependent B
+  and C), built at first use with the system C compiler (:mod:`wsi_pipeline.ssm.cpu_kernel`).
 - ``"ref"``: the short sequential reference; a test oracle, slow and memory-hungry.
 
 Precedence, highest first: the ``backend=`` argument of a call or module, :func:`set_backend` /

@@ -71,6 +71,12 @@ class SSMBranch(nn.Module):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """x, z: (B, d_inner, L) -> gated scan output (B, d_inner, L)."""
         x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", backend=self.backend)
+        return self.ssm(x, z)
+
+    def ssm(self, x: torch.Tensor, z: torch.Tensor | None, initial_state: torch.Tensor | None = None,
+            return_last_state: bool = False):
+        """The part after the conv: x (conv output), z (B, d_inner, L) -> (B, d_inner, L), and the last
+        state (B, d_inner, N) with ``return_last_state``; ``initial_state`` as in :func:`selective_scan`."""
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj's bias is applied inside the scan (delta_bias), before the softplus, as in Mamba.
@@ -88,8 +94,21 @@ class SSMBranch(nn.Module):
             z=z,
             delta_bias=self.dt_proj.bias.float(),
             delta_softplus=True,
+            return_last_state=return_last_state,
             backend=self.backend,
+            initial_state=initial_state,
         )
+
+
+def _split_xz(xz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """in_proj's (B, L, 2*d_inner) output -> x, z as (B, d_inner, L) views of step-major memory.
+
+    Split along the channel axis *before* transposing: the gradients then come back together by a
+    concatenation along the last axis of step-major tensors, a plain copy. Split after the transpose,
+    that concatenation wrote a (B, 2*d_inner, L) tensor from step-major parts, a transposing copy
+    (0.3-0.5 s of a 10k MambaMIL pass, measured)."""
+    x, z = xz.chunk(2, dim=-1)
+    return x.transpose(1, 2), z.transpose(1, 2)
 
 
 def _branch_kwargs(d_model, expand, dt_rank):
@@ -130,7 +149,7 @@ class MambaBlock(SSMBranch):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, L, d_model) -> (B, L, d_model)."""
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+        x, z = _split_xz(self.in_proj(hidden_states))
         return self.out_proj(self.inner(x, z).transpose(1, 2))
 
 
@@ -197,7 +216,7 @@ class BranchedMambaBlock(nn.Module):
         """One scan order: (B, L, 2*d_inner) -> (B, L, d_inner), back in sequence order."""
         # Reordered along L in (B, L, C) layout, so x, z and the branch output stay step-major
         # (the scan's layout) and no (B, C, L) copy is made on the way in or out.
-        x, z = order.apply(xz, dim=1).transpose(1, 2).chunk(2, dim=1)
+        x, z = _split_xz(order.apply(xz, dim=1))
         return order.undo(branch(x, z).transpose(1, 2), xz.shape[1], dim=1)
 
 

@@ -8,7 +8,9 @@ The recurrence, per batch b, channel d and state n (mamba-ssm's semantics and sh
     out_t  = y_t * silu(z_t)                         (when z is given)
 
 Shapes: u, delta, z ``(B, D, L)``; A ``(D, N)``; B, C ``(B, N, L)`` (input-dependent) or ``(D, N)``;
-D, delta_bias ``(D,)``; last state ``(B, D, N)``. Accumulation is fp32 (fp64 when an input is fp64).
+D, delta_bias ``(D,)``; initial (h_{-1}, default 0) and last state ``(B, D, N)``. The initial state lets a
+long sequence be scanned in pieces, each starting from the last state of the one before
+(:mod:`wsi_pipeline.ssm.chunked`); mamba-ssm's kernel has no such input, so it is ``native``/``ref`` only. Accumulation is fp32 (fp64 when an input is fp64).
 
 ``selective_scan_native`` never materialises a ``(B, D, L, N)`` tensor: it walks the sequence in
 chunks of T steps, keeps only the state at chunk boundaries for backward, and its backward re-runs each
@@ -29,7 +31,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from wsi_pipeline.ssm.backend import load_mamba_selective_scan_fn, resolve_backend
+from wsi_pipeline.ssm import cpu_kernel
+from wsi_pipeline.ssm.backend import load_mamba_selective_scan_fn, requested_backend, resolve_backend
 
 # Elements of one (T, B, D, N) chunk tensor. About 1M floats (4 MB) keeps the handful of chunk-sized
 # temporaries of backward cache-friendly while making each vectorised op large enough to use all cores;
@@ -55,14 +58,22 @@ def selective_scan(
     delta_softplus=False,
     return_last_state=False,
     backend=None,
+    initial_state=None,
 ):
     """Selective scan with mamba-ssm's signature; the backend is chosen by :func:`resolve_backend`.
 
     Returns ``out`` ``(B, D, L)`` in ``u``'s dtype, or ``(out, last_state)`` with ``last_state``
     ``(B, D, N)`` in fp32 when ``return_last_state``. On the ``cuda`` backend ``last_state`` carries
     no gradient (mamba-ssm's kernel has none); use ``native`` to differentiate through it.
+    ``initial_state`` ``(B, D, N)`` (default zeros) is differentiable; mamba-ssm's kernel cannot take
+    one, so with it ``auto`` runs ``native`` even on a GPU and a forced ``cuda`` is an error.
     """
     name = resolve_backend(backend, u.device)
+    if initial_state is not None and name == "cuda":
+        if requested_backend(backend) == "cuda":
+            raise RuntimeError("SSM backend 'cuda' was forced but mamba-ssm's kernel has no initial state "
+                               "input; use 'native' or 'auto' for scans that start from a carried state")
+        name = "native"
     if name == "cuda":
         kernel = load_mamba_selective_scan_fn()
         if torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and any(
@@ -81,7 +92,7 @@ def selective_scan(
         # error rather than a silently missing gradient term. The native backend differentiates it.
         return out, last_state.detach()
     scan = selective_scan_ref if name == "ref" else selective_scan_native
-    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state)
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,7 +107,7 @@ def _warn_kernel_backward_not_bitwise() -> None:
         UserWarning, stacklevel=3)
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state=None):
     if A.is_complex():
         raise NotImplementedError(
             "complex A is not supported by the 'native' and 'ref' SSM backends (real A only, as in Mamba-1 "
@@ -122,15 +133,18 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
             raise ValueError(f"{name} must be (D,) with D={dim}, got {tuple(vec.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, dim, dstate):
+        raise ValueError(f"initial_state must be (B, D, N)={(batch, dim, dstate)}, got {tuple(initial_state.shape)}")
 
 
 def selective_scan_ref(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+    initial_state=None,
 ):
     """Sequential reference (mamba-ssm's ``selective_scan_ref``, real A): same contract as
     :func:`selective_scan`. Materialises ``(B, D, L, N)`` tensors and back-propagates through a Python
     loop, so it is for tests and small inputs only."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     dtype_in = u.dtype
     compute_dtype = torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (t.to(compute_dtype) for t in (u, delta, A, B, C))
@@ -143,7 +157,10 @@ def selective_scan_ref(
         delta_B_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
     else:
         delta_B_u = torch.einsum("bdl,dn,bdl->bdln", delta, B, u)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    if initial_state is None:
+        h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1], dtype=compute_dtype)
+    else:
+        h = initial_state.to(compute_dtype)
     ys = []
     for i in range(u.shape[2]):
         h = delta_A[:, :, i] * h + delta_B_u[:, :, i]
@@ -161,7 +178,8 @@ def selective_scan_ref(
 
 
 def selective_scan_native(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False,
+    initial_state=None,
 ):
     """Chunked scan with a recomputing backward; same contract as :func:`selective_scan`.
 
@@ -171,8 +189,12 @@ def selective_scan_native(
     produce them) are read without a copy; ``out`` and the sequence-long gradients are returned
     step-major (``(B, L, D)`` memory viewed as ``(B, D, L)``), which is the layout out_proj reads.
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    out, last_state = _SelectiveScanNative.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if cpu_kernel.applies(u, delta, A, B, C, D, z, delta_bias, initial_state):   # opt-in, see there
+        out, last_state = cpu_kernel.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    else:
+        out, last_state = _SelectiveScanNative.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                                      initial_state)
     return (out, last_state) if return_last_state else out
 
 
@@ -269,21 +291,50 @@ def _workspace(count: int, steps: int, state):
     return state.new_empty((count, steps, *state.shape))
 
 
-def _over_n(states, weights):
+def _into(target, dtype):
+    """``target`` when a result can be written straight into it (contiguous, ``dtype``), else None.
+
+    Writing results into the step-major outputs where they can take them saves a chunk- or
+    block-sized temporary and its copy (for B = 1 and fp32, every time)."""
+    return target if target.dtype == dtype and target.is_contiguous() else None
+
+
+def _over_n(states, weights, target=None):
     """sum_n states[t, b, n, d] * weights -> (T, B, D); weights (T, B, N, 1) per step or (N, D) fixed.
+    Written into ``target`` (T, B, D) when it takes it (:func:`_into`), else into a copy of the result.
 
     Per step it is one (1, N) x (N, D) product per (t, b): a batched matmul whose operands are
     contiguous (20x faster than the same contraction over a unit-stride N axis, measured)."""
     steps, batch, dstate, dim = states.shape
+    direct = _into(target, states.dtype) if target is not None else None
     if weights.dim() == 4:
         rows = weights.reshape(steps * batch, 1, dstate)
-        return torch.bmm(rows, states.view(steps * batch, dstate, dim)).view(steps, batch, dim)
-    return (states * weights).sum(2)
+        if direct is not None:
+            torch.bmm(rows, states.view(steps * batch, dstate, dim), out=direct.view(steps * batch, 1, dim))
+            return direct
+        result = torch.bmm(rows, states.view(steps * batch, dstate, dim)).view(steps, batch, dim)
+    elif direct is not None:
+        return torch.sum(states * weights, 2, out=direct)
+    else:
+        result = (states * weights).sum(2)
+    if target is not None:
+        target.copy_(result)
+    return result
 
 
-def _over_d(states, weights):
-    """sum_d states[t, b, n, d] * weights[t, b, d] -> (T, B, N)."""
-    return torch.einsum("tbnd,tbd->tbn", states, weights.contiguous())
+def _over_d(states, weights, target):
+    """sum_d states[t, b, n, d] * weights[t, b, d] -> ``target`` (T, B, N).
+
+    As (1, D) x (D, N) products with the states as a transposed operand (the form einsum picks):
+    (N, D) x (D, 1) matrix-vector products are 12x slower (measured)."""
+    steps, batch, dstate, dim = states.shape
+    rows = weights.reshape(steps * batch, 1, dim)
+    columns = states.view(steps * batch, dstate, dim).transpose(1, 2)
+    direct = _into(target, states.dtype)
+    if direct is not None:
+        torch.bmm(rows, columns, out=direct.view(steps * batch, 1, dstate))
+    else:
+        target.copy_(torch.bmm(rows, columns).view(steps, batch, dstate))
 
 
 def _over_steps(states, weights):
@@ -300,7 +351,7 @@ def _block_starts(seqlen, steps):
 
 class _SelectiveScanNative(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
         dtype = torch.promote_types(u.dtype, torch.float32)
         batch, dim, seqlen = u.shape
         dstate = A.shape[1]
@@ -312,12 +363,17 @@ class _SelectiveScanNative(torch.autograd.Function):
         n_chunks = -(-seqlen // steps)
         boundaries = u.new_empty((n_chunks, batch, dstate, dim), dtype=dtype) if keep_boundaries else None
         out, out_steps = _step_major_empty(u)
-        h = u.new_zeros((batch, dstate, dim), dtype=dtype)
+        if initial_state is None:
+            h = u.new_zeros((batch, dstate, dim), dtype=dtype)
+        else:   # (B, D, N) -> the scan's (B, N, D) layout, a copy (the loop writes into the state chunks)
+            h = initial_state.to(dtype).transpose(1, 2).contiguous()
         workspace = _workspace(2, steps, h)
         index = 0
         for start in _block_starts(seqlen, steps):
             block = _Block(seq, delta_bias, delta_softplus, start, min(start + steps * CHUNKS_PER_BLOCK, seqlen), dtype)
-            y = block.u.new_empty(block.u.shape)
+            y_out = out_steps[start:block.stop]
+            y = _into(y_out, dtype)
+            y = block.u.new_empty(block.u.shape) if y is None else y
             for lo, hi in block.chunks(steps):
                 if keep_boundaries:
                     boundaries[index] = h
@@ -325,14 +381,16 @@ class _SelectiveScanNative(torch.autograd.Function):
                 states, _ = _chunk_states(block.delta[lo:hi], block.delta_u[lo:hi], block.sub(block.B, lo, hi),
                                           A_t, h, workspace)
                 h = states[-1].clone()  # the workspace is overwritten by the next chunk
-                y[lo:hi] = _over_n(states, block.sub(block.C, lo, hi))
+                _over_n(states, block.sub(block.C, lo, hi), y[lo:hi])
             if D_c is not None:
                 y.addcmul_(block.u, D_c)
             if block.z is not None:
                 y.mul_(F.silu(block.z))
-            out_steps[start:block.stop] = y
+            if y is not y_out:
+                y_out.copy_(y)
         ctx.delta_softplus = delta_softplus
         ctx.steps = steps
+        ctx.initial_state_dtype = initial_state.dtype if initial_state is not None else None
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, boundaries)
         ctx.set_materialize_grads(False)
         return out, h.transpose(1, 2)
@@ -380,12 +438,13 @@ class _SelectiveScanNative(torch.autograd.Function):
             else:
                 grad = block.u.new_zeros(block.u.shape)
             if block.z is not None:
-                gate = torch.sigmoid(block.z)
-                grad_y = grad * block.z * gate       # the gradient reaching y = <C, h> + D u
+                grad_y = F.silu(block.z).mul_(grad)  # the gradient reaching y = <C, h> + D u
                 y = block.u.new_empty(block.u.shape)
             else:
                 grad_y = grad
-            d_delta = block.u.new_empty(block.u.shape)
+            d_delta_out = ddelta_steps[start:stop]
+            d_delta = _into(d_delta_out, dtype)
+            d_delta = block.u.new_empty(block.u.shape) if d_delta is None else d_delta
             w = block.u.new_empty(block.u.shape)
             chunks = block.chunks(steps)
             first_chunk = start // steps
@@ -396,9 +455,9 @@ class _SelectiveScanNative(torch.autograd.Function):
                 states, decay = _chunk_states(delta_c, block.delta_u[lo:hi], B_c, A_t, h0, workspace)
                 g = grad_y[lo:hi]
                 if block.z is not None:
-                    y[lo:hi] = _over_n(states, C_c)
+                    _over_n(states, C_c, y[lo:hi])
                 if variable_C:
-                    dC_steps[start + lo:start + hi] = _over_d(states, g)
+                    _over_d(states, g, dC_steps[start + lo:start + hi])
                 else:
                     dC_t += (states * g.unsqueeze(2)).sum((0, 1))
 
@@ -422,9 +481,9 @@ class _SelectiveScanNative(torch.autograd.Function):
                 del d_log_decay
 
                 # Input term delta_t * u_t * B_t: w = sum_n adj_t * B_t feeds delta and u.
-                w[lo:hi] = _over_n(adjoint, B_c)
+                _over_n(adjoint, B_c, w[lo:hi])
                 if variable_B:
-                    dB_steps[start + lo:start + hi] = _over_d(adjoint, block.delta_u[lo:hi])
+                    _over_d(adjoint, block.delta_u[lo:hi], dB_steps[start + lo:start + hi])
                 else:
                     dB_t += (adjoint * block.delta_u[lo:hi].unsqueeze(2)).sum((0, 1))
 
@@ -432,9 +491,15 @@ class _SelectiveScanNative(torch.autograd.Function):
             if block.z is not None:
                 if D_c is not None:
                     y.addcmul_(block.u, D_c)
-                # d silu(z)/dz = sigmoid(z) * (1 + z * (1 - sigmoid(z)))
-                dz_steps[start:stop] = grad * y * gate * (1 + block.z * (1 - gate))
-            du_block = w * block.delta
+                # dz = grad * y * silu'(z): SiLU's own backward kernel, one pass, straight into dz.
+                dz_out = dz_steps[start:stop]
+                if _into(dz_out, dtype) is not None:
+                    torch.ops.aten.silu_backward.grad_input(y.mul_(grad), block.z, grad_input=dz_out)
+                else:
+                    dz_out.copy_(torch.ops.aten.silu_backward(y.mul_(grad), block.z))
+            du_out = du_steps[start:stop]
+            du_block = _into(du_out, dtype)
+            du_block = torch.mul(w, block.delta, out=du_block) if du_block is not None else w * block.delta
             if D_c is not None:
                 du_block.addcmul_(grad_y, D_c)
                 dD += (grad_y * block.u).sum((0, 1))
@@ -443,8 +508,15 @@ class _SelectiveScanNative(torch.autograd.Function):
                 d_delta.mul_(torch.sigmoid(block.delta_raw))
             if ddelta_bias is not None:
                 ddelta_bias += d_delta.sum((0, 1))
-            du_steps[start:stop] = du_block
-            ddelta_steps[start:stop] = d_delta
+            if du_block is not du_out:
+                du_out.copy_(du_block)
+            if d_delta is not d_delta_out:
+                d_delta_out.copy_(d_delta)
+
+        # After the first chunk, adjoint_in is dLoss/dh_{-1}: the initial state's gradient.
+        grad_initial = None
+        if ctx.initial_state_dtype is not None:
+            grad_initial = adjoint_in.transpose(1, 2).to(ctx.initial_state_dtype)
 
         def cast(grad, like):
             return grad.to(like.dtype) if grad is not None else None
@@ -459,4 +531,5 @@ class _SelectiveScanNative(torch.autograd.Function):
             cast(dz, z),
             cast(ddelta_bias, delta_bias),
             None,
+            grad_initial,
         )

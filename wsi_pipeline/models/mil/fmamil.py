@@ -43,7 +43,8 @@ B > 1 works (bags of equal length, each with its own grid).
 Context branch (``layer_scale``, ``context_drop``, default 0.5): as in
 :mod:`~wsi_pipeline.models.mil.mambamil`, whose docstring says why; ``context_drop=0`` is the
 reference design. ``checkpoint_above`` (None: off): activation checkpointing of the Mamba
-layers for bags longer than this, as in MambaMIL.
+layers for bags longer than this, as in MambaMIL; ``checkpoint_chunk`` (None: off) recomputes them
+in pieces of that many instances, as in MambaMIL.
 
 Final LayerNorm (``final_norm``, default True = the paper's structure): ``False`` feeds the CAM head
 and the attention the residual stream as it is, as MambaMIL's option of the same name (whose
@@ -120,7 +121,8 @@ class FMaMIL(nn.Module):
                  filter_size: int = 32, filter_init: str = "small", max_grid_factor: int = 16,
                  attention_dim: int = 128, init: str = "mamba",
                  layer_scale: float | None = None, context_drop: float = 0.5, instance_score: str = "attention",
-                 checkpoint_above: int | None = None, final_norm: bool = True):
+                 checkpoint_above: int | None = None, checkpoint_chunk: int | None = None,
+                 final_norm: bool = True):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -132,7 +134,7 @@ class FMaMIL(nn.Module):
         self.frequency = FrequencyEncoding(d_model, filter_size, filter_init)
         self.layers = nn.ModuleList(
             PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand, checkpoint_above),
-                            layer_scale, context_drop, checkpoint_above)
+                            layer_scale, context_drop, checkpoint_above, checkpoint_chunk)
             for _ in range(n_layers)
         )
         # final_norm=False: no per-instance LayerNorm before the CAM head and the attention (module

@@ -42,7 +42,8 @@ groups). Masked instances score 0; the scores of a bag sum to 1.
 
 B > 1 is handled by running the bags one after another (each with its own coordinates).
 ``checkpoint_above`` (None: off): BiMamba layers on groups longer than this recompute their
-activations in backward instead of keeping them (:class:`~.mil_layers.PreNormResidual`).
+activations in backward instead of keeping them (:class:`~.mil_layers.PreNormResidual`);
+``checkpoint_chunk`` (None: off) recomputes them in pieces of that many instances, as in MambaMIL.
 ``init="reference"`` applies the reference's Xavier-normal / zero-bias init to the IMM part (input
 projection, BiMambas, score and attention MLPs), as the reference does; ``"mamba"`` (default) keeps
 Mamba's init. CSS and the classifier keep PyTorch's default init in both cases, as in the reference.
@@ -68,7 +69,8 @@ class IntraGroupMaskingMamba(nn.Module):
     """
 
     def __init__(self, d_model: int, mask_ratio: float, d_state: int, d_conv: int, expand: float,
-                 attention_dim: int = 128, mask_score_grad: bool = True, checkpoint_above: int | None = None):
+                 attention_dim: int = 128, mask_score_grad: bool = True, checkpoint_above: int | None = None,
+                 checkpoint_chunk: int | None = None):
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -76,9 +78,9 @@ class IntraGroupMaskingMamba(nn.Module):
         self.mask_score_grad = mask_score_grad
         mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, checkpoint_above=checkpoint_above)
         self.bimamba_1 = PreNormResidual(d_model, build_mixer("bimamba", d_model, **mixer),
-                                         checkpoint_above=checkpoint_above)
+                                         checkpoint_above=checkpoint_above, checkpoint_chunk=checkpoint_chunk)
         self.bimamba_2 = PreNormResidual(d_model, build_mixer("bimamba", d_model, **mixer),
-                                         checkpoint_above=checkpoint_above)
+                                         checkpoint_above=checkpoint_above, checkpoint_chunk=checkpoint_chunk)
         # One LayerNorm before both the mask score and the group attention, as in the reference.
         self.norm = nn.LayerNorm(d_model)
         self.mask_score = nn.Sequential(nn.Linear(d_model, attention_dim), nn.Tanh(), nn.Linear(attention_dim, 1))
@@ -155,7 +157,7 @@ class GMMamba(nn.Module):
                  dropout: float = 0.25, n_heads: int = 8, attention_dropout: float = 0.1, n_cls_layers: int = 1,
                  attention_dim: int = 128, mask_score_grad: bool = True, kmeans_seed: int = 0,
                  init: str = "mamba", group_cache: GroupCache | None = None, input_proj: bool = True,
-                 checkpoint_above: int | None = None):
+                 checkpoint_above: int | None = None, checkpoint_chunk: int | None = None):
         super().__init__()
         if n_groups < 1 or n_cls_layers < 1:
             raise ValueError("n_groups and n_cls_layers must be >= 1")
@@ -167,7 +169,7 @@ class GMMamba(nn.Module):
         self.embed = (nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout)) if input_proj
                       else nn.Identity())
         self.imm = IntraGroupMaskingMamba(d_model, mask_ratio, d_state, d_conv, expand, attention_dim,
-                                          mask_score_grad, checkpoint_above)
+                                          mask_score_grad, checkpoint_above, checkpoint_chunk)
         self.css = CrossGroupSuperFeatures(d_model, n_heads)
         self.cls_token = nn.Parameter(torch.randn(1, 1, d_model))
         self.cls_layers = nn.ModuleList(ClassTokenAttention(d_model, n_heads, attention_dropout)

@@ -39,7 +39,16 @@ measurements are in benchmarks/results/mil_hard.md. ``context_drop=0`` is the re
 ``checkpoint_above`` (None: off): for bags longer than this, each layer and each scan branch
 recomputes its activations in backward instead of keeping them (``torch.utils.checkpoint``): same
 gradients, about one more forward pass of the mixers in time, and peak memory that no longer holds
-every layer's activations at once (benchmarks/results/scan_fused.md).
+every layer's activations at once (benchmarks/results/scan_fused.md). ``checkpoint_chunk`` (None:
+off) adds sequence-chunked recompute for those bags: each layer is recomputed in pieces of that
+many instances, the scan state and conv inputs carried across pieces, so one layer's whole-bag
+activations are never held either (:class:`~.mil_layers.PreNormResidual`). With
+``checkpoint_above=0, checkpoint_chunk=2048`` a d_model-512 MambaMIL's training pass rises by 18-20
+KiB per instance in fp32 (CPU, 10k-100k; a 1M bag ~19 GiB plus the 4 GiB bag itself), against 124
+KiB without checkpointing and 59 with layer checkpointing; one piece's recompute adds ~90 KiB per
+piece step, a constant (benchmarks/results/scan_round2.md). It costs about 1.4x the time of a plain
+pass on CPU, as layer checkpointing does. The pieces use the native scan (mamba-ssm's kernel
+cannot start from a carried state), so on a GPU this trades much more time for memory.
 
 Final LayerNorm (``final_norm``, default True = the reference): ``final_norm=False`` feeds the
 attention and the head the residual stream as it is. On the hard demo (centred, standardised
@@ -68,7 +77,8 @@ class MambaMIL(nn.Module):
                  n_layers: int = 2, rate: int = 10, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba", scan: str = "bag",
                  layer_scale: float | None = None, context_drop: float = 0.5,
-                 checkpoint_above: int | None = None, final_norm: bool = True):
+                 checkpoint_above: int | None = None, final_norm: bool = True,
+                 checkpoint_chunk: int | None = None):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -78,7 +88,7 @@ class MambaMIL(nn.Module):
         self.embed = nn.Sequential(nn.Linear(in_dim, d_model), nn.GELU(), nn.Dropout(dropout))
         self.layers = nn.ModuleList(
             PreNormResidual(d_model, build_mixer(mixer, d_model, rate, d_state, d_conv, expand, checkpoint_above),
-                            layer_scale, context_drop, checkpoint_above)
+                            layer_scale, context_drop, checkpoint_above, checkpoint_chunk)
             for _ in range(n_layers)
         )
         # final_norm=False: no LayerNorm before the attention (module docstring, "Final LayerNorm").

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from wsi_pipeline.ssm import BranchedMambaBlock, Identity, MambaBlock, Reverse, Stride
+from wsi_pipeline.ssm.chunked import chunked_mixer, supports_chunking
 
 MIXERS = ("srmamba", "bimamba", "mamba")
 INIT_SCHEMES = ("mamba", "reference")
@@ -61,16 +62,30 @@ class PreNormResidual(nn.Module):
     on, the branch's activations are not kept for backward but recomputed there
     (``torch.utils.checkpoint``), so only the layer input stays in memory between forward and
     backward. Same values and gradients; one more forward of the branch in time.
+
+    ``checkpoint_chunk`` (None: off; needs ``checkpoint_above``): when checkpointing applies, the
+    layer is recomputed in pieces of this many steps along each scan branch, the scan state and the
+    conv's last inputs carried from piece to piece (:func:`~wsi_pipeline.ssm.chunked.chunked_mixer`),
+    so not even one layer's whole-sequence activations are held: the peak no longer grows with the
+    mixer's width times L, only with the layer's input and output (benchmarks/results/scan_round2.md).
+    Same values and gradients up to float rounding. Mamba mixers only (srmamba, bimamba, mamba).
     """
 
     def __init__(self, d_model: int, mixer: nn.Module, layer_scale: float | None = None,
-                 context_drop: float = 0.0, checkpoint_above: int | None = None):
+                 context_drop: float = 0.0, checkpoint_above: int | None = None,
+                 checkpoint_chunk: int | None = None):
         super().__init__()
         if not 0.0 <= context_drop < 1.0:
             raise ValueError(f"context_drop must be in [0, 1), got {context_drop}")
         if checkpoint_above is not None and checkpoint_above < 0:
             raise ValueError(f"checkpoint_above must be None or >= 0, got {checkpoint_above}")
+        if checkpoint_chunk is not None:
+            if checkpoint_chunk < 1:
+                raise ValueError(f"checkpoint_chunk must be None or >= 1, got {checkpoint_chunk}")
+            if not supports_chunking(mixer):
+                raise ValueError(f"checkpoint_chunk needs a Mamba mixer, got {type(mixer).__name__}")
         self.checkpoint_above = checkpoint_above
+        self.checkpoint_chunk = checkpoint_chunk
         self.norm = nn.LayerNorm(d_model)
         self.mixer = mixer
         self.context_drop = context_drop
@@ -83,7 +98,9 @@ class PreNormResidual(nn.Module):
                 return x
         else:
             keep = None
-        if checkpointing(self.checkpoint_above, x):
+        if checkpointing(self.checkpoint_above, x) and self.checkpoint_chunk is not None:
+            branch = chunked_mixer(self.norm, self.mixer, x, self.checkpoint_chunk)
+        elif checkpointing(self.checkpoint_above, x):
             branch = checkpoint(self._branch, x, use_reentrant=False)
         else:
             branch = self._branch(x)
