@@ -19,8 +19,6 @@ import warnings
 from collections import OrderedDict
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 
 
 def kmeans_groups(coords: np.ndarray, n_groups: int, seed: int = 0) -> list[np.ndarray]:
@@ -39,6 +37,10 @@ def kmeans_groups(coords: np.ndarray, n_groups: int, seed: int = 0) -> list[np.n
     n_clusters = min(int(n_groups), len(np.unique(points, axis=0)))
     if n_clusters == 1:
         return [np.arange(len(points), dtype=np.int64)]
+    # Imported here: every model registry import (each train/heatmap job) would pay ~0.8 s for it.
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         # Duplicate coordinates can still leave fewer distinct centres than clusters; the empty
         # ones are dropped below, so the warning says nothing the caller must act on.
