@@ -50,10 +50,13 @@ def validate_run_inputs(manifest_path: str | Path, config_path: str | Path | Non
 
 
 def registry_problems(cfg: Config, *, model: str | None = None, model_key: str = "--model") -> list[str]:
-    """The config's model names (train.model, or `model` given as --model; extract.encoder;
-    segment.model) that no registry knows, each with the closest registered names."""
+    """The config's model names (train.model, or `model` given as --model; the keys of
+    train.per_model; extract.encoder; segment.model) that no registry knows, each with the closest
+    registered names."""
     problems = [aggregator_problem(model, model_key) if model else aggregator_problem(cfg.train.model),
                 encoder_problem(cfg.extract.encoder), segmenter_problem(cfg.segment.model)]
+    # A misspelt per_model key would never apply its settings, silently: refused like train.model.
+    problems += [aggregator_problem(name, "train.per_model") for name in cfg.train.per_model]
     return [p for p in problems if p]
 
 

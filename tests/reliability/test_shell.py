@@ -138,3 +138,14 @@ def test_workflow_cli_word_list_stays_quoted(prepared_run):
     assert lines, text[-3000:]
     assert all("'wsi-pipeline;' touch pwned '$(touch' 'pwned)'" in line for line in lines), lines
     assert not _pwned(root)
+
+
+def test_a_misspelt_per_model_key_is_refused_with_the_closest_model():
+    from wsi_pipeline.config import config_from_dict
+    from wsi_pipeline.validation import registry_problems
+
+    ok = config_from_dict({"train": {"per_model": {"fmamil": {"instance_loss_weight": 1.0}}}})
+    assert registry_problems(ok) == []
+    typo = config_from_dict({"train": {"per_model": {"fmamill": {"instance_loss_weight": 1.0}}}})
+    (problem,) = registry_problems(typo)
+    assert problem.startswith("train.per_model: unknown MIL aggregator 'fmamill' (did you mean fmamil")
