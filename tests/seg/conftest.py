@@ -69,3 +69,35 @@ def seg_cohort(tmp_path_factory):
         save_patch_cams(RunFolder(run).segment_dir / "cams" / f"{record.slide_id}.npz",
                         simulated_cams(record.path, seed=i))
     return manifest, run
+
+
+TOY_FMAMIL_ARGS = {"d_model": 16, "n_layers": 1, "d_state": 4, "attention_dim": 8, "filter_size": 8}
+
+
+def toy_fmamil_run(seg_cohort, root):
+    """A run folder for the cohort's tumour slide with random 8-d features on its CAM patches, and
+    where its one-fold fmamil ensemble goes → (record, RunFolder, coords, fold dir, fold meta)."""
+    from wsi_pipeline.features_h5 import write_features_h5
+    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.segmentation import load_patch_cams
+
+    manifest, seg_run = seg_cohort
+    record = load_manifest(manifest).records[1]
+    coords = load_patch_cams(seg_run / "segment" / "cams" / f"{record.slide_id}.npz").coords
+    run = RunFolder(root / "run")
+    write_features_h5(run.features_h5("toy", record.slide_id),
+                      np.random.default_rng(0).normal(size=(len(coords), 8)).astype(np.float32), coords,
+                      {"patch_size_level0": 224, "encoder": "toy"})
+    meta = {"model": "fmamil", "in_dim": 8, "n_classes": 2, "classes": ["normal", "tumor"],
+            "model_args": TOY_FMAMIL_ARGS, "encoder": "toy"}
+    return record, run, coords, run.mil_dir("fmamil", record.cohort) / "fold_0", meta
+
+
+def save_toy_fmamil(fold, meta, seed: int) -> None:
+    """A freshly initialised (seeded) small fmamil saved as `fold`."""
+    from wsi_pipeline.models.mil import create_aggregator
+    from wsi_pipeline.training.checkpoints import save_fold_model
+
+    torch.manual_seed(seed)
+    save_fold_model(create_aggregator("fmamil", 8, 2, **TOY_FMAMIL_ARGS), fold, meta)

@@ -14,7 +14,7 @@ from wsi_pipeline.config import Config, ConfigError, config_from_dict
 from wsi_pipeline.manifest import load_manifest
 from wsi_pipeline.segmentation import calibrate_thresholds
 
-from .conftest import simulated_cams
+from .conftest import save_toy_fmamil, simulated_cams, toy_fmamil_run
 
 
 def test_thresholds_rise_above_what_negative_slides_reach():
@@ -152,25 +152,10 @@ def test_relative_cams_are_scaled_by_the_slide_probability(seg_cohort, tmp_path)
 def test_cam_score_instance_scores_for_a_model_with_logits(seg_cohort, tmp_path):
     """segment.cam_score instance_scores: fmamil's CAM file from its instance scores (attention)
     times the slide probability instead of its logits; switching the setting redoes the file."""
-    from wsi_pipeline.features_h5 import write_features_h5
-    from wsi_pipeline.models.mil import create_aggregator
-    from wsi_pipeline.run_folder import RunFolder
-    from wsi_pipeline.segmentation import load_patch_cams
     from wsi_pipeline.segmentation.slide_work import CHOSEN_SCALED_SOURCE, LOGIT_SOURCE, CamProvider
-    from wsi_pipeline.training.checkpoints import save_fold_model
 
-    manifest, seg_run = seg_cohort
-    record = load_manifest(manifest).records[1]
-    coords = load_patch_cams(seg_run / "segment" / "cams" / f"{record.slide_id}.npz").coords
-    run = RunFolder(tmp_path / "run")
-    write_features_h5(run.features_h5("toy", record.slide_id),
-                      np.random.default_rng(0).normal(size=(len(coords), 8)).astype(np.float32), coords,
-                      {"patch_size_level0": 224, "encoder": "toy"})
-    model_args = {"d_model": 16, "n_layers": 1, "d_state": 4, "attention_dim": 8, "filter_size": 8}
-    torch.manual_seed(0)
-    save_fold_model(create_aggregator("fmamil", 8, 2, **model_args), run.mil_dir("fmamil", record.cohort) / "fold_0",
-                    {"model": "fmamil", "in_dim": 8, "n_classes": 2, "classes": ["normal", "tumor"],
-                     "model_args": model_args, "encoder": "toy"})
+    record, run, _, fold, meta = toy_fmamil_run(seg_cohort, tmp_path)
+    save_toy_fmamil(fold, meta, seed=0)
     chosen = config_from_dict({"segment": {"cam_score": "instance_scores"}})
     cams = CamProvider(chosen, run, "fmamil", None)(record)
     assert cams.source == CHOSEN_SCALED_SOURCE and 0 < cams.scores.max() < 1   # top patch: the slide probability

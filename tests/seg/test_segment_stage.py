@@ -13,6 +13,8 @@ from wsi_pipeline.config import Config, ConfigError, config_from_dict, load_conf
 from wsi_pipeline.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 
+from .conftest import save_toy_fmamil, toy_fmamil_run
+
 # Short CPU training: 32 steps of 8 crops, self-correction after epochs 2-3 (DEMO-001 Dice ~0.79
 # vs CAM ~0.43 here; 6 x 10 steps gave 0.85 at twice the time; 3 x 6 steps does not learn).
 FAST_YAML = """\
@@ -128,27 +130,11 @@ def test_segment_config_validation():
 def test_cams_come_from_the_fold_ensemble_and_follow_it(seg_cohort, tmp_path):
     """Without a CAM file, the stage asks the trained fold ensemble (fmamil: per-patch class logits)
     for the lesion class's probability per patch, caches it, and redoes it when the models change."""
-    import torch
-    from wsi_pipeline.features_h5 import write_features_h5
-    from wsi_pipeline.models.mil import create_aggregator
-    from wsi_pipeline.run_folder import RunFolder
     from wsi_pipeline.segmentation import load_patch_cams
     from wsi_pipeline.segmentation.slide_work import CamProvider
-    from wsi_pipeline.training.checkpoints import save_fold_model
 
-    manifest, seg_run = seg_cohort
-    record = load_manifest(manifest).records[1]
-    coords = load_patch_cams(seg_run / "segment" / "cams" / f"{record.slide_id}.npz").coords
-    run = RunFolder(tmp_path / "run")
-    write_features_h5(run.features_h5("toy", record.slide_id),
-                      np.random.default_rng(0).normal(size=(len(coords), 8)).astype(np.float32), coords,
-                      {"patch_size_level0": 224, "encoder": "toy"})
-    model_args = {"d_model": 16, "n_layers": 1, "d_state": 4, "attention_dim": 8, "filter_size": 8}
-    fold = run.mil_dir("fmamil", record.cohort) / "fold_0"
-    meta = {"model": "fmamil", "in_dim": 8, "n_classes": 2, "classes": ["normal", "tumor"],
-            "model_args": model_args, "encoder": "toy"}
-    torch.manual_seed(0)
-    save_fold_model(create_aggregator("fmamil", 8, 2, **model_args), fold, meta)
+    record, run, coords, fold, meta = toy_fmamil_run(seg_cohort, tmp_path)
+    save_toy_fmamil(fold, meta, seed=0)
 
     provider = CamProvider(Config(), run, "fmamil", None)
     cams = provider(record)
@@ -158,7 +144,6 @@ def test_cams_come_from_the_fold_ensemble_and_follow_it(seg_cohort, tmp_path):
     cached = run.segment_cams(record.slide_id)
     assert load_patch_cams(cached).model_hash == cams.model_hash
 
-    torch.manual_seed(1)   # retrained models: the cached CAMs are stale and made again
-    save_fold_model(create_aggregator("fmamil", 8, 2, **model_args), fold, meta)
+    save_toy_fmamil(fold, meta, seed=1)   # retrained models: the cached CAMs are stale and made again
     fresh = CamProvider(Config(), run, "fmamil", None)(record)
     assert fresh.model_hash != cams.model_hash and not np.allclose(fresh.scores, cams.scores)
