@@ -55,30 +55,29 @@ def pair(name, checkpoint_above, **recompute_cfg):
     return plain, recomputing
 
 
+def assert_same_outputs_and_gradients(plain, recomputing, bag, logits_tol, grads_tol):
+    """Logits and every parameter's gradient of one training pass, each within (rtol, atol)."""
+    logits, grads = forward_backward(plain, bag)
+    logits_other, grads_other = forward_backward(recomputing, bag)
+    torch.testing.assert_close(logits_other, logits, rtol=logits_tol[0], atol=logits_tol[1])
+    assert grads_other.keys() == grads.keys() and len(grads) > 10
+    for key in grads:
+        torch.testing.assert_close(grads_other[key], grads[key], rtol=grads_tol[0], atol=grads_tol[1], msg=key)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_checkpointed_model_has_the_same_outputs_and_gradients(name, bag):
-    plain, recomputing = pair(name, 0)
-    logits, grads = forward_backward(plain, bag)
-    logits_ckpt, grads_ckpt = forward_backward(recomputing, bag)
-    torch.testing.assert_close(logits_ckpt, logits, rtol=1e-6, atol=1e-7)
-    assert grads_ckpt.keys() == grads.keys() and len(grads) > 10
-    for key in grads:
-        torch.testing.assert_close(grads_ckpt[key], grads[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert_same_outputs_and_gradients(*pair(name, 0), bag, logits_tol=(1e-6, 1e-7), grads_tol=(1e-5, 1e-7))
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_sequence_chunked_recompute_has_the_same_outputs_and_gradients(name, bag):
     # checkpoint_chunk 7: every layer (GMMamba: every group's layer) is recomputed in pieces of 7 steps,
     # the scan state and conv inputs carried across; fp32, so equal up to summation order.
-    plain, chunked = pair(name, 0, checkpoint_chunk=7)
-    logits, grads = forward_backward(plain, bag)
-    logits_chunked, grads_chunked = forward_backward(chunked, bag)
-    torch.testing.assert_close(logits_chunked, logits, rtol=1e-5, atol=1e-6)
-    assert grads_chunked.keys() == grads.keys() and len(grads) > 10
-    for key in grads:
-        # Gradients here are O(0.1-1); they agree to ~1e-7 (measured). attention.score.2.bias has an
-        # exactly-zero true gradient (softmax ignores a shift), so only an absolute bound fits it.
-        torch.testing.assert_close(grads_chunked[key], grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    # Gradients here are O(0.1-1); they agree to ~1e-7 (measured). attention.score.2.bias has an
+    # exactly-zero true gradient (softmax ignores a shift), so only an absolute bound fits it.
+    assert_same_outputs_and_gradients(*pair(name, 0, checkpoint_chunk=7), bag, logits_tol=(1e-5, 1e-6),
+                                      grads_tol=(1e-4, 1e-6))
 
 
 def test_checkpoint_chunk_must_be_positive():
