@@ -98,10 +98,9 @@ class PreNormResidual(nn.Module):
                 return x
         else:
             keep = None
-        if checkpointing(self.checkpoint_above, x) and self.checkpoint_chunk is not None:
-            branch = chunked_mixer(self.norm, self.mixer, x, self.checkpoint_chunk)
-        elif checkpointing(self.checkpoint_above, x):
-            branch = checkpoint(self._branch, x, use_reentrant=False)
+        if checkpointing(self.checkpoint_above, x):
+            branch = (chunked_mixer(self.norm, self.mixer, x, self.checkpoint_chunk) if self.checkpoint_chunk
+                      else checkpoint(self._branch, x, use_reentrant=False))
         else:
             branch = self._branch(x)
         if self.gamma is not None:
