@@ -10,7 +10,7 @@ Any timm architecture name works too; registered entries add the pathology-speci
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +44,25 @@ class EncoderSpec:
     # Bumped when a built-in encoder's outputs change for the same weights; > 1 enters the extract
     # config hash (features of another version are re-extracted) and is recorded in features.h5.
     version: int = 1
+    # -- the authors' preprocessing (Encoder.preprocess applies it on the device, uint8 in) --------
+    # The patch (tiling.patch_size_px at tiling.target_mpp) is resized so that its side is
+    # `resize_px` (None: fed at its own size, e.g. timm ViTs with dynamic_img_size), then centre-
+    # cropped to `crop_px` (None: no crop); `interpolation` is "bilinear" or "bicubic".
+    resize_px: int | None = None
+    interpolation: str = "bilinear"
+    antialias: bool = False
+    crop_px: int | None = None
+    # -- what the entry computes and how it is meant to be used ------------------------------------
+    output: str = ""                      # output rule: "cls", "cls+mean(patch tokens, no registers)", ...
+    recommended_patch_px: int | None = None   # patch side the authors tiled at native_mpp (before resize)
+    precision: str = "fp32"               # recommended autocast on a GPU: fp32, fp16 or bf16 (CPU: fp32)
+    gated: bool = False                   # weights behind an access request on their hub page
+    hub_repo: str = ""                    # where users download the weights (e.g. "MahmoodLab/UNI")
+    files: tuple[str, ...] = ()           # the files a user downloads, names as on the model's page
+    # Release layout -> this build's state-dict keys (prefixes, chunked blocks, other libraries'
+    # names); applied after the generic unwrapping of weights.read_state_dict. None: keys as built.
+    convert_state_dict: Callable[[dict], dict] | None = None
+    aliases: tuple[str, ...] = ()         # other registry names for the same entry
 
     def __call__(self, **overrides) -> nn.Module:
         """The registry's builder: the architecture with random init (``overrides`` go to ``build``)."""
@@ -54,7 +73,11 @@ class EncoderSpec:
                 "native_mpp": self.native_mpp, "mean": tuple(self.mean), "std": tuple(self.std),
                 "parameter_free": self.parameter_free, "license": self.license,
                 "weights_license": self.weights_license, "reference": self.reference, "notes": self.notes,
-                "version": self.version}
+                "version": self.version, "resize_px": self.resize_px, "interpolation": self.interpolation,
+                "antialias": self.antialias, "crop_px": self.crop_px, "output": self.output,
+                "recommended_patch_px": self.recommended_patch_px, "precision": self.precision,
+                "gated": self.gated, "hub_repo": self.hub_repo, "files": tuple(self.files),
+                "aliases": tuple(self.aliases)}
 
 
 ENCODERS = Registry("encoder", fields={
@@ -64,8 +87,16 @@ ENCODERS = Registry("encoder", fields={
 
 
 def register_encoder(spec: EncoderSpec) -> EncoderSpec:
-    """Register ``spec`` under ``spec.name``; its fields become the entry's metadata."""
+    """Register ``spec`` under ``spec.name`` and each of its aliases; its fields become the entry's
+    metadata. An alias resolves to a spec of its own name (features go to RUN/features/{alias}/)."""
+    if spec.interpolation not in ("bilinear", "bicubic"):
+        raise ValueError(f"encoder {spec.name!r}: interpolation must be bilinear or bicubic")
+    if spec.precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"encoder {spec.name!r}: precision must be fp32, fp16 or bf16")
     ENCODERS.add(spec.name, spec, **spec.metadata())
+    for alias in spec.aliases:
+        aliased = replace(spec, name=alias, aliases=(), notes=(f"alias of {spec.name}. " + spec.notes).strip())
+        ENCODERS.add(alias, aliased, **aliased.metadata())
     return spec
 
 
@@ -115,8 +146,37 @@ class Encoder(nn.Module):
     def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return (images_uint8.float() - self.mean) / self.std
 
+    def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> (B, 3, S, S) normalised float: the spec's resize, crop, mean/std."""
+        return self.normalise(resize_and_crop(images_uint8, self.spec))
+
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalise(images_uint8))
+        return self.model(self.preprocess(images_uint8))
+
+
+def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
+    """The spec's resize (shorter side to ``resize_px``) and centre crop (``crop_px``) of (B, 3, H, W).
+
+    Float math on the device; uint8 input is resized as float and rounded back to uint8 like
+    torchvision's tensor Resize, so normalisation sees the values the authors' transform gives.
+    """
+    h, w = images.shape[-2:]
+    if spec.resize_px is not None and min(h, w) != spec.resize_px:
+        scale = spec.resize_px / min(h, w)
+        size = (max(1, round(h * scale)), max(1, round(w * scale))) if h != w else (spec.resize_px,) * 2
+        was_uint8 = images.dtype == torch.uint8
+        out = torch.nn.functional.interpolate(images.float(), size=size, mode=spec.interpolation,
+                                              align_corners=False, antialias=spec.antialias)
+        images = out.round_().clamp_(0, 255).to(torch.uint8) if was_uint8 else out
+        h, w = size
+    if spec.crop_px is not None and (h, w) != (spec.crop_px, spec.crop_px):
+        if min(h, w) < spec.crop_px:
+            raise ValueError(f"encoder {spec.name!r}: {h}x{w} px input is smaller than its "
+                             f"{spec.crop_px} px centre crop")
+        # torchvision's CenterCrop offsets: int(round((side - crop) / 2)).
+        top, left = int(round((h - spec.crop_px) / 2.0)), int(round((w - spec.crop_px) / 2.0))
+        images = images[..., top:top + spec.crop_px, left:left + spec.crop_px]
+    return images
 
 
 def create_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Encoder:
