@@ -48,14 +48,16 @@ def run_train_detector(manifest: Manifest, cfg: Config, run_dir: str | Path, *, 
                        progress: bool = True) -> StageReport:
     """Train one detector on `train_slides` (default: all of the manifest); validation on
     `val_slides` or a patient-level split of detect.train.val_fraction."""
-    from wsi_pipeline.detection.pipeline import slide_truth
+    from wsi_pipeline.detection.pipeline import place_truths
     from wsi_pipeline.detection.train import TrainSlide, patient_split, train_detector
 
     run, model_name, params = RunFolder(run_dir), _model_name(cfg, run_dir, model), cfg.detect.train
+    slide_ids = [r.slide_id for r in manifest]
 
     def items(records):
-        return [TrainSlide(r.slide_id, r.path, r.patient_id, slide_truth(r, cfg.detect, params.classes), r.mpp)
-                for r in records]
+        # the same placement check as eval-detect's (pipeline.place_truths): all annotations or an error
+        truths = place_truths(records, cfg.detect, params.classes, slide_ids)
+        return [TrainSlide(r.slide_id, r.path, r.patient_id, truths[r.slide_id][0], r.mpp) for r in records]
 
     train_items = items(manifest.select(train_slides) if train_slides else manifest)
     if val_slides:
@@ -65,6 +67,8 @@ def run_train_detector(manifest: Manifest, cfg: Config, run_dir: str | Path, *, 
         overlap = {i.patient_id for i in train_items} & {i.patient_id for i in val_items}
         if overlap:
             raise ConfigError(f"--val-slides share patients with the training slides: {sorted(overlap)}")
+        if not train_items:
+            raise ConfigError("train-detector: no training slide left once --val-slides are taken out")
     else:
         train_items, val_items = patient_split(train_items, params.val_fraction, params.seed)
     out = run.detect_dir(model_name) / "model"
@@ -100,6 +104,7 @@ def run_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, model: s
 def run_eval_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, val_slides: list[str],
                     test_slides: list[str], model: str | None = None, progress: bool = True) -> StageReport:
     """Thresholds chosen on `val_slides`, MIDOG-style metrics on the held-out `test_slides`."""
+    from wsi_pipeline.detection.matching import format_metric
     from wsi_pipeline.detection.pipeline import evaluate_run, nucleus_f1
 
     run, model_name = RunFolder(run_dir), _model_name(cfg, run_dir, model)
@@ -115,13 +120,16 @@ def run_eval_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, val
             | set(parent.get("train_slides", [])) | set(parent.get("val_slides", [])))
     if used & set(test):
         raise ConfigError(f"test slides were used in training: {sorted(used & set(test))}")
-    result = evaluate_run(manifest.select(val), manifest.select(test), run, model_name, ckpt["classes"], cfg.detect)
+    result = evaluate_run(manifest.select(val), manifest.select(test), run, model_name, ckpt["classes"], cfg.detect,
+                          slide_ids=[r.slide_id for r in manifest])
     report = StageReport("eval-detect", done=[model_name], outputs={model_name: result}, details=result,
                          failures_csv=False)
     for name, m in result["test"]["classes"].items():
-        report.notes.append(f"test {name:16s} F1 {m['f1']:.3f}  P {m['precision']:.3f}  R {m['recall']:.3f}  "
+        scores = (f"F1 {format_metric(m['f1'])}" if m["f1"] is None else
+                  f"F1 {m['f1']:.3f}  P {m['precision']:.3f}  R {m['recall']:.3f}")
+        report.notes.append(f"test {name:16s} {scores}  "
                             f"(tp {m['tp']} fp {m['fp']} fn {m['fn']}; threshold {result['test']['thresholds'][name]})")
-    report.notes.append(f"test nuclei (both classes) F1 {nucleus_f1(result['test']):.3f}; "
+    report.notes.append(f"test nuclei (both classes) F1 {format_metric(nucleus_f1(result['test']))}; "
                         f"{run.detect_dir(model_name)}/eval.json")
     return report
 

@@ -100,13 +100,19 @@ class Manifest:
                         self.extra_columns)
 
 
+def open_csv(path: str | Path):
+    """A CSV file opened as the manifest reader reads it: UTF-8 with or without a BOM (Excel's "CSV
+    UTF-8" writes one), any line ending (csv handles CRLF / CR with newline="")."""
+    return open(path, newline="", encoding="utf-8-sig")
+
+
 def load_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = False) -> Manifest:
     """Parse and validate a manifest. Raises `ManifestError` listing every problem found."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, [f"file not found: {path}"])
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
+        with open_csv(path) as fh:
             reader = csv.DictReader(fh)
             header = [h.strip() for h in (reader.fieldnames or [])]
             raw_rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else v

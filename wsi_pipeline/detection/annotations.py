@@ -9,8 +9,9 @@ Formats (picked from the file's name and content):
 - MIDOG / COCO JSON (``images``, ``annotations``, ``categories``): box ``[x, y, w, h]`` -> centre.
 
 Class names go through ``class_map`` (e.g. ``{"mitotic figure": "mitosis"}``); names in ``ignore``
-are dropped (MIDOG's "hard negative"). An unknown class, a point outside the slide or a malformed
-row is an :class:`AnnotationError` naming the file and the row / feature.
+are dropped (MIDOG's "hard negative"). An unknown class, a point outside the slide, a COCO box under
+an image id the file does not list or a malformed row is an :class:`AnnotationError` naming the
+file and the row / feature. CSVs are read as the manifest is (a UTF-8 BOM and CRLF are fine).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import PipelineError
+from ..manifest import open_csv
 
 
 class AnnotationError(PipelineError):
@@ -114,7 +116,7 @@ def read_annotations(path: str | Path, classes: Sequence[str], *, slide_wh: tupl
         _read_csv(path, col, default_class)
         return col.points()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnnotationError(f"{path}: not valid JSON: {exc}") from None
     if isinstance(data, dict) and "annotations" in data and "images" in data:
@@ -125,7 +127,7 @@ def read_annotations(path: str | Path, classes: Sequence[str], *, slide_wh: tupl
 
 
 def _read_csv(path: Path, col: _Collector, default_class: str | None) -> None:
-    with open(path, newline="", encoding="utf-8") as fh:
+    with open_csv(path) as fh:   # BOM / CRLF (Excel) read as the manifest is
         reader = csv.reader(fh)
         header = [h.strip().lower() for h in next(reader, [])]
         if "x" not in header or "y" not in header:
@@ -219,10 +221,18 @@ def _read_coco(data: dict, col: _Collector, image) -> None:
         if not match:
             col.fail("images", f"no image {image!r}")
         image_id = match[0].get("id")
+    known = [im.get("id") for im in images]
+    if not isinstance(data["annotations"], list):
+        col.fail("annotations", "must be a list")
     for i, ann in enumerate(data["annotations"]):
         where = f"annotation {i}"
         if not isinstance(ann, dict):
             col.fail(where, "not an object")
+        # A box under an image id the file does not list belongs to no slide: dropping it would
+        # make its slide train (and score) as object-free, so it is an error.
+        if ann.get("image_id") not in known:
+            col.fail(where, f"image_id {ann.get('image_id')!r} is none of the file's images "
+                            f"(ids {', '.join(map(repr, known))})")
         if ann.get("image_id") != image_id:
             continue
         box = ann.get("bbox")

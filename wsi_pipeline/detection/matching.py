@@ -3,7 +3,8 @@
 Per class and slide: every (prediction, truth) pair closer than `radius_um` is a candidate; pairs
 are taken in increasing distance, each prediction and each truth used at most once. A second
 prediction on the same object therefore stays unmatched and counts as a false positive. Counts are
-summed over slides (micro F1); per-slide precision / recall are reported beside it.
+summed over slides (micro F1); per-slide precision / recall are reported beside it. A class with no
+truth object (over the slides, or on one slide) has P / R / F1 undefined: None, null in JSON.
 """
 
 from __future__ import annotations
@@ -50,21 +51,41 @@ class Counts:
         self.fn += fn
 
     @property
-    def precision(self) -> float:
+    def defined(self) -> bool:
+        """Whether P / R / F1 mean anything: with no truth object there is nothing to find, and an
+        F1 of 1.0 (the empty match) or 0.0 would be read as a result."""
+        return self.tp + self.fn > 0
+
+    @property
+    def precision(self) -> float | None:
+        if not self.defined:
+            return None
         return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
 
     @property
-    def recall(self) -> float:
-        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+    def recall(self) -> float | None:
+        return self.tp / (self.tp + self.fn) if self.defined else None
 
     @property
-    def f1(self) -> float:
+    def f1(self) -> float | None:
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.defined else None
+
+    def curve_f1(self) -> float:
+        """F1 for choosing a threshold: defined everywhere. Without truth objects the best threshold is
+        one that claims nothing (1.0 there, 0.0 once a prediction counts)."""
         d = 2 * self.tp + self.fp + self.fn
         return 2 * self.tp / d if d else 1.0
 
     def as_dict(self) -> dict:
-        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "precision": round(self.precision, 4),
-                "recall": round(self.recall, 4), "f1": round(self.f1, 4)}
+        """Counts and P / R / F1 (None, JSON null, when there is no truth object: undefined)."""
+        def r4(v):
+            return None if v is None else round(v, 4)
+        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "precision": r4(self.precision),
+                "recall": r4(self.recall), "f1": r4(self.f1)}
+
+
+def format_metric(value: float | None, digits: int = 3) -> str:
+    return "undefined (no truth objects)" if value is None else f"{value:.{digits}f}"
 
 
 def evaluate(slides: dict, classes: list[str], thresholds: dict[str, float],
@@ -119,7 +140,7 @@ def f1_curve(slides: dict, k: int, grid: np.ndarray, radius_um: float = MIDOG_RA
         for pxy, pscore, pcls, txy, tcls in slides.values():
             keep = (pcls == k) & (pscore >= t)
             total.add(*match_points(pxy[keep], txy[tcls == k], radius_um))
-        scores.append(total.f1)
+        scores.append(total.curve_f1())
     return np.asarray(scores)
 
 

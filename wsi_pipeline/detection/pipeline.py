@@ -11,6 +11,7 @@ new ones) it redoes step 2 alone.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..errors import PipelineError
 from ..io import write_json_atomic
 from ..run_folder import RunFolder
 from ..slides import open_slide
-from .annotations import read_truth
+from .annotations import AnnotationError, read_truth
 from .density import DENSITY_EXPORTS, density_paths, write_slide_densities
 from .inference import detect_slide
 from .matching import choose_thresholds, evaluate
@@ -110,28 +111,63 @@ def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_
     return "refreshed" if same_inference else "done"
 
 
-def slide_truth(record, dcfg, classes, slide_wh=None):
-    ann = None
-    if dcfg.annotations:
-        folder = Path(dcfg.annotations)
-        found = [folder / f"{record.slide_id}{ext}" for ext in (".csv", ".geojson", ".json")]
-        ann = next((p for p in found if p.is_file()), found[0])
-    return read_truth(record.path, classes, annotations=ann, slide_wh=slide_wh, class_map=dcfg.class_map,
-                      ignore=dcfg.ignore_classes)
+ANNOTATION_SUFFIXES = (".csv", ".geojson", ".json")
 
 
-def evaluate_run(records_val, records_test, run: RunFolder, model_name: str, classes, dcfg) -> dict:
-    """Thresholds chosen on the validation slides' candidates, then MIDOG metrics on the test slides."""
+def _annotation_files(folder: Path, slide_ids) -> dict[str, Path]:
+    """slide_id -> its file in the annotations folder; a file that matches no slide_id of the
+    manifest, or a second file for one slide, is an AnnotationError naming the file(s)."""
+    if not folder.is_dir():
+        raise AnnotationError(f"detect.annotations: {folder} is not a folder")
+    ids, found = set(slide_ids), {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in ANNOTATION_SUFFIXES or not path.is_file():
+            continue
+        if path.stem not in ids:
+            close = difflib.get_close_matches(path.stem, sorted(ids), n=1)
+            raise AnnotationError(f"{path}: matches no slide_id of the manifest (files are named "
+                                  f"{{slide_id}}{', {slide_id}'.join(ANNOTATION_SUFFIXES)}"
+                                  + (f"; did you mean {close[0]}{path.suffix}?)" if close else ")"))
+        if path.stem in found:
+            raise AnnotationError(f"{path}: slide {path.stem!r} also has {found[path.stem].name}; keep one")
+        found[path.stem] = path
+    return found
+
+
+def place_truths(records, dcfg, classes, slide_ids) -> dict[str, tuple]:
+    """The truth of every record, each object placed on its slide: slide_id -> (Points in level-0 px,
+    slide µm/px). The one check train-detector and eval-detect share, so both accept or refuse the same
+    annotations: every annotation file must match a slide of the manifest (`slide_ids`, all of its
+    slide_ids), every object must lie inside its slide, every COCO box must be under a listed image
+    (annotations.py); otherwise an AnnotationError naming the file and row, before any work."""
+    files = _annotation_files(Path(dcfg.annotations), slide_ids) if dcfg.annotations else None
+    out = {}
+    for r in records:
+        ann = None
+        if files is not None:
+            ann = files.get(r.slide_id, Path(dcfg.annotations) / f"{r.slide_id}.csv")   # not found: named
+        with open_slide(r.path, slide_id=r.slide_id, mpp_override=r.mpp) as slide:
+            mpp, wh = slide.mpp, slide.dimensions
+        out[r.slide_id] = (read_truth(r.path, classes, annotations=ann, slide_wh=wh, class_map=dcfg.class_map,
+                                      ignore=dcfg.ignore_classes), mpp)
+    return out
+
+
+def evaluate_run(records_val, records_test, run: RunFolder, model_name: str, classes, dcfg,
+                 slide_ids=None) -> dict:
+    """Thresholds chosen on the validation slides' candidates, then MIDOG metrics on the test slides.
+    slide_ids: every slide_id of the manifest (annotation files must match one; default: val + test)."""
+    if slide_ids is None:
+        slide_ids = [r.slide_id for r in (*records_val, *records_test)]
     def load(records):
         out = {}
+        truths = place_truths(records, dcfg, classes, slide_ids)
         for r in records:
-            with open_slide(r.path, slide_id=r.slide_id, mpp_override=r.mpp) as slide:
-                mpp, wh = slide.mpp, slide.dimensions
+            truth, mpp = truths[r.slide_id]
             cand = run.detect_file(model_name, r.slide_id, "candidates.csv")
             if not cand.is_file():
                 raise PipelineError(f"slide {r.slide_id!r}: no detections {cand}; run `wsi-pipeline detect` first")
             pxy, score, pcls = read_candidates(cand, classes)
-            truth = slide_truth(r, dcfg, classes, wh)
             out[r.slide_id] = (pxy * mpp, score, pcls, truth.xy * mpp, truth.cls)
         return out
     val, test = load(records_val), load(records_test)
@@ -144,11 +180,10 @@ def evaluate_run(records_val, records_test, run: RunFolder, model_name: str, cla
     return result
 
 
-def nucleus_f1(metrics: dict, names=("nucleus-normal", "nucleus-tumour")) -> float:
-    """Micro F1 over the nucleus classes together (their counts summed; each class matched on its own)."""
+def nucleus_f1(metrics: dict, names=("nucleus-normal", "nucleus-tumour")) -> float | None:
+    """Micro F1 over the nucleus classes together (their counts summed; each class matched on its own);
+    None when they have no truth object (undefined, as per class)."""
     tp = sum(metrics["classes"][n]["tp"] for n in names if n in metrics["classes"])
     fp = sum(metrics["classes"][n]["fp"] for n in names if n in metrics["classes"])
     fn = sum(metrics["classes"][n]["fn"] for n in names if n in metrics["classes"])
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-
-
+    return 2 * tp / (2 * tp + fp + fn) if tp + fn else None

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..models.detect import create_detector
 from ..slides import open_slide
 from .annotations import Points
@@ -89,7 +90,9 @@ def patient_split(items: Sequence[TrainSlide], val_fraction: float, seed: int) -
     """Train / validation slides with no patient on both sides (at least one patient each)."""
     patients = sorted({it.patient_id for it in items})
     if len(patients) < 2:
-        raise ValueError(f"need >= 2 patients for a patient-level split, got {patients}")
+        raise ConfigError(f"train-detector: a patient-level validation split needs slides of >= 2 patients, "
+                          f"got {len(items)} slide(s) of {patients or 'none'}: add slides of another patient "
+                          f"or name validation slides with --val-slides")
     rng = np.random.default_rng(seed)
     order = list(rng.permutation(patients))
     n_val = min(len(patients) - 1, max(1, int(round(val_fraction * len(patients)))))
@@ -200,7 +203,6 @@ def cosine_factor(step_fraction: float, elapsed_s: float, limit_s: float) -> flo
 def _init_from(model: torch.nn.Module, params: DetectTrainParams) -> dict:
     """Load the weights of the checkpoint `params.init_from` into `model`; returns what to record
     (folder, hash, and the slides it was trained and validated on)."""
-    from ..errors import ConfigError
     from .checkpoint import checkpoint_hash, load_detector
 
     source, cfg = load_detector(params.init_from)
@@ -221,7 +223,7 @@ def train_detector(train_items: Sequence[TrainSlide], val_items: Sequence[TrainS
                    out_dir: str | Path, *, progress: bool = False) -> dict:
     """Train, keep the best validation epoch, save model.safetensors + config.json in `out_dir`."""
     if not train_items or not val_items:
-        raise ValueError("need at least one training and one validation slide")
+        raise ConfigError("train-detector: need at least one training and one validation slide")
     torch.manual_seed(params.seed)
     rng = np.random.default_rng(params.seed)
     device = torch.device(params.device)
