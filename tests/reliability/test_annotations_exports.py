@@ -1,0 +1,154 @@
+"""Issue 24, items 2 and 3: annotations are all-or-error, exports are complete or fail.
+
+Annotations: tiny generated slides (dark dots on white, tests/detect/conftest.py) with annotation
+files in a `detect.annotations` folder; `train-detector` and `eval-detect` must accept or refuse
+the same files, and refuse before any training. eval-detect runs on candidates written with the
+detector's own CandidateWriter (no detector is trained here: the refusals come first, and the
+metrics need only candidates and truth).
+
+Exports: six tiny demo slides of three patients listed interleaved (P0 P1 P2 P0 P1 P2), tiled and
+extracted once per module with the parameter-free `stain_texture` encoder, exported for STAMP and
+read back with STAMP's own grouping (tests/interop/readers.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from wsi_pipeline.cli import main
+from wsi_pipeline.detection import DEMO_CLASSES, read_annotations
+from wsi_pipeline.detection.outputs import CandidateWriter
+
+from tests.detect.conftest import dot_image, write_slide
+
+MODEL = "dd"
+SIDE_PX = 128
+# the smallest training config (the refusals must come before it is used)
+TRAIN = {"work_mpp": 4.0, "epochs": 1, "steps_per_epoch": 1, "crop_px": 32, "batch_size": 2, "val_crops": 2,
+         "model_args": {"dims": [8, 8], "depths": [1, 1], "d_state": 4}}
+DOTS = [(30.0, 30.0), (90.0, 40.0), (60.0, 100.0)]
+
+
+def _write_rows(path, header, rows):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    """Three 128 × 128 px slides (0.5 µm/px) of patients PA, PA, PB."""
+    folder = tmp_path_factory.mktemp("annot_slides")
+    paths = {sid: write_slide(folder / f"{sid}.tiff", dot_image(SIDE_PX, SIDE_PX, DOTS)) for sid in ("S1", "S2", "S3")}
+    return paths
+
+
+def _setup(tmp_path, slides, annotations: dict, patients=("PA", "PA", "PB")):
+    """A manifest of the three slides, an annotations folder holding `annotations` (name -> text)
+    and a config pointing at it; returns the CLI's common arguments and the run folder."""
+    manifest = _write_rows(tmp_path / "m.csv", ["slide_id", "path", "patient_id", "label", "cohort"],
+                           [[sid, path, p, "x", "c"] for (sid, path), p in zip(slides.items(), patients)])
+    folder = tmp_path / "annotations"
+    folder.mkdir()
+    for name, text in annotations.items():
+        (folder / name).write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"detect": {"annotations": str(folder), "train": TRAIN}}))
+    run = tmp_path / "run"
+    return ["--manifest", str(manifest), "--run", str(run), "--config", str(cfg), "--model", MODEL], run
+
+
+def _good(sid):
+    return f"{sid}.csv", "x,y,class\n" + "".join(f"{x},{y},nucleus-normal\n" for x, y in DOTS)
+
+
+def _fake_detector(run, train_slides, candidates: dict):
+    """What eval-detect reads of a detector: its config.json, and per slide candidates.csv written
+    by the detect stage's own writer. candidates: slide_id -> [(x, y, class, score)]."""
+    out = run / "detect" / MODEL
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text(json.dumps({"classes": list(DEMO_CLASSES),
+                                                            "train_slides": train_slides, "val_slides": []}))
+    for sid, rows in candidates.items():
+        writer = CandidateWriter(out / f"{sid}.candidates.csv", DEMO_CLASSES)
+        writer(np.array([r[:2] for r in rows]).reshape(-1, 2), np.array([r[3] for r in rows]),
+               np.array([DEMO_CLASSES.index(r[2]) for r in rows]))
+        writer.commit()
+    return out
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+# -- annotations ---------------------------------------------------------------------------------
+def test_point_outside_the_slide_is_refused_by_train_detector_as_by_eval_detect(tmp_path, slides, capsys):
+    files = dict(_good(s) for s in ("S1", "S3"))
+    files["S2.csv"] = "x,y,class\n30,30,nucleus-normal\n400,20,mitosis\n"     # 400 >= 128 px
+    common, run = _setup(tmp_path, slides, files)
+    assert main(["train-detector", *common, "--val-slides", "S3"]) == 2
+    train_err = _one_error_line(capsys)
+    assert "S2.csv: row 3: point (400, 20) is outside the slide 128x128 px" in train_err
+    assert not (run / "detect" / MODEL / "model" / "model.safetensors").exists()
+    _fake_detector(run, [], {s: [(30, 30, "nucleus-normal", 0.9)] for s in ("S1", "S2", "S3")})
+    assert main(["eval-detect", *common, "--val-slides", "S1", "--test-slides", "S2"]) == 2
+    assert _one_error_line(capsys).split(": ", 1)[1] == train_err.split(": ", 1)[1]    # the same message
+
+
+def test_coco_boxes_under_an_unlisted_image_id_are_an_error_not_an_object_free_slide(tmp_path, slides, capsys):
+    coco = {"images": [{"id": 1, "file_name": "S2.tiff"}], "categories": [{"id": 1, "name": "mitosis"}],
+            "annotations": [{"image_id": 2, "category_id": 1, "bbox": [20, 20, 10, 10]}]}
+    files = {**dict(_good(s) for s in ("S1", "S3")), "S2.json": json.dumps(coco)}
+    common, run = _setup(tmp_path, slides, files)
+    assert main(["train-detector", *common, "--val-slides", "S3"]) == 2
+    assert "S2.json: annotation 0: image_id 2 is none of the file's images (ids 1)" in _one_error_line(capsys)
+    assert not (run / "detect" / MODEL / "model" / "model.safetensors").exists()
+
+
+def test_an_annotation_file_matching_no_slide_is_an_error_naming_it(tmp_path, slides, capsys):
+    files = {**dict(_good(s) for s in ("S1", "S2", "S3")), "S4.csv": _good("S4")[1]}   # S4: no such slide
+    common, run = _setup(tmp_path, slides, files)
+    assert main(["train-detector", *common, "--val-slides", "S3"]) == 2
+    assert "S4.csv: matches no slide_id of the manifest" in _one_error_line(capsys)
+    _fake_detector(run, [], {s: [(30, 30, "nucleus-normal", 0.9)] for s in ("S1", "S2", "S3")})
+    assert main(["eval-detect", *common, "--val-slides", "S1", "--test-slides", "S2"]) == 2
+    assert "S4.csv: matches no slide_id of the manifest" in _one_error_line(capsys)
+
+
+def test_a_class_without_truth_objects_is_undefined_not_f1_1(tmp_path, slides, capsys):
+    """No mitosis in the truth and none predicted: tp 0 fp 0 fn 0 is no evidence of anything."""
+    common, run = _setup(tmp_path, slides, dict(_good(s) for s in ("S1", "S2", "S3")))
+    out = _fake_detector(run, [], {s: [(x + 1, y, "nucleus-normal", 0.9) for x, y in DOTS] for s in ("S1", "S2")})
+    assert main(["eval-detect", *common, "--val-slides", "S1", "--test-slides", "S2"]) == 0
+    text = capsys.readouterr().out
+    result = json.loads((out / "eval.json").read_text())["test"]["classes"]
+    assert result["mitosis"] == {"tp": 0, "fp": 0, "fn": 0, "precision": None, "recall": None, "f1": None}
+    assert result["nucleus-normal"]["f1"] == 1.0 and result["nucleus-normal"]["tp"] == 3
+    assert "test mitosis          F1 undefined (no truth objects)" in text
+    assert "F1 1.000  P 1.000  R 1.000" in text                      # nucleus-normal: a real 1.0
+    assert "F1 1.000  P 0.000" not in text
+
+
+def test_bom_and_crlf_annotation_csv_reads_like_the_manifest(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbfx,y,class\r\n10,20,mitosis\r\n30,40,nucleus-tumour\r\n")
+    pts = read_annotations(path, list(DEMO_CLASSES), slide_wh=(100, 100))
+    assert pts.xy.tolist() == [[10, 20], [30, 40]] and pts.cls.tolist() == [2, 1]
+    geo = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": {"type": "Point",
+           "coordinates": [5, 6]}, "properties": {"classification": {"name": "mitosis"}}}]}
+    (tmp_path / "bom.geojson").write_bytes(b"\xef\xbb\xbf" + json.dumps(geo).encode())
+    assert read_annotations(tmp_path / "bom.geojson", list(DEMO_CLASSES)).xy.tolist() == [[5, 6]]
+
+
+def test_one_patient_train_detector_is_one_error_line_exit_2(tmp_path, slides, capsys):
+    common, run = _setup(tmp_path, slides, dict(_good(s) for s in ("S1", "S2", "S3")), patients=("PA",) * 3)
+    assert main(["train-detector", *common]) == 2
+    assert "needs slides of >= 2 patients" in _one_error_line(capsys)
