@@ -143,8 +143,14 @@ def stamp_bag_feats(h5):
 
 def stamp_patient_data(clini_table, slide_table, feature_dir, ground_truth_label="label"):
     """patient_to_ground_truth_from_clini_table_ (PATIENT unique: set_index verify_integrity),
-    slide_to_patient_from_slide_table_ (FILENAME ends in .h5, feature_dir / FILENAME), then
-    filter_complete_patient_data_ (patients with a label and an existing feature file)."""
+    slide_to_patient_from_slide_table_ (FILENAME ends in .h5 and is unique, feature_dir / FILENAME, a
+    dict in the table's row order), then filter_complete_patient_data_ (patients with a label and an
+    existing feature file). Its grouping is itertools.groupby over that dict, collected into a dict:
+    groupby yields one group per RUN of adjacent rows of a patient, and a later run of the same
+    patient replaces the earlier one, so only the last run of a patient's rows is kept
+    (src/stamp/modeling/data.py @ c54ce06, filter_complete_patient_data_)."""
+    from itertools import groupby
+
     clini = read_csv_columns(clini_table, ["PATIENT", ground_truth_label])
     patients = [r["PATIENT"] for r in clini]
     if len(set(patients)) != len(patients):
@@ -154,11 +160,19 @@ def stamp_patient_data(clini_table, slide_table, feature_dir, ground_truth_label
     for row in slides:
         if not row["FILENAME"].endswith(".h5"):
             raise ValueError(f"missing the .h5 extension: {row['FILENAME']}")
-    files: dict[str, set] = {}
-    for row in slides:
-        files.setdefault(row["PATIENT"], set()).add(Path(feature_dir) / row["FILENAME"])
-    return {p: (truth[p], {f for f in files.get(p, ()) if f.exists()})
-            for p in truth if any(f.exists() for f in files.get(p, ()))}
+    names = [row["FILENAME"] for row in slides]
+    if len(set(names)) != len(names):
+        raise ValueError("Index has duplicate keys (slide table)")
+    slide_to_patient = {Path(feature_dir) / row["FILENAME"]: row["PATIENT"] for row in slides}
+    patient_to_slides = {}
+    for patient, run in groupby(slide_to_patient, key=slide_to_patient.__getitem__):
+        patient_to_slides[patient] = set(run)        # a later run of rows replaces an earlier one
+    out = {}
+    for patient, label in truth.items():
+        existing = {f for f in patient_to_slides.get(patient, ()) if f.exists()}
+        if existing:
+            out[patient] = (label, existing)
+    return out
 
 
 def footprint_um_at(level_downsample: float, side_px: int, slide_mpp: float) -> float:

@@ -152,3 +152,104 @@ def test_one_patient_train_detector_is_one_error_line_exit_2(tmp_path, slides, c
     common, run = _setup(tmp_path, slides, dict(_good(s) for s in ("S1", "S2", "S3")), patients=("PA",) * 3)
     assert main(["train-detector", *common]) == 2
     assert "needs slides of >= 2 patients" in _one_error_line(capsys)
+
+
+# -- exports -------------------------------------------------------------------------------------
+EXPORT_SLIDES = [f"S{i}" for i in range(6)]
+EXPORT_PATIENTS = ["P0", "P1", "P2"] * 2          # each patient's two slides apart in the manifest
+
+
+@pytest.fixture(scope="module")
+def export_run(tmp_path_factory):
+    """Six 512 × 384 px demo slides at 1 µm/px, tiled at 2 µm/px (32 px patches) and extracted with stain_texture;
+    returns (manifest, config, run folder)."""
+    from stages.extract import EXTRACT
+    from stages.tile import TILE
+    from wsi_pipeline.config import load_config
+    from wsi_pipeline.demo import DemoSlideSpec, write_demo_slide
+    from wsi_pipeline.manifest import load_manifest
+
+    folder = tmp_path_factory.mktemp("export_run")
+    rows = []
+    for i, (sid, patient) in enumerate(zip(EXPORT_SLIDES, EXPORT_PATIENTS)):
+        path = folder / f"{sid}.svs"
+        write_demo_slide(path, DemoSlideSpec(width_px=512, height_px=384, mpp=1.0, seed=i, n_lesions=1))
+        rows.append([sid, path, patient, "tumor" if patient == "P0" else "normal", "demo"])
+    manifest = _write_rows(folder / "manifest.csv", ["slide_id", "path", "patient_id", "label", "cohort"], rows)
+    config = folder / "config.yaml"
+    config.write_text("tiling:\n  target_mpp: 2.0\n  patch_size_px: 32\n"
+                      "extract:\n  encoder: stain_texture\n  checkpoint: none\n  num_workers: 0\n")
+    cfg, m, run = load_config(config), load_manifest(manifest), folder / "run"
+    assert TILE.run(m, cfg, run, progress=False).ok and EXTRACT.run(m, cfg, run, progress=False).ok
+    return manifest, config, run
+
+
+def _export(export_run, to, out, *extra):
+    manifest, config, run = export_run
+    return main(["export", "--to", to, "--manifest", str(manifest), "--run", str(run), "--out", str(out),
+                 "--config", str(config), "--no-progress", *extra])
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _stamp_slides(out) -> dict:
+    """patient -> feature file names, as STAMP's own loader groups our tables (tests/interop/readers.py)."""
+    from tests.interop.readers import stamp_patient_data
+
+    data = stamp_patient_data(out / "clini.csv", out / "slide.csv", out / "features")
+    return {p: sorted(f.name for f in files) for p, (_label, files) in data.items()}
+
+
+def test_stamp_export_keeps_every_slide_of_a_patient_listed_apart(tmp_path, export_run):
+    out = tmp_path / "stamp"
+    assert _export(export_run, "stamp", out) == 0
+    assert _stamp_slides(out) == {"P0": ["S0.h5", "S3.h5"], "P1": ["S1.h5", "S4.h5"], "P2": ["S2.h5", "S5.h5"]}
+
+
+def test_export_refuses_a_folder_of_the_users_and_force_names_what_it_replaced(tmp_path, export_run, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "dataset.csv").write_text("case_id,slide_id,label\nmy,own,table\n")
+    before = _tree(out)
+    assert _export(export_run, "clam", out) == 2
+    assert "holds files that are not a wsi-pipeline export (dataset.csv" in _one_error_line(capsys)
+    assert _tree(out) == before                                                  # nothing written
+    assert _export(export_run, "clam", out, "--force") == 0
+    assert "replaced dataset.csv" in capsys.readouterr().err
+    assert (out / "dataset.csv").read_text().count("\n") == 7                   # header + 6 slides
+
+
+def test_export_refuses_an_earlier_export_of_another_kind(tmp_path, export_run, capsys):
+    out = tmp_path / "both"
+    assert _export(export_run, "stamp", out) == 0
+    before = _tree(out)
+    capsys.readouterr()
+    assert _export(export_run, "clam", out) == 2
+    assert "is an export for stamp of encoder 'stain_texture', not for clam" in _one_error_line(capsys)
+    assert _tree(out) == before
+    assert _export(export_run, "stamp", out) == 0                                # the same kind: fine
+
+
+@pytest.mark.parametrize("to,table,column", [("stamp", "slide.csv", "FILENAME"), ("clam", "dataset.csv", "slide_id")])
+def test_slides_subset_into_an_earlier_full_export_merges_into_the_tables(tmp_path, export_run, to, table, column):
+    out = tmp_path / to
+    assert _export(export_run, to, out) == 0
+    assert _export(export_run, to, out, "--slides", "S3,S1") == 0
+    with open(out / table, newline="") as fh:
+        listed = sorted(r[column].removesuffix(".h5") for r in csv.DictReader(fh))
+    assert listed == EXPORT_SLIDES                                               # not cut to S1, S3
+    if to == "stamp":
+        assert sum(len(v) for v in _stamp_slides(out).values()) == 6
+    (out / ("features/S5.h5" if to == "stamp" else "h5_files/S5.h5")).unlink()  # a slide's file gone:
+    assert _export(export_run, to, out, "--slides", "S0") == 0                  # no longer listed
+    with open(out / table, newline="") as fh:
+        assert sorted(r[column].removesuffix(".h5") for r in csv.DictReader(fh)) == EXPORT_SLIDES[:5]
+
+
+@pytest.mark.parametrize("inside", ["mil/x", "exports/stamp", "heatmaps"])
+def test_out_anywhere_inside_run_is_refused(export_run, capsys, inside):
+    out = export_run[2] / inside
+    assert _export(export_run, "stamp", out) == 2
+    assert "is the run folder" in _one_error_line(capsys) and not out.exists()

@@ -46,6 +46,7 @@ def clam_patch_attrs(slide: ExportSlide) -> dict:
 class ClamTarget:
     name = "clam"
     help = "CLAM: h5_files/ + pt_files/ features, patches/ coords, dataset.csv, process_list.csv"
+    tables = ("dataset.csv", "process_list.csv")
 
     def manifest_problems(self, manifest: Manifest) -> list[str]:
         return []  # CLAM takes a patient's label from its slides (patient_voting), any mix
@@ -70,6 +71,7 @@ class ClamTarget:
         r = slide.record
         return {"case_id": r.patient_id, "slide_id": sid, "label": r.label, "cohort": r.cohort,
                 "extra": r.extra_columns, "process": 1, "status": "processed",
+                "files": [f"h5_files/{sid}.h5", f"pt_files/{sid}.pt", f"patches/{sid}.h5"],
                 **{k: attrs[k] for k in ("patch_size", "patch_level", "target_patch_size",
                                          "patch_size_level0", "slide_mpp", "target_mpp", "footprint_um")},
                 "downsample": slide.level_downsample}

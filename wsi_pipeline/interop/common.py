@@ -98,3 +98,47 @@ class ExportOut:
         if problem is not None:
             raise UnsafePathError(f"{what} {problem} (refusing to build a file name from it)")
         return value
+
+
+# Every export writes this record into OUT: which tool, whose features, and each slide's table row
+# with the files it wrote. It tells an earlier export of the same kind (which a new one may extend,
+# merging its tables) from a folder of the user's (which is refused, unless --force).
+EXPORT_RECORD = "wsi-pipeline-export.json"
+
+
+def read_export_record(out: str | os.PathLike) -> dict | None:
+    """OUT's export record, or None when there is none (or it is not one of ours)."""
+    import json
+
+    path = Path(out) / EXPORT_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ok = (isinstance(record, dict) and isinstance(record.get("to"), str)
+          and isinstance(record.get("slides"), dict))
+    return record if ok else None
+
+
+def write_export_record(out: "ExportOut", to: str, encoder: str, run: str, rows: dict[str, dict]) -> None:
+    from ..io import write_json_atomic
+
+    write_json_atomic(out.path(EXPORT_RECORD), {"to": to, "encoder": encoder, "run": str(run),
+                                                "slides": {sid: _plain(row) for sid, row in rows.items()}})
+
+
+def _plain(value):
+    """A table row as JSON holds it (numpy scalars as Python numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def files_present(out: "ExportOut", row: dict) -> bool:
+    """Whether every file the export wrote for the row's slide is still in OUT."""
+    files = row.get("files")
+    return bool(files) and all(out.path(*Path(f).parts).is_file() for f in files)

@@ -8,7 +8,9 @@
     OUT/clini.csv                PATIENT, label, cohort (+ extra columns equal over a patient's
                                  slides): one row per patient (patient_to_ground_truth_from_clini_table_)
     OUT/slide.csv                PATIENT, FILENAME ({slide_id}.h5 under features/), slide_id (+ the
-                                 manifest's extra columns) (slide_to_patient_from_slide_table_)
+                                 manifest's extra columns) (slide_to_patient_from_slide_table_);
+                                 a patient's slides on adjacent rows, whatever the manifest order
+                                 (filter_complete_patient_data_ groups with itertools.groupby)
 
 STAMP config: feature_dir OUT/features, clini_table OUT/clini.csv, slide_table OUT/slide.csv,
 patient_label PATIENT, filename_label FILENAME, ground_truth_label label.
@@ -34,6 +36,7 @@ SLIDE_COLUMNS = ["PATIENT", "FILENAME", "slide_id"]
 class StampTarget:
     name = "stamp"
     help = "STAMP: features/{slide_id}.h5 (feats, µm coords), clini.csv, slide.csv"
+    tables = ("clini.csv", "slide.csv")
 
     def manifest_problems(self, manifest: Manifest) -> list[str]:
         """STAMP's clinical table holds one label per patient: a patient whose slides differ cannot
@@ -58,7 +61,7 @@ class StampTarget:
                     f.attrs[key] = value
         r = slide.record
         return {"PATIENT": r.patient_id, "FILENAME": f"{sid}.h5", "slide_id": sid, "label": r.label,
-                "cohort": r.cohort, "extra": r.extra_columns}
+                "cohort": r.cohort, "extra": r.extra_columns, "files": [f"features/{sid}.h5"]}
 
     def write_tables(self, out: ExportOut, rows: list[dict]) -> list:
         by_patient: dict[str, list[dict]] = defaultdict(list)
@@ -73,9 +76,12 @@ class StampTarget:
                           + [group[0]["extra"].get(c, "") for c in per_patient]
                           for group in by_patient.values()])
         slide = out.path("slide.csv")
+        # A patient's slides on adjacent rows: STAMP groups the slide table with itertools.groupby
+        # (filter_complete_patient_data_, src/stamp/modeling/data.py), which keeps only the last run
+        # of rows of a patient, so a patient listed apart would lose slides without a word.
         write_csv_atomic(slide, SLIDE_COLUMNS + extras,
                          [[row[c] for c in SLIDE_COLUMNS] + [row["extra"].get(c, "") for c in extras]
-                          for row in rows])
+                          for group in by_patient.values() for row in group])
         return [clini, slide]
 
 

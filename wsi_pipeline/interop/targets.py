@@ -1,6 +1,7 @@
 """The export targets, one registry: name -> writer (clam.py, trident.py, stamp.py).
 
-A target writes each slide's files (`write_slide`, which returns the slide's table row) and then
+A target writes each slide's files (`write_slide`, which returns the slide's table row, with the
+files it wrote under "files", relative to OUT) and then
 its tables for the slides written (`write_tables`); `manifest_problems` names what in a manifest
 the tool cannot represent, checked before anything is written."""
 
@@ -16,6 +17,7 @@ from .common import ExportOut, ExportSlide
 class ExportTarget(Protocol):
     name: str
     help: str
+    tables: tuple[str, ...]      # the tables write_tables writes in OUT (file names)
 
     def manifest_problems(self, manifest: Manifest) -> list[str]: ...
 

@@ -56,6 +56,7 @@ def job_folder(slide: ExportSlide) -> str:
 class TridentTarget:
     name = "trident"
     help = "TRIDENT: {mag}x_{px}px_{overlap}px_overlap/patches/ + features_{encoder}/, wsi_list.csv"
+    tables = ("wsi_list.csv",)
 
     def manifest_problems(self, manifest: Manifest) -> list[str]:
         return []
@@ -82,7 +83,8 @@ class TridentTarget:
                     ds.attrs[key] = value
         r = slide.record
         return {"wsi": str(r.path), "mpp": slide.slide_mpp, "slide_id": sid, "patient_id": r.patient_id,
-                "label": r.label, "cohort": r.cohort, "extra": r.extra_columns}
+                "label": r.label, "cohort": r.cohort, "extra": r.extra_columns,
+                "files": [f"{folder}/patches/{sid}_patches.h5", f"{folder}/features_{encoder}/{sid}.h5"]}
 
     def write_tables(self, out: ExportOut, rows: list[dict]) -> list:
         extras = extra_columns(rows, set(LIST_COLUMNS) | {"path"})
