@@ -37,6 +37,40 @@ def _check_model(cfg: Config, args: argparse.Namespace) -> None:
     _model_name(cfg, args.run, args.model)   # before anything is written
 
 
+def _check_truths(cfg: Config, args: argparse.Namespace, slide_lists, classes) -> None:
+    """The annotations of the slides a command will read, placed before anything is written (the
+    run places them again: slide headers and annotation files only)."""
+    from wsi_pipeline.detection.pipeline import place_truths
+    from wsi_pipeline.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    wanted = [s for ids in slide_lists if ids for s in ids]
+    records = manifest.select(list(dict.fromkeys(wanted))) if wanted else manifest
+    place_truths(records, cfg.detect, classes, [r.slide_id for r in manifest])
+
+
+def _check_train_detector(cfg: Config, args: argparse.Namespace) -> None:
+    from wsi_pipeline.detection.train import patient_split
+
+    _check_model(cfg, args)
+    train, val = split_list(args.train_slides), split_list(args.val_slides)
+    _check_truths(cfg, args, [train, val] if train else [], cfg.detect.train.classes)
+    if not val:
+        from wsi_pipeline.manifest import load_manifest
+
+        manifest = load_manifest(args.manifest)
+        patient_split(manifest.select(train) if train else manifest, cfg.detect.train.val_fraction,
+                      cfg.detect.train.seed)
+
+
+def _check_eval_detect(cfg: Config, args: argparse.Namespace) -> None:
+    _check_model(cfg, args)
+    ckpt_config = RunFolder(args.run).detect_dir(_model_name(cfg, args.run, args.model)) / "model" / "config.json"
+    if ckpt_config.is_file():   # else run_eval_detect names what is missing
+        classes = json.loads(ckpt_config.read_text(encoding="utf-8")).get("classes", cfg.detect.train.classes)
+        _check_truths(cfg, args, [split_list(args.val_slides), split_list(args.test_slides)], classes)
+
+
 def _device(name: str) -> str:
     from wsi_pipeline.devices import resolve_device
 
@@ -145,7 +179,7 @@ TRAIN_DETECTOR = Stage(
           arg("--val-slides", default=None,
               help="validation slide_ids (default: a patient-level split of detect.train.val_fraction)"),
           arg("--epochs", type=int, default=None, help="override detect.train.epochs")),
-    overrides={"epochs": "detect.train.epochs"}, check=_check_model, record_root_config=True,
+    overrides={"epochs": "detect.train.epochs"}, check=_check_train_detector, record_root_config=True,
     options=lambda a: {"model": a.model, "train_slides": split_list(a.train_slides),
                        "val_slides": split_list(a.val_slides)})
 
@@ -162,6 +196,6 @@ EVAL_DETECT = Stage(
           arg("--slides", dest="unused_slides", default=None, help="unused (use --val-slides / --test-slides)"),
           arg("--val-slides", required=True, help="slide_ids the thresholds are chosen on"),
           arg("--test-slides", required=True, help="held-out slide_ids the metrics are reported on")),
-    check=_check_model, record_root_config=True,
+    check=_check_eval_detect, record_root_config=True,
     options=lambda a: {"model": a.model, "val_slides": split_list(a.val_slides),
                        "test_slides": split_list(a.test_slides)})

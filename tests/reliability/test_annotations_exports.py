@@ -97,10 +97,11 @@ def test_point_outside_the_slide_is_refused_by_train_detector_as_by_eval_detect(
     assert main(["train-detector", *common, "--val-slides", "S3"]) == 2
     train_err = _one_error_line(capsys)
     assert "S2.csv: row 3: point (400, 20) is outside the slide 128x128 px" in train_err
-    assert not (run / "detect" / MODEL / "model" / "model.safetensors").exists()
+    assert not run.exists()                                                     # nothing written
     _fake_detector(run, [], {s: [(30, 30, "nucleus-normal", 0.9)] for s in ("S1", "S2", "S3")})
     assert main(["eval-detect", *common, "--val-slides", "S1", "--test-slides", "S2"]) == 2
     assert _one_error_line(capsys).split(": ", 1)[1] == train_err.split(": ", 1)[1]    # the same message
+    assert not (run / "config.yaml").exists() and not (run / "detect" / MODEL / "eval.json").exists()
 
 
 def test_coco_boxes_under_an_unlisted_image_id_are_an_error_not_an_object_free_slide(tmp_path, slides, capsys):
@@ -110,7 +111,7 @@ def test_coco_boxes_under_an_unlisted_image_id_are_an_error_not_an_object_free_s
     common, run = _setup(tmp_path, slides, files)
     assert main(["train-detector", *common, "--val-slides", "S3"]) == 2
     assert "S2.json: annotation 0: image_id 2 is none of the file's images (ids 1)" in _one_error_line(capsys)
-    assert not (run / "detect" / MODEL / "model" / "model.safetensors").exists()
+    assert not run.exists()
 
 
 def test_an_annotation_file_matching_no_slide_is_an_error_naming_it(tmp_path, slides, capsys):
@@ -118,6 +119,7 @@ def test_an_annotation_file_matching_no_slide_is_an_error_naming_it(tmp_path, sl
     common, run = _setup(tmp_path, slides, files)
     assert main(["train-detector", *common, "--val-slides", "S3"]) == 2
     assert "S4.csv: matches no slide_id of the manifest" in _one_error_line(capsys)
+    assert not run.exists()
     _fake_detector(run, [], {s: [(30, 30, "nucleus-normal", 0.9)] for s in ("S1", "S2", "S3")})
     assert main(["eval-detect", *common, "--val-slides", "S1", "--test-slides", "S2"]) == 2
     assert "S4.csv: matches no slide_id of the manifest" in _one_error_line(capsys)
@@ -152,6 +154,7 @@ def test_one_patient_train_detector_is_one_error_line_exit_2(tmp_path, slides, c
     common, run = _setup(tmp_path, slides, dict(_good(s) for s in ("S1", "S2", "S3")), patients=("PA",) * 3)
     assert main(["train-detector", *common]) == 2
     assert "needs slides of >= 2 patients" in _one_error_line(capsys)
+    assert not run.exists()
 
 
 # -- exports -------------------------------------------------------------------------------------
