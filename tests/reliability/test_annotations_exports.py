@@ -21,7 +21,6 @@ import yaml
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.detection import DEMO_CLASSES, read_annotations
-from wsi_pipeline.detection.outputs import CandidateWriter
 
 from tests.detect.conftest import dot_image, write_slide
 
@@ -71,6 +70,10 @@ def _good(sid):
 def _fake_detector(run, train_slides, candidates: dict):
     """What eval-detect reads of a detector: its config.json, and per slide candidates.csv written
     by the detect stage's own writer. candidates: slide_id -> [(x, y, class, score)]."""
+    # imported here: importing detection.outputs at collection binds the package attribute `hotspot`
+    # to the submodule, shadowing the lazily exported function tests/detect/test_core.py imports
+    from wsi_pipeline.detection.outputs import CandidateWriter
+
     out = run / "detect" / MODEL
     (out / "model").mkdir(parents=True)
     (out / "model" / "config.json").write_text(json.dumps({"classes": list(DEMO_CLASSES),

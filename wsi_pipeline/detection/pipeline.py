@@ -124,7 +124,8 @@ def _annotation_files(folder: Path, slide_ids) -> dict[str, Path]:
         if path.name.startswith(".") or path.suffix.lower() not in ANNOTATION_SUFFIXES or not path.is_file():
             continue
         if path.stem not in ids:
-            close = difflib.get_close_matches(path.stem, sorted(ids), n=1)
+            close = ([i for i in sorted(ids) if i.lower() == path.stem.lower()]
+                     or difflib.get_close_matches(path.stem, sorted(ids), n=1))
             raise AnnotationError(f"{path}: matches no slide_id of the manifest (files are named "
                                   f"{{slide_id}}{', {slide_id}'.join(ANNOTATION_SUFFIXES)}"
                                   + (f"; did you mean {close[0]}{path.suffix}?)" if close else ")"))
@@ -145,7 +146,10 @@ def place_truths(records, dcfg, classes, slide_ids) -> dict[str, tuple]:
     for r in records:
         ann = None
         if files is not None:
-            ann = files.get(r.slide_id, Path(dcfg.annotations) / f"{r.slide_id}.csv")   # not found: named
+            if r.slide_id not in files:
+                raise AnnotationError(f"{dcfg.annotations}: no annotation file for slide {r.slide_id!r} "
+                                      f"(looked for {r.slide_id}{f', {r.slide_id}'.join(ANNOTATION_SUFFIXES)})")
+            ann = files[r.slide_id]
         with open_slide(r.path, slide_id=r.slide_id, mpp_override=r.mpp) as slide:
             mpp, wh = slide.mpp, slide.dimensions
         out[r.slide_id] = (read_truth(r.path, classes, annotations=ann, slide_wh=wh, class_map=dcfg.class_map,
