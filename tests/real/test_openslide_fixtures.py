@@ -1,5 +1,5 @@
 """openslide-python's own test fixtures through our readers and stages, each with its documented
-outcome (README, "Slide formats"):
+outcome (also in the README, "Development"):
 
 | file              | what it is                                  | outcome here                                   |
 |-------------------|---------------------------------------------|------------------------------------------------|
