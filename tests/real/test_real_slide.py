@@ -54,6 +54,7 @@ def reduced_vit():
     spec = get_spec("vit_small_patch16")
     small = dataclasses.replace(spec, name=VIT, aliases=(), build=lambda **kw: spec.build(depth=1, **kw),
                                 notes="vit_small_patch16 at depth 1 (tests only)")
+    assert len(small.build().blocks) == 1
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ENCODERS, "_entries", dict(ENCODERS._entries))
         register_encoder(small)
@@ -141,7 +142,7 @@ def test_patches_lie_on_the_tissue(real_run):
     cells = _independent_tissue(real_run.svs)
     kept = _patch_fractions(cells, coords, size0)
     assert 20 <= len(coords) <= 60, len(coords)
-    assert kept.min() > 0.1 and np.median(kept) > 0.6, np.round(np.sort(kept), 2)
+    assert kept.min() > 0.2 and np.median(kept) > 0.6, np.round(np.sort(kept), 2)
     # The whole grid, at the tiling's own stride: positions the estimate calls tissue must be kept.
     stride = float(attrs["stride_level0"])
     grid = np.array([(round(i * stride), round(j * stride))
@@ -149,12 +150,17 @@ def test_patches_lie_on_the_tissue(real_run):
                      for i in range(int((WIDTH_PX - size0) // stride) + 1)], dtype=np.int64)
     assert len(grid) == int(attrs["n_grid_positions"])
     assert set(map(tuple, coords)) <= set(map(tuple, grid))
-    full = grid[_patch_fractions(cells, grid, size0) > 0.75]
+    fractions = _patch_fractions(cells, grid, size0)
+    # Kept or not as the estimate would decide at the tiling's min_tissue_fraction (0.25): nearly
+    # always the same call (3 of 88 differ, all near the threshold, when this was written).
+    kept_mask = np.array([tuple(p) in set(map(tuple, coords)) for p in grid])
+    assert ((fractions >= 0.25) == kept_mask).mean() >= 0.9
+    full = grid[fractions > 0.75]
     assert len(full) >= 10
     missed = set(map(tuple, full)) - set(map(tuple, coords))
     assert len(missed) <= 0.1 * len(full), sorted(missed)
     # Glass stays out: grid positions the estimate calls (nearly) empty were not kept.
-    empty = set(map(tuple, grid[_patch_fractions(cells, grid, size0) < 0.02]))
+    empty = set(map(tuple, grid[fractions < 0.02]))
     assert empty and not empty & set(map(tuple, coords))
 
 
