@@ -113,8 +113,13 @@ def fetch(dist: Distribution, root: Path | None = None) -> Path:
     folder = (root or cache_dir()) / dist.folder_name
     if folder.is_dir() and _complete(folder, dist):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{dist.folder_name}.lock", "a") as lock:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder.parent / f".{dist.folder_name}.lock", "a")
+    except OSError as exc:
+        raise FetchError(f"cannot create the test-file cache {folder} ({exc}); set {CACHE_ENV} to a "
+                         f"writable folder") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, or when the process dies
         try:
             if not _complete(folder, dist):   # another worker may have fetched it while we waited

@@ -250,6 +250,8 @@ def test_heatmap_outputs_are_readable(real_run):
     corners = sorted(tuple(int(round(v)) for v in np.min(f["geometry"]["coordinates"][0], axis=0))
                      for f in geo["features"])
     assert corners == sorted(map(tuple, real_run.coords))
+    scores = np.array([f["properties"]["measurements"][f"{MIL} score"] for f in geo["features"]])
+    assert np.isfinite(scores).all() and 0 <= scores.min() < scores.max() <= 1
     spans = {tuple(np.ptp(f["geometry"]["coordinates"][0], axis=0)) for f in geo["features"]}
     assert all(abs(w - size0) <= 1 and abs(h - size0) <= 1 for w, h in spans)
     topk = sorted((out / f"{SLIDE_ID}_topk").iterdir())
