@@ -8,7 +8,8 @@ outcome (also in the README, "Development"):
 |                   |                                             | with the manifest's mpp: every level reads,   |
 |                   |                                             | level 0 equals boxes.png to the bit           |
 | boxes_0.dcm       | DICOM WSI (with boxes_1.dcm)                | OpenSlide reads it (the small.svs pixels);    |
-|                   |                                             | tiffslide: a clear error; region reader only  |
+|                   |                                             | tiffslide: a clear error; region reader only; |
+|                   |                                             | tile + extract give small.svs's features      |
 | unreadable.svs    | opens, its JPEG tile is corrupt             | one error naming slide and file; batch goes on|
 | unopenable.tiff   | TIFF in compression 52479                   | one error with OpenSlide's reason             |
 | 😐.svs            | small.svs under a non-ASCII name            | tile and extract as small.svs, same features  |
@@ -147,11 +148,13 @@ def test_batch_goes_on_past_broken_files(openslide_fixtures, cmu_svs, tmp_path, 
         assert [r.getMessage() for r in caplog.records if f"'{sid}'" in r.getMessage()] == [error]
 
 
-def test_non_ascii_file_name_tiles_and_extracts(openslide_fixtures, tmp_path):
-    """😐.svs is small.svs byte for byte: the same coords and the same features under either name."""
+def test_non_ascii_name_and_dicom_tile_and_extract_as_the_svs(openslide_fixtures, tmp_path):
+    """😐.svs is small.svs byte for byte, and boxes_0.dcm holds the same pixels: the same coords and
+    the same features under either name, and from the DICOM WSI (read by the region reader)."""
     manifest, config, run = tmp_path / "m.csv", tmp_path / "c.yaml", tmp_path / "run"
     _write_manifest(manifest, [("smiley", openslide_fixtures / SMILEY),
-                               ("small", openslide_fixtures / "small.svs")])
+                               ("small", openslide_fixtures / "small.svs"),
+                               ("dicom", openslide_fixtures / "boxes_0.dcm")])
     # One 16 px patch of a 16 px slide: at its own resolution, every grid position kept.
     config.write_text("tiling:\n  target_mpp: 0.499\n  patch_size_px: 16\n  min_tissue_fraction: 0.0\n"
                       "tissue:\n  mask_mpp: 0.499\n  min_tissue_area_um2: 0\n  median_kernel_um: 0\n"
@@ -161,10 +164,12 @@ def test_non_ascii_file_name_tiles_and_extracts(openslide_fixtures, tmp_path):
     assert main(["tile", *base]) == 0
     assert main(["extract", *base]) == 0
     got = {}
-    for sid in ("smiley", "small"):
+    for sid in ("smiley", "small", "dicom"):
         with h5py.File(run / "features" / "stain_texture" / f"{sid}.h5", "r") as f:
             got[sid] = f["features"][:], f["coords"][:], f.attrs["patch_reader"]
-    assert got["smiley"][1].tolist() == [[0, 0]] and got["smiley"][2] == "direct"
-    np.testing.assert_array_equal(got["smiley"][0], got["small"][0])
-    np.testing.assert_array_equal(got["smiley"][1], got["small"][1])
-    assert np.isfinite(got["smiley"][0]).all()
+    assert got["smiley"][1].tolist() == [[0, 0]] and got["smiley"][2] == got["small"][2] == "direct"
+    assert got["dicom"][2] == "openslide"
+    assert np.isfinite(got["small"][0]).all()
+    for sid in ("smiley", "dicom"):
+        np.testing.assert_array_equal(got[sid][0], got["small"][0])
+        np.testing.assert_array_equal(got[sid][1], got["small"][1])
