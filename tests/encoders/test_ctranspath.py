@@ -13,12 +13,11 @@ release's key layout; our build (current timm Swin) must give the same features 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from wsi_pipeline.encoders import get_spec
+from wsi_pipeline.encoders import get_spec, read_state_dict
 from wsi_pipeline.encoders.ctranspath import convert_release_state_dict
 from wsi_pipeline.encoders.registry import Encoder, resize_and_crop
 from wsi_pipeline.encoders.weights import EncoderWeightsError, load_into
@@ -227,4 +226,22 @@ def test_preprocessing_matches_the_official_transform(side_px):
     theirs = torch.stack([official["full"](p) for p in patches])
     one_level = 1 / 255 / min(spec.std)
     assert (encoder.preprocess(patches) - theirs).abs().max() <= one_level + 1e-5
-    assert np.isclose(one_level, 1 / 255 / 0.224)
+
+
+def test_release_file_loads_without_unpickling(tmp_path):
+    """A torch file {'model': state_dict} in the release layout (as TRIDENT, STAMP and CHIEF read
+    it) goes through read_state_dict (weights_only=True), the entry's converter and a strict load;
+    the encoder then computes the reference's features from uint8 patches. Narrow Swin (32 wide)."""
+    narrow = dict(embed_dim=32, heads=(1, 2, 4, 8))
+    reference = randomise_(RefCTransPath(**narrow), seed=7).eval()
+    path = tmp_path / "CHIEF_CTransPath.pth"
+    torch.save({"model": reference.state_dict()}, path)
+    spec = get_spec("chief_ctranspath")
+    model = spec.build(embed_dim=32, num_heads=(1, 2, 4, 8))
+    load_into(model, spec.convert_state_dict(read_state_dict(path)), source=str(path))
+    encoder = Encoder(model.eval(), spec, weights_source=str(path), weights_sha256="test")
+    patches = smooth_rgb_patches(2, 256, seed=8)
+    with torch.no_grad():
+        got, expected = encoder(patches), reference(encoder.preprocess(patches))
+    assert got.shape == (2, 256)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

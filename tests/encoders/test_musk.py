@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsi_pipeline.encoders import get_spec
+from wsi_pipeline.encoders import get_spec, read_state_dict
 from wsi_pipeline.encoders.musk import convert_release_state_dict
 from wsi_pipeline.encoders.registry import Encoder, resize_and_crop
 from wsi_pipeline.encoders.weights import load_into
@@ -229,3 +230,22 @@ def test_preprocessing_matches_the_official_transform(side_px):
     encoder = Encoder(nn.Identity(), spec, weights_source="none", weights_sha256="none")
     theirs = torch.stack([official["full"](p) for p in patches])
     assert (encoder.preprocess(patches) - theirs).abs().max() <= 1 / 255 / 0.5 + 1e-5
+
+
+def test_release_safetensors_loads_and_encodes_uint8_patches(tmp_path, small_reference):
+    """model.safetensors in the release layout (flat, as xiangjx/musk ships it) -> read_state_dict
+    -> converter -> strict load; the encoder's uint8 forward gives the reference's 2-scale output."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in small_reference.state_dict().items()}, str(path))
+    spec = get_spec("musk")
+    model = spec.build(img_size=64, **SMALL_OURS)
+    load_into(model, convert_release_state_dict(read_state_dict(path), grid=4), source=str(path))
+    encoder = Encoder(model.eval(), replace(spec, resize_px=64, crop_px=64, input_size_px=64),
+                      weights_source=str(path), weights_sha256="test")
+    patches = smooth_rgb_patches(2, 80, seed=9)
+    with torch.no_grad():
+        got, expected = encoder(patches), small_reference(encoder.preprocess(patches), ms_aug=True)
+    assert got.shape == (2, 128)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
