@@ -123,7 +123,8 @@ register_encoder(EncoderSpec(
     notes=("Original TransPath weights. Preprocessing: Resize(224) (bilinear, on PIL images, i.e. "
            "antialiased), no crop, ImageNet mean/std, as TransPath get_features_CTransPath.py; STAMP adds "
            "CenterCrop(224), which changes nothing for square patches. TransPath README: 'first try to "
-           "extract features at 1.0mpp'. Release: torch file {'model': state_dict} in patched-timm-0.5.4 "
+           "extract features at 1.0mpp'; 224 px there needs no resize (STAMP tiles 224 px at 1.143 "
+           "µm/px, TRIDENT's CHIEF entry 256 px at 10x). Release: torch file {'model': state_dict} in patched-timm-0.5.4 "
            "keys, converted on load; sha256 " + RELEASE_SHA256["ctranspath.pth"][:16] + "... (STAMP). "
            "Whether this file loads with weights_only=True is unverified (STAMP unpickles it)."),
     **_COMMON))

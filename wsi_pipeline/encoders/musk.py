@@ -169,8 +169,10 @@ _COMMON = dict(
                "musk/utils.py (MultiScaleForward), musk/torchscale (BEiT3), README"),
 )
 _ANCHORS = ("Preprocessing as the MUSK README: Resize(384, bicubic, antialias) + CenterCrop(384), "
-            "IMAGENET_INCEPTION mean/std 0.5 (LazySlide uses ImageNet mean/std: not followed). "
-            "Tiling 384 px at 20x (TRIDENT README); fp16 as README/TRIDENT. ")
+            "IMAGENET_INCEPTION mean/std 0.5 (lazyslide-models @0127beb multimodal/musk.py normalises with "
+            "ImageNet mean/std: not followed). "
+            "Tiling 384 px at 20x (TRIDENT README). fp16 as TRIDENT (autocast here; the README casts "
+            "the model itself to fp16). ")
 
 register_encoder(EncoderSpec(
     name="musk", build=build_musk, out_dim=2 * EMBED_DIM,
