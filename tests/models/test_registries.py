@@ -24,6 +24,10 @@ ENTRY_IDS = [f"{kind}:{name}" for kind, name in ENTRIES]
 TINY_ENCODERS = {name: {"depth": 1, "img_size": 32} for name in
                  ("vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "uni_vit_l16")}
 TINY_ENCODERS["resnet50_trunc"] = {"layers": (1, 1, 1, 1)}  # one bottleneck per stage: still 1024 out
+for _name in ("ctranspath", "chief_ctranspath"):  # one Swin block per stage: still 768 out
+    TINY_ENCODERS[_name] = {"img_size": 32, "depths": (1, 1, 1, 1)}
+for _name in ("musk", "musk_cls"):  # one BEiT3 layer at full width: still 2048 / 1024 out
+    TINY_ENCODERS[_name] = {"depth": 1, "img_size": 32}
 TINY_SEGMENTERS = {"vmunet_tiny": {"dims": (8, 8, 8), "d_state": 4},
                    "vmunet_small": {"dims": (8, 8, 8, 8), "depths": (1, 1, 1, 1), "d_state": 4}}
 IN_DIM, N_CLASSES, N_INSTANCES = 12, 3, 7

@@ -157,17 +157,32 @@ class Encoder(nn.Module):
 def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     """The spec's resize (shorter side to ``resize_px``) and centre crop (``crop_px``) of (B, 3, H, W).
 
-    Float math on the device; uint8 input is resized as float and rounded back to uint8 like
-    torchvision's tensor Resize, so normalisation sees the values the authors' transform gives.
+    Float math on the device; uint8 input is resized as float and rounded back to uint8 the way
+    PIL does (the authors' transforms resize PIL images), so normalisation sees the values their
+    transform gives, within one uint8 level.
     """
     h, w = images.shape[-2:]
     if spec.resize_px is not None and min(h, w) != spec.resize_px:
         scale = spec.resize_px / min(h, w)
         size = (max(1, round(h * scale)), max(1, round(w * scale))) if h != w else (spec.resize_px,) * 2
         was_uint8 = images.dtype == torch.uint8
-        out = torch.nn.functional.interpolate(images.float(), size=size, mode=spec.interpolation,
-                                              align_corners=False, antialias=spec.antialias)
-        images = out.round_().clamp_(0, 255).to(torch.uint8) if was_uint8 else out
+        if was_uint8:
+            # The authors resize PIL images; PIL rounds half up and, in two passes (width, then
+            # height), stores the intermediate as uint8. Bicubic's negative lobes overshoot at
+            # saturated edges, so its intermediate clipping matters (one float pass: up to 8 levels
+            # off; two passes: within 1). Bilinear cannot overshoot: one pass stays within 1 level,
+            # where the extra intermediate rounding of two would not.
+            steps = ((h, size[1]), size) if spec.interpolation == "bicubic" else (size,)
+            out = images.float()
+            for step in steps:
+                if tuple(out.shape[-2:]) != step:
+                    out = torch.nn.functional.interpolate(out, size=step, mode=spec.interpolation,
+                                                          align_corners=False, antialias=spec.antialias)
+                    out = out.add_(0.5).floor_().clamp_(0, 255)
+            images = out.to(torch.uint8)
+        else:
+            images = torch.nn.functional.interpolate(images.float(), size=size, mode=spec.interpolation,
+                                                     align_corners=False, antialias=spec.antialias)
         h, w = size
     if spec.crop_px is not None and (h, w) != (spec.crop_px, spec.crop_px):
         if min(h, w) < spec.crop_px:
