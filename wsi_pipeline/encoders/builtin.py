@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import handcrafted  # noqa: F401  (registers stain_texture)
+from . import conch, handcrafted, hf_family  # noqa: F401  (register stain_texture, CONCH, HF-format models)
 from .registry import EncoderSpec, register_encoder
 
 TIMM_LICENSE = "Apache-2.0"  # the architectures are built by timm

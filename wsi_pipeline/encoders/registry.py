@@ -165,9 +165,12 @@ def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
         scale = spec.resize_px / min(h, w)
         size = (max(1, round(h * scale)), max(1, round(w * scale))) if h != w else (spec.resize_px,) * 2
         was_uint8 = images.dtype == torch.uint8
-        out = torch.nn.functional.interpolate(images.float(), size=size, mode=spec.interpolation,
-                                              align_corners=False, antialias=spec.antialias)
-        images = out.round_().clamp_(0, 255).to(torch.uint8) if was_uint8 else out
+        if was_uint8 and spec.interpolation == "bicubic":
+            images = _resize_uint8_two_pass(images, size, spec.antialias)
+        else:
+            out = torch.nn.functional.interpolate(images.float(), size=size, mode=spec.interpolation,
+                                                  align_corners=False, antialias=spec.antialias)
+            images = out.round_().clamp_(0, 255).to(torch.uint8) if was_uint8 else out
         h, w = size
     if spec.crop_px is not None and (h, w) != (spec.crop_px, spec.crop_px):
         if min(h, w) < spec.crop_px:
@@ -177,6 +180,19 @@ def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
         top, left = int(round((h - spec.crop_px) / 2.0)), int(round((w - spec.crop_px) / 2.0))
         images = images[..., top:top + spec.crop_px, left:left + spec.crop_px]
     return images
+
+
+def _resize_uint8_two_pass(images: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
+    """Bicubic resize of uint8 (B, 3, H, W) the way PIL does it under the authors' torchvision
+    transforms: width first, the intermediate stored as uint8 (rounded half up, the cubic overshoot
+    clipped), then height. One float pass differs from PIL by up to ~20 levels at saturated
+    pixels; this stays within 1 (float64 keeps the rounding of the intermediate stable)."""
+    interpolate = torch.nn.functional.interpolate
+    x = interpolate(images.double(), size=(images.shape[-2], size[1]), mode="bicubic",
+                    align_corners=False, antialias=antialias).add_(0.5).floor_().clamp_(0, 255)
+    x = interpolate(x, size=size, mode="bicubic", align_corners=False,
+                    antialias=antialias).add_(0.5).floor_().clamp_(0, 255)
+    return x.to(torch.uint8)
 
 
 def create_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Encoder:
@@ -211,7 +227,10 @@ def create_encoder(name: str, checkpoint: str | Path | None = None, device: str 
             from ..io import sha256_file
 
             path = Path(checkpoint)
-            load_into(model, read_state_dict(path), source=str(path), ignore_prefixes=spec.ignore_prefixes)
+            state = read_state_dict(path)
+            if spec.convert_state_dict is not None:
+                state = spec.convert_state_dict(state)
+            load_into(model, state, source=str(path), ignore_prefixes=spec.ignore_prefixes)
             sha = sha256_file(path)
     encoder = Encoder(model.eval(), spec, weights_source=checkpoint, weights_sha256=sha)
     return encoder.to(device)
