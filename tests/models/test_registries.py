@@ -24,6 +24,10 @@ ENTRY_IDS = [f"{kind}:{name}" for kind, name in ENTRIES]
 TINY_ENCODERS = {name: {"depth": 1, "img_size": 32} for name in
                  ("vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "uni_vit_l16")}
 TINY_ENCODERS["resnet50_trunc"] = {"layers": (1, 1, 1, 1)}  # one bottleneck per stage: still 1024 out
+# HF-format entries and CONCH (encoders/hf_family.py, conch.py): one block, 32 px input, full width.
+TINY_ENCODERS.update({name: {"depth": 1, "img_size": 32} for name in (
+    "phikon", "phikon_v2", "hibou_b", "hibou_l", "midnight", "midnight_cls", "conch_v1", "conch_v15",
+    "conch_v15_bicubic")})
 TINY_SEGMENTERS = {"vmunet_tiny": {"dims": (8, 8, 8), "d_state": 4},
                    "vmunet_small": {"dims": (8, 8, 8, 8), "depths": (1, 1, 1, 1), "d_state": 4}}
 IN_DIM, N_CLASSES, N_INSTANCES = 12, 3, 7
