@@ -173,3 +173,49 @@ def test_preprocessing_matches_torchvision_on_pil(name, interpolation, side_px, 
     encoder_in = registry.Encoder(torch.nn.Identity(), spec, "none", "none").normalise(
         torch.from_numpy(ours).permute(2, 0, 1)[None])
     torch.testing.assert_close(encoder_in[0], normalised, atol=1e-5, rtol=0)
+
+
+def _dinov2_native_names(hub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors under facebookresearch/dinov2's names, which HistAI/hibou @c453bbe
+    (hibou/models/vision_transformer.py, build_model) uses for its directly downloadable weights:
+    cls_token, pos_embed, register_tokens, mask_token, blocks.i.{norm1, attn.qkv, attn.proj, ls1.gamma,
+    norm2, mlp.w12, mlp.w3, ls2.gamma}, norm."""
+    flat = {"embeddings.cls_token": "cls_token", "embeddings.mask_token": "mask_token",
+            "embeddings.position_embeddings": "pos_embed", "embeddings.register_tokens": "register_tokens",
+            "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+            "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+            "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    local = {"norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
+             "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+             "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3"}
+    native = {}
+    for key, value in hub.items():
+        if key in flat:
+            native[flat[key]] = value
+            continue
+        layer, rest = key.split(".")[2], ".".join(key.split(".")[3:])
+        if rest.startswith("attention.attention.query."):
+            kind = rest.rsplit(".", 1)[1]
+            parts = [hub[f"encoder.layer.{layer}.attention.attention.{n}.{kind}"] for n in ("query", "key", "value")]
+            native[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat(parts, dim=0)
+        elif not rest.startswith("attention.attention."):
+            name, kind = rest.rsplit(".", 1) if not rest.endswith("lambda1") else (rest, None)
+            native[f"blocks.{layer}.{local[name]}" + (f".{kind}" if kind else "")] = value
+    return native
+
+
+def test_hibou_dinov2_native_layout_equals_transformers(tmp_path, monkeypatch, images_uint8):
+    """hibou.build_model's weights (DINOv2-native names) give the same features as the hub files."""
+    from safetensors.torch import save_file
+
+    reference = _small_reference("hibou_b")
+    hub = revert_weight_conversion(reference, reference.state_dict())
+    save_file({k: v.contiguous() for k, v in _dinov2_native_names(hub).items()}, tmp_path / "hibou-b.safetensors")
+    spec = get_spec("hibou_b")
+    small = replace(spec, build=partial(spec.build, **TIMM_SMALL))
+    monkeypatch.setattr(registry, "get_spec", lambda n: small if n == "hibou_b" else get_spec(n))
+    encoder = create_encoder("hibou_b", checkpoint=tmp_path / "hibou-b.safetensors")
+    with torch.no_grad():
+        ours = encoder(images_uint8)
+        expected = reference(pixel_values=encoder.preprocess(images_uint8)).pooler_output
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)

@@ -125,15 +125,35 @@ def _resample_grid(pos: torch.Tensor, grid: int, antialias: bool) -> torch.Tenso
     return img.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)
 
 
+def _dinov2_native_to_timm(state: dict[str, torch.Tensor], *, grid: int, antialias: bool) -> dict[str, torch.Tensor]:
+    """facebookresearch/dinov2-layout keys (Hibou's `hibou.build_model` weights: `register_tokens`,
+    `mask_token`, packed SwiGLU `mlp.w12`/`mlp.w3`) -> timm's; other dicts are returned unchanged."""
+    if "register_tokens" not in state and not any(".mlp.w12." in k for k in state):
+        return state
+    out = {k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2."): v
+           for k, v in state.items() if k != "mask_token"}
+    pos = out.pop("pos_embed")
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    if patch_pos.shape[1] != grid * grid:
+        patch_pos = _resample_grid(patch_pos, grid, antialias)
+    if "register_tokens" in out:  # as in the HF layout: CLS position folded, registers unpositioned
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + cls_pos
+        out["pos_embed"] = patch_pos
+    else:
+        out["pos_embed"] = torch.cat([cls_pos, patch_pos], dim=1)
+    return out
+
+
 def hf_to_timm(state: dict[str, torch.Tensor], *, grid: int, antialias: bool = False) -> dict[str, torch.Tensor]:
     """`transformers` ViTModel / Dinov2Model / DINOv2-with-registers keys -> timm ViT keys.
 
-    `grid`: patch grid side of the timm build (224 // patch size). A state dict already in timm
-    layout (no `embeddings.*` keys) is returned unchanged.
+    `grid`: patch grid side of the timm build (224 // patch size). A DINOv2-native dict goes
+    through `_dinov2_native_to_timm`; one already in timm layout is returned unchanged.
     """
     state = _strip_wrapper(dict(state))
     if not any(k.startswith("embeddings.") for k in state):
-        return state
+        return _dinov2_native_to_timm(state, grid=grid, antialias=antialias)
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     gates: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -233,8 +253,10 @@ for _name, _dim, _depth, _heads, _repo in (("hibou_b", 768, 12, 12, "histai/hibo
         notes=("DINOv2 ViT/14 with 4 register tokens and SwiGLU, released with remote code "
                "(trust_remote_code); pooler_output = CLS after the final LayerNorm. Keys mapped as "
                "transformers' Dinov2WithRegistersModel, which the tests use as reference (the hub's "
-               "custom modeling file could not be read here: UNVERIFIED). Preprocessing Resize(224, "
-               "bicubic) as TRIDENT, + CenterCrop(224) as LazySlide (identical on square tiles)."))
+               "custom modeling file could not be read here: UNVERIFIED). hibou.build_model's own weights "
+               "(DINOv2-native names) load too. Preprocessing Resize(224, bicubic) as TRIDENT, + "
+               "CenterCrop(224) as LazySlide (identical on square tiles); the hub processor config "
+               "could not be read here (UNVERIFIED)."))
 
 MIDNIGHT_REF = ("Karasikov et al., arXiv 2504.05186 (Midnight); github.com/kaiko-ai/Midnight @e48dce1 README "
                 "'Extract embeddings for classification'")
