@@ -188,7 +188,8 @@ def _resize_uint8_two_pass(images: torch.Tensor, size: tuple[int, int], antialia
     clipped), then height. One float pass differs from PIL by up to ~20 levels at saturated
     pixels; this stays within 1 (float64 keeps the rounding of the intermediate stable)."""
     interpolate = torch.nn.functional.interpolate
-    x = interpolate(images.double(), size=(images.shape[-2], size[1]), mode="bicubic",
+    wide = torch.float32 if images.device.type == "mps" else torch.float64  # MPS has no float64
+    x = interpolate(images.to(wide), size=(images.shape[-2], size[1]), mode="bicubic",
                     align_corners=False, antialias=antialias).add_(0.5).floor_().clamp_(0, 255)
     x = interpolate(x, size=size, mode="bicubic", align_corners=False,
                     antialias=antialias).add_(0.5).floor_().clamp_(0, 255)
