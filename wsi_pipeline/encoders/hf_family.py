@@ -264,9 +264,11 @@ _MIDNIGHT_NOTES = ("transformers Dinov2Model ViT-G/14 (1536, 40 blocks, SwiGLU, 
                    "authors (kaiko-ai/Midnight README, eval 'vitg14_Kaiko_Midnight_concat') recommend "
                    "cat[CLS, mean(patch tokens)] = 3072 for classification: `midnight`. TRIDENT's code "
                    "default and eva use CLS only = 1536: `midnight_cls`. Preprocessing Resize(224)+"
-                   "CenterCrop(224), mean/std 0.5 (README). A release grid other than 16x16 is resampled "
-                   "like transformers >= 4.45 (size-based bicubic); older transformers used a +0.1 "
-                   "scale-factor form, which gives slightly different positions.")
+                   "CenterCrop(224), mean/std 0.5 (README). The release's position grid was not read here "
+                   "(UNVERIFIED; DINOv2-G configs use 518 px = 37x37): a grid other than 16x16 is "
+                   "resampled at load as transformers 5 does per forward (bicubic to the target size); "
+                   "DINOv2's own code uses a +0.1 scale-factor form, which places positions slightly "
+                   "differently.")
 for _name, _pool, _dim in (("midnight", "cls+mean", 3072), ("midnight_cls", "cls", 1536)):
     _register(
         _name, patch_size=14,
