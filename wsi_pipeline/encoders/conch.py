@@ -170,7 +170,8 @@ def conch_v15_state_dict(state: dict[str, torch.Tensor], *, model_grid: int = 14
     TRIDENT builds the trunk at 224 px (grid 14), resamples the release's grid to 14x14 (bilinear,
     no antialias) and, at every 448 px forward, interpolates the 14x14 grid bicubically with
     scale factor (28 + 0.1) / 14 (the DINO offset), CLS position kept. Doing both steps once here
-    gives the same 28x28 embeddings.
+    gives the same 28x28 embeddings. A 28x28 grid is taken as already done (an export of this
+    build); TRIDENT would shrink it to 14x14 and grow it back.
     """
     if any(k.startswith("visual.") for k in state):
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}

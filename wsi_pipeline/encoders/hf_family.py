@@ -41,9 +41,9 @@ _WRAPPER_PREFIXES = ("vit.", "dinov2.", "dinov2_with_registers.", "model.", "bac
 _DROPPED_PREFIXES = ("pooler.", "classifier.", "embeddings.mask_token")
 
 
-def swiglu_hidden_px(embed_dim: int, mlp_ratio: float = 4.0) -> int:
+def swiglu_hidden_width(embed_dim: int, mlp_ratio: float = 4.0) -> int:
     """Hidden width of DINOv2's SwiGLU MLP (and of `transformers`' Dinov2SwiGLUFFN): two thirds of
-    `embed_dim * mlp_ratio`, rounded up to a multiple of 8 (not a pixel size; name kept short)."""
+    `embed_dim * mlp_ratio`, rounded up to a multiple of 8 (Hibou-L: 2736, ViT-G: 4096)."""
     return (int(int(embed_dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
 
 
@@ -79,7 +79,7 @@ def hf_vit_builder(*, embed_dim: int, depth: int, num_heads: int, patch_size: in
         args.update(overrides)
         width = args["embed_dim"]
         if mlp == "swiglu":
-            packed = 2 * swiglu_hidden_px(width)
+            packed = 2 * swiglu_hidden_width(width)
             # timm sizes fc1 as int(width * mlp_ratio): +0.5 keeps float rounding from losing a unit.
             mlp_kwargs = dict(mlp_ratio=(packed + 0.5) / width, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
         else:
@@ -128,7 +128,7 @@ def _resample_grid(pos: torch.Tensor, grid: int, antialias: bool) -> torch.Tenso
 def _dinov2_native_to_timm(state: dict[str, torch.Tensor], *, grid: int, antialias: bool) -> dict[str, torch.Tensor]:
     """facebookresearch/dinov2-layout keys (Hibou's `hibou.build_model` weights: `register_tokens`,
     `mask_token`, packed SwiGLU `mlp.w12`/`mlp.w3`) -> timm's; other dicts are returned unchanged."""
-    if "register_tokens" not in state and not any(".mlp.w12." in k for k in state):
+    if not ({"register_tokens", "mask_token"} & state.keys() or any(".mlp.w12." in k for k in state)):
         return state
     out = {k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2."): v
            for k, v in state.items() if k != "mask_token"}
