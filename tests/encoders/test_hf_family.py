@@ -145,7 +145,7 @@ def test_full_size_keys_and_shapes(name):
     assert ours.num_features == spec.out_dim
 
 
-def test_midnight_pools_class_and_patch_tokens_not_registers():
+def test_midnight_pools_class_token_and_mean_of_patch_tokens():
     """The authors' classification embedding: CLS (1536) then the mean of the 256 patch tokens."""
     spec = get_spec("midnight")
     model = spec.build(depth=1, embed_dim=32, num_heads=2).eval()
