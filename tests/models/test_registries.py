@@ -28,6 +28,10 @@ for _name in ("ctranspath", "chief_ctranspath"):  # one Swin block per stage: st
     TINY_ENCODERS[_name] = {"img_size": 32, "depths": (1, 1, 1, 1)}
 for _name in ("musk", "musk_cls"):  # one BEiT3 layer at full width: still 2048 / 1024 out
     TINY_ENCODERS[_name] = {"depth": 1, "img_size": 32}
+# HF-format entries and CONCH (encoders/hf_family.py, conch.py): one block, 32 px input, full width.
+TINY_ENCODERS.update({name: {"depth": 1, "img_size": 32} for name in (
+    "phikon", "phikon_v2", "hibou_b", "hibou_l", "midnight", "midnight_cls", "conch_v1", "conch_v15",
+    "conch_v15_bicubic")})
 TINY_SEGMENTERS = {"vmunet_tiny": {"dims": (8, 8, 8), "d_state": 4},
                    "vmunet_small": {"dims": (8, 8, 8, 8), "depths": (1, 1, 1, 1), "d_state": 4}}
 IN_DIM, N_CLASSES, N_INSTANCES = 12, 3, 7

@@ -166,23 +166,12 @@ def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
         scale = spec.resize_px / min(h, w)
         size = (max(1, round(h * scale)), max(1, round(w * scale))) if h != w else (spec.resize_px,) * 2
         was_uint8 = images.dtype == torch.uint8
-        if was_uint8:
-            # The authors resize PIL images; PIL rounds half up and, in two passes (width, then
-            # height), stores the intermediate as uint8. Bicubic's negative lobes overshoot at
-            # saturated edges, so its intermediate clipping matters (one float pass: up to 8 levels
-            # off; two passes: within 1). Bilinear cannot overshoot: one pass stays within 1 level,
-            # where the extra intermediate rounding of two would not.
-            steps = ((h, size[1]), size) if spec.interpolation == "bicubic" else (size,)
-            out = images.float()
-            for step in steps:
-                if tuple(out.shape[-2:]) != step:
-                    out = torch.nn.functional.interpolate(out, size=step, mode=spec.interpolation,
-                                                          align_corners=False, antialias=spec.antialias)
-                    out = out.add_(0.5).floor_().clamp_(0, 255)
-            images = out.to(torch.uint8)
+        if was_uint8 and spec.interpolation == "bicubic":
+            images = _resize_uint8_two_pass(images, size, spec.antialias)
         else:
-            images = torch.nn.functional.interpolate(images.float(), size=size, mode=spec.interpolation,
-                                                     align_corners=False, antialias=spec.antialias)
+            out = torch.nn.functional.interpolate(images.float(), size=size, mode=spec.interpolation,
+                                                  align_corners=False, antialias=spec.antialias)
+            images = out.round_().clamp_(0, 255).to(torch.uint8) if was_uint8 else out
         h, w = size
     if spec.crop_px is not None and (h, w) != (spec.crop_px, spec.crop_px):
         if min(h, w) < spec.crop_px:
@@ -192,6 +181,20 @@ def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
         top, left = int(round((h - spec.crop_px) / 2.0)), int(round((w - spec.crop_px) / 2.0))
         images = images[..., top:top + spec.crop_px, left:left + spec.crop_px]
     return images
+
+
+def _resize_uint8_two_pass(images: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
+    """Bicubic resize of uint8 (B, 3, H, W) the way PIL does it under the authors' torchvision
+    transforms: width first, the intermediate stored as uint8 (rounded half up, the cubic overshoot
+    clipped), then height. One float pass differs from PIL by up to ~20 levels at saturated
+    pixels; this stays within 1 (float64 keeps the rounding of the intermediate stable)."""
+    interpolate = torch.nn.functional.interpolate
+    wide = torch.float32 if images.device.type == "mps" else torch.float64  # MPS has no float64
+    x = interpolate(images.to(wide), size=(images.shape[-2], size[1]), mode="bicubic",
+                    align_corners=False, antialias=antialias).add_(0.5).floor_().clamp_(0, 255)
+    x = interpolate(x, size=size, mode="bicubic", align_corners=False,
+                    antialias=antialias).add_(0.5).floor_().clamp_(0, 255)
+    return x.to(torch.uint8)
 
 
 def create_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Encoder:
@@ -226,7 +229,10 @@ def create_encoder(name: str, checkpoint: str | Path | None = None, device: str 
             from ..io import sha256_file
 
             path = Path(checkpoint)
-            load_into(model, read_state_dict(path), source=str(path), ignore_prefixes=spec.ignore_prefixes)
+            state = read_state_dict(path)
+            if spec.convert_state_dict is not None:
+                state = spec.convert_state_dict(state)
+            load_into(model, state, source=str(path), ignore_prefixes=spec.ignore_prefixes)
             sha = sha256_file(path)
     encoder = Encoder(model.eval(), spec, weights_source=checkpoint, weights_sha256=sha)
     return encoder.to(device)
