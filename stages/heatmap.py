@@ -51,6 +51,7 @@ def run_heatmap(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     run = RunFolder(run_dir)
     model_name = check_name(model, "--model") if model else cfg.train.model
     runner = HeatmapRunner(cfg, run, model_name, model_dir)
+    runner.check_inputs(manifest)  # features the models cannot use: refused before anything is written
     runner.out_dir.mkdir(parents=True, exist_ok=True)
     report = run_batch(STAGE, manifest, run, lambda r: runner(r, force=force), progress=progress)
     report.outputs = {sid: str(runner.done_path(sid)) for sid in [*report.done, *report.skipped]}

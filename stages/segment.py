@@ -74,11 +74,12 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     if slides is not None:
         manifest = manifest.select(slides)
     run = RunFolder(run_dir)
+    provider = CamProvider(cfg, run, model_name, model_dir)
+    provider.check_inputs(manifest)  # features the ensemble cannot use: refused before anything is written
     run.segment_dir.mkdir(parents=True, exist_ok=True)
     # Leftovers of dead writers only: a second segment run on RUN may be writing here right now.
     remove_stale_temps(run.segment_cams_dir)
     remove_stale_temps(run.segment_model_dir)
-    provider = CamProvider(cfg, run, model_name, model_dir)
     report = StageReport(STAGE, details={"metrics": {}, "metrics_csv": run.segment_metrics_csv, "trained": False})
 
     # 1. CAMs (from the file, else from the ensemble).
