@@ -88,7 +88,8 @@ def slide_model(tmp_path_factory, make_slide):
     """A tiny abmil trained on slide features (0.5 µm/px, 224 px, encoder test_encoder, WEIGHTS);
     slide c1-P00-S0's file is a real demo slide (A), and B is another scan of the same size."""
     root = tmp_path_factory.mktemp("provenance_slides")
-    a, b = make_slide("stale_a", seed=11), make_slide("stale_b", seed=12, positive=True)
+    small = {"width_px": 512, "height_px": 384}
+    a, b = make_slide("provenance_a", seed=11, **small), make_slide("provenance_b", seed=12, positive=True, **small)
     run_dir, model_dir, files = train_cohort(root, model="abmil", first_file=a,
                                              model_args={"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0})
     return {"run": run_dir, "model_dir": model_dir, "files": files, "other_scan": b}
@@ -220,7 +221,7 @@ def test_heatmap_and_segment_refuse_features_the_model_cannot_use_and_write_noth
 
 # -- detect and eval-detect ------------------------------------------------------------------------
 DETECT_CONFIG = ("detect:\n  train:\n    work_mpp: 4.0\n    model_args: {dims: [8, 8], depths: [1, 1], d_state: 4}\n"
-                 "  tile_px: 64\n  min_score: 0.05\n")
+                 "  tile_px: 64\n  min_score: 0.05\n  density_classes: []\n")
 
 
 def save_random_detector(run_dir, seed: int):
