@@ -79,7 +79,8 @@ class HeatmapRunner:
         if model_dir not in self._training:
             dirs = fold_dirs(model_dir) if model_dir.is_dir() else []
             try:
-                self._training[model_dir] = model_training_features(read_fold_meta(dirs[0])) if dirs else None
+                self._training[model_dir] = (model_training_features(read_fold_meta(dirs[0]), self.cfg.extract.encoder)
+                                           if dirs else None)
             except PipelineError:
                 self._training[model_dir] = None
         return self._training[model_dir]

@@ -76,13 +76,13 @@ def features_provenance(attrs: Mapping) -> dict:
     }
 
 
-def model_training_features(meta: Mapping) -> dict:
+def model_training_features(meta: Mapping, default_encoder: str | None = None) -> dict:
     """What a fold's model was trained on (its config.json); folds trained before `training_features`
-    was recorded name only their encoder."""
+    was recorded name only their encoder, and folds naming none take `default_encoder`
+    (extract.encoder, as the consumers always did)."""
     recorded = meta.get("training_features")
-    if isinstance(recorded, Mapping):
-        return {**{k: recorded.get(k) for k in FIELDS}, "encoder": recorded.get("encoder") or _str(meta.get("encoder"))}
-    return {**{k: None for k in FIELDS}, "encoder": _str(meta.get("encoder"))}
+    recorded = {k: recorded.get(k) for k in FIELDS} if isinstance(recorded, Mapping) else {k: None for k in FIELDS}
+    return {**recorded, "encoder": recorded["encoder"] or _str(meta.get("encoder")) or default_encoder}
 
 
 def differing_fields(a: Mapping, b: Mapping) -> list[str]:

@@ -76,7 +76,7 @@ class CamProvider:
 
         dirs = fold_dirs(model_dir) if Path(model_dir).is_dir() else []
         try:
-            return model_training_features(read_fold_meta(dirs[0])) if dirs else None
+            return model_training_features(read_fold_meta(dirs[0]), self.cfg.extract.encoder) if dirs else None
         except PipelineError:
             return None
 
@@ -128,7 +128,7 @@ class CamProvider:
         encoder = meta.get("encoder") or self.cfg.extract.encoder
         features_path = self.run.features_h5(encoder, record.slide_id)
         if meta and features_path.is_file():  # the ensemble's kind of features, of this file
-            locate_features(self.run, record, model_training_features(meta))
+            locate_features(self.run, record, model_training_features(meta, encoder))
         features, coords, attrs = load_bag(features_path, record.slide_id)
         patch_size_level0 = attrs.get("patch_size_level0")
         if patch_size_level0 is None:
