@@ -10,7 +10,10 @@ Inputs, per slide of the manifest:
                                     probability of the lesion class when the model has instance
                                     logits (fmamil), else its min-max normalised instance score
                                     times its slide probability of the lesion class.
-                                    Any other CAM source can write this file instead.
+                                    Any other CAM source can write this file instead. Features the
+                                    ensemble cannot use (made otherwise than its training features,
+                                    or from another file than the manifest's) refuse the command
+                                    before anything is written (exit 2; wsi_pipeline/provenance.py).
   the slide itself                  read once at segment.work_mpp (the working grid).
 CAM thresholds: segment.cam_high (and with segment.gate_negatives the gate) raised above the CAM
 scores that the slides labelled negative reach (segment.negative_quantile; `segmentation.calibration`);
