@@ -134,7 +134,8 @@ def test_train_refuses_a_cohort_whose_features_were_made_at_two_resolutions(slid
     rows = [(sid, f, f"P{sid[4:6]}", ("neg", "pos")[int(sid[4:6]) % 2]) for sid, f in slide_model["files"].items()]
     manifest = write_manifest(tmp_path / "m.csv", rows)
     config = tmp_path / "c.yaml"
-    config.write_text(f"extract:\n  encoder: {ENCODER}\ntrain:\n  model: abmil\n  folds: 2\n  epochs: 1\n  device: cpu\n")
+    config.write_text(f"extract:\n  encoder: {ENCODER}\n"
+                      "train:\n  model: abmil\n  folds: 2\n  epochs: 1\n  device: cpu\n")
     rc = main(["train", "--manifest", str(manifest), "--features", str(run), "--config", str(config), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "features made differently" in err and "at 1.0 µm/px" in err and "at 0.5 µm/px" in err
@@ -248,7 +249,8 @@ def detect_inputs(demo_cohort, tmp_path):
     for new, demo in (("V", "DEMO-002"), ("T", "DEMO-003")):
         for f in (demo_cohort.parent / "slides").glob(f"{demo}.*"):
             shutil.copyfile(f, slides / f.name.replace(demo, new))
-    manifest = write_manifest(tmp_path / "d.csv", [("V", slides / "V.svs", "PV", "a"), ("T", slides / "T.svs", "PT", "b")])
+    manifest = write_manifest(tmp_path / "d.csv", [("V", slides / "V.svs", "PV", "a"),
+                                                   ("T", slides / "T.svs", "PT", "b")])
     config = tmp_path / "d.yaml"
     config.write_text(DETECT_CONFIG)
     run = tmp_path / "run"
