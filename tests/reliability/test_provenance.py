@@ -31,6 +31,7 @@ SLIDE = {"encoder": ENCODER, "weights_sha256": WEIGHTS, "encoder_version": 1, "t
 CT = {"encoder": ENCODER, "weights_sha256": WEIGHTS, "encoder_version": 1, "modality": "CT", "patch_size": 32,
       "patch_size_vox": 32, "target_spacing_mm": 1.5, "instance_config_hash": "0123456789abcdef"}
 TINY = {"folds": 2, "epochs": 2, "patience": 2, "bootstrap": 10}
+SLIDE_MODEL_ARGS = {"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0}
 
 
 def write_features(run_dir, slide_id: str, source, *, rng, positive=False, coord_dims=2, encoder=ENCODER, **made):
@@ -90,8 +91,7 @@ def slide_model(tmp_path_factory, make_slide):
     root = tmp_path_factory.mktemp("provenance_slides")
     small = {"width_px": 512, "height_px": 384}
     a, b = make_slide("provenance_a", seed=11, **small), make_slide("provenance_b", seed=12, positive=True, **small)
-    run_dir, model_dir, files = train_cohort(root, model="abmil", first_file=a,
-                                             model_args={"hidden_dim": 16, "attention_dim": 8, "dropout": 0.0})
+    run_dir, model_dir, files = train_cohort(root, model="abmil", first_file=a, model_args=SLIDE_MODEL_ARGS)
     return {"run": run_dir, "model_dir": model_dir, "files": files, "other_scan": b}
 
 
@@ -124,6 +124,34 @@ def test_fold_config_records_the_training_features_provenance(slide_model):
         assert recorded == {"encoder": ENCODER, "encoder_version": 1, "weights_sha256": WEIGHTS, "target_mpp": 0.5,
                             "patch_size_px": 224, "target_spacing_mm": None, "instance_config_hash": None,
                             "coord_dims": 2, "modality": "slide"}
+
+
+def test_folds_trained_before_the_record_get_it_when_a_rerun_reuses_them(slide_model, tmp_path):
+    """An old fold (no training_features) is checked on its encoder name only; the train rerun that
+    finds it current (same features hashes) adds the record without retraining."""
+    from wsi_pipeline.training.checkpoints import META_FILE, fold_dirs, read_fold_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(slide_model["run"], run)
+    model_dir = RunFolder(run).mil_dir("abmil", "c1")
+    weights = {}
+    for fold in fold_dirs(model_dir):
+        meta = read_fold_meta(fold)
+        del meta["training_features"]
+        (fold / META_FILE).write_text(json.dumps(meta))
+        weights[fold.name] = (fold / "model.safetensors").read_bytes()
+    from stages.train import run_train
+    from tests.training.conftest import small_config
+    from wsi_pipeline.manifest import load_manifest
+
+    rows = [(sid, f, f"P{sid[4:6]}", ("neg", "pos")[int(sid[4:6]) % 2]) for sid, f in slide_model["files"].items()]
+    manifest = load_manifest(write_manifest(tmp_path / "m.csv", rows), require_labels=True)
+    cfg = small_config(model="abmil", model_args=SLIDE_MODEL_ARGS, **TINY)  # as the model was trained
+    report = run_train(manifest, cfg, run, progress=False)
+    assert report.ok and report["c1"]["folds_trained"] == [] and report["c1"]["folds_skipped"] == [0, 1]
+    for fold in fold_dirs(model_dir):
+        assert read_fold_meta(fold)["training_features"]["target_mpp"] == 0.5
+        assert (fold / "model.safetensors").read_bytes() == weights[fold.name]
 
 
 def test_train_refuses_a_cohort_whose_features_were_made_at_two_resolutions(slide_model, tmp_path, capsys):
