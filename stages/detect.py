@@ -138,15 +138,16 @@ def run_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, model: s
 def run_eval_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, val_slides: list[str],
                     test_slides: list[str], model: str | None = None, progress: bool = True) -> StageReport:
     """Thresholds chosen on `val_slides`, MIDOG-style metrics on the held-out `test_slides`."""
+    from wsi_pipeline.detection.checkpoint import checkpoint_hash
     from wsi_pipeline.detection.matching import format_metric
-    from wsi_pipeline.detection.pipeline import evaluate_run, nucleus_f1
+    from wsi_pipeline.detection.pipeline import check_candidates, evaluate_run, nucleus_f1
 
     run, model_name = RunFolder(run_dir), _model_name(cfg, run_dir, model)
     val, test = list(val_slides), list(test_slides)
     if set(val) & set(test):
         raise ConfigError(f"--val-slides and --test-slides overlap: {sorted(set(val) & set(test))}")
     ckpt_config = run.detect_dir(model_name) / "model" / "config.json"
-    if not ckpt_config.is_file():
+    if not ckpt_config.is_file() or not (ckpt_config.parent / "model.safetensors").is_file():
         raise ConfigError(f"no detector in {ckpt_config.parent}: run train-detector and detect first")
     ckpt = json.loads(ckpt_config.read_text(encoding="utf-8"))
     parent = ckpt.get("init_from", {})    # a fine-tuned detector also saw its parent's slides
@@ -154,6 +155,9 @@ def run_eval_detect(manifest: Manifest, cfg: Config, run_dir: str | Path, *, val
             | set(parent.get("train_slides", [])) | set(parent.get("val_slides", [])))
     if used & set(test):
         raise ConfigError(f"test slides were used in training: {sorted(used & set(test))}")
+    # Candidates of another checkpoint (a retrained detector) or another slide file are not scored.
+    check_candidates([*manifest.select(val), *manifest.select(test)], run, model_name,
+                     checkpoint_hash(ckpt_config.parent))
     result = evaluate_run(manifest.select(val), manifest.select(test), run, model_name, ckpt["classes"], cfg.detect,
                           slide_ids=[r.slide_id for r in manifest])
     report = StageReport("eval-detect", done=[model_name], outputs={model_name: result}, details=result,

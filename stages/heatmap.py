@@ -5,7 +5,10 @@ RUN/mil/{model}/{cohort}/ (or --model-dir) give per-patch scores (`ensemble_pred
 go to RUN/heatmaps/{model}/: {slide_id}.png, .tif, .geojson, {slide_id}_topk/ (see
 `wsi_pipeline.exports`), then {slide_id}.done.json last. The done file records what the outputs
 were made from (checkpoint sha256s, features file, heatmap config hash, slide file); a rerun skips a
-slide whose done file matches and whose outputs all exist, and redoes it otherwise.
+slide whose done file matches and whose outputs all exist, and redoes it otherwise. Features are
+read from the model's encoder folder; features it cannot use (made otherwise than its training
+features, or from another file than the manifest's) refuse the command before anything is written
+(exit 2; wsi_pipeline/provenance.py).
 A volume row gets {id}.heatmap.nii.gz (on the scan's own grid and affine), .montage.png and
 .cam_mask.nii.gz instead, and Dice against its truth_mask where the manifest gives one
 (wsi_pipeline/volumes/stages.py).
@@ -51,6 +54,7 @@ def run_heatmap(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     run = RunFolder(run_dir)
     model_name = check_name(model, "--model") if model else cfg.train.model
     runner = HeatmapRunner(cfg, run, model_name, model_dir)
+    runner.check_inputs(manifest)  # features the models cannot use: refused before anything is written
     runner.out_dir.mkdir(parents=True, exist_ok=True)
     report = run_batch(STAGE, manifest, run, lambda r: runner(r, force=force), progress=progress)
     report.outputs = {sid: str(runner.done_path(sid)) for sid in [*report.done, *report.skipped]}

@@ -5,7 +5,10 @@ Reads the fold models of RUN/mil/{model}/{cohort}/ (`--model-dir`), the encoder 
 (slide_id, prob_<class>..., predicted) atomically. The probabilities are the mean of the folds'
 softmax outputs (`training.inference.ensemble_predict`); `predicted` is the class with the highest.
 Slides without usable features (missing, unreadable, non-finite, wrong dimension) are reported and
-skipped: the CSV holds the others and the command exits 1.
+skipped: the CSV holds the others and the command exits 1. Features the model cannot use (made by
+another encoder, weights, µm/px, patch size or modality than its training features, or from another
+file than the manifest's: `wsi_pipeline.provenance`) refuse the whole command before the CSV is
+written: one line per slide naming both sides, exit 2.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
     from wsi_pipeline.errors import SlideError
     from wsi_pipeline.io import write_csv_atomic
     from wsi_pipeline.names import check_name
+    from wsi_pipeline.provenance import check_features, model_training_features
     from wsi_pipeline.run_folder import RunFolder
     from wsi_pipeline.training.bags import load_bag
     from wsi_pipeline.training.ensemble import EnsembleCache
@@ -49,9 +53,14 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
     check_name(encoder, f"{model_dir}: fold config.json encoder", error=PipelineError)
     out = Path(out) if out is not None else default_out(model_dir, manifest.path)
     run = RunFolder(run_dir)
+    training = model_training_features(meta)
+    unusable = check_features(STAGE, run, manifest, lambda record: training)  # mismatches: raised here
     report = StageReport(STAGE, details={"out": out, "classes": classes}, failures_csv=False)
     rows = []
     for record in tqdm(list(manifest), desc="predict", unit="slide", disable=not progress, dynamic_ncols=True):
+        if record.slide_id in unusable:
+            report.failed[record.slide_id] = unusable[record.slide_id]
+            continue
         try:
             features, coords, _ = load_bag(run.features_h5(encoder, record.slide_id), record.slide_id)
             if features.shape[1] != in_dim:

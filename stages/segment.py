@@ -10,7 +10,10 @@ Inputs, per slide of the manifest:
                                     probability of the lesion class when the model has instance
                                     logits (fmamil), else its min-max normalised instance score
                                     times its slide probability of the lesion class.
-                                    Any other CAM source can write this file instead.
+                                    Any other CAM source can write this file instead. Features the
+                                    ensemble cannot use (made otherwise than its training features,
+                                    or from another file than the manifest's) refuse the command
+                                    before anything is written (exit 2; wsi_pipeline/provenance.py).
   the slide itself                  read once at segment.work_mpp (the working grid).
 CAM thresholds: segment.cam_high (and with segment.gate_negatives the gate) raised above the CAM
 scores that the slides labelled negative reach (segment.negative_quantile; `segmentation.calibration`);
@@ -74,11 +77,12 @@ def run_segment(manifest: Manifest, cfg: Config, run_dir: str | os.PathLike, *,
     if slides is not None:
         manifest = manifest.select(slides)
     run = RunFolder(run_dir)
+    provider = CamProvider(cfg, run, model_name, model_dir)
+    provider.check_inputs(manifest)  # features the ensemble cannot use: refused before anything is written
     run.segment_dir.mkdir(parents=True, exist_ok=True)
     # Leftovers of dead writers only: a second segment run on RUN may be writing here right now.
     remove_stale_temps(run.segment_cams_dir)
     remove_stale_temps(run.segment_model_dir)
-    provider = CamProvider(cfg, run, model_name, model_dir)
     report = StageReport(STAGE, details={"metrics": {}, "metrics_csv": run.segment_metrics_csv, "trained": False})
 
     # 1. CAMs (from the file, else from the ensemble).

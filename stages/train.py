@@ -6,7 +6,10 @@ RUN/mil/{model}/{cohort}/:
                               are unchanged, else recomputed with a warning: training/splits.py)
   fold_{k}/model.safetensors  best-epoch weights (safetensors, no pickle), with train.standardize the
                               training fold's per-dimension input_mean / input_std tensors
-  fold_{k}/config.json        model, in_dim, n_classes, classes, model_args, standardize, encoder, fold, the
+  fold_{k}/config.json        model, in_dim, n_classes, classes, model_args, standardize, encoder,
+                              training_features (what the features were made from: encoder, version,
+                              weights sha256, µm/px, patch size, coord_dims, modality; wsi_pipeline/
+                              provenance.py; a cohort whose features differ in them is refused), fold, the
                               train/val/test slide ids, best epoch, loss history, config hash, versions,
                               training_run_id (the training run the fold belongs to)
   predictions.csv             out-of-fold test predictions: slide_id, patient_id, cohort, fold, label,

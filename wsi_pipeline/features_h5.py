@@ -56,6 +56,14 @@ def read_features_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
         return f["features"][()].astype(np.float32), f["coords"][()].astype(np.int64), attrs
 
 
+def read_features_attrs(path: str | Path) -> dict:
+    """The file's root attrs only (no arrays read): what the features were made from."""
+    with h5py.File(path, "r") as f:
+        attrs = {k: plain_attr(v) for k, v in f.attrs.items()}
+    attrs.setdefault("coord_dims", 2)
+    return attrs
+
+
 def coords_attrs(path: str | Path) -> dict:
     """The tiling attrs of a features.h5: those on `coords` (their coords.h5 names), or, for a file
     written before they were put there, the root's (where a name the encoder's attrs also use

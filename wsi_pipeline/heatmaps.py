@@ -5,7 +5,10 @@ stages/heatmap.py, runs it over a manifest): RUN/features/{encoder}/{slide_id}.h
 ensemble in RUN/mil/{model}/{cohort}/ (or `model_dir`) give per-patch scores; the exports go to
 RUN/heatmaps/{model}/ (`wsi_pipeline.exports`), then {slide_id}.done.json last. The done file records
 what the outputs were made from (checkpoint sha256s, features file, heatmap config hash, slide file);
-a rerun skips a slide whose done file matches and whose outputs all exist.
+a rerun skips a slide whose done file matches and whose outputs all exist. Features are read from
+RUN/features/{the model's encoder}/ and checked against the model's training features and the
+manifest's slide file first (`wsi_pipeline.provenance`; `check_inputs` does every slide before any
+output is written).
 
 The training API and torch are imported only when a slide needs scores, so no-op reruns stay fast.
 """
@@ -64,6 +67,34 @@ class HeatmapRunner:
         self.model_dir = Path(model_dir) if model_dir else None
         self.out_dir = run.heatmaps_dir(model_name)
         self.ensembles = EnsembleCache(cfg.train.device)   # models load on the first slide that needs them
+        self._training: dict[Path, dict | None] = {}
+
+    def training(self, model_dir: Path) -> dict | None:
+        """What the model in `model_dir` was trained on (its first fold's config.json); None when
+        there is no readable fold (the slide then fails with that reason)."""
+        from .provenance import model_training_features
+        from .training.checkpoints import fold_dirs, read_fold_meta
+
+        model_dir = Path(model_dir)
+        if model_dir not in self._training:
+            dirs = fold_dirs(model_dir) if model_dir.is_dir() else []
+            try:
+                self._training[model_dir] = (model_training_features(read_fold_meta(dirs[0]), self.cfg.extract.encoder)
+                                           if dirs else None)
+            except PipelineError:
+                self._training[model_dir] = None
+        return self._training[model_dir]
+
+    def encoder_for(self, model_dir: Path) -> str:
+        """The encoder whose features the model takes (extract.encoder for a model that names none)."""
+        training = self.training(model_dir)
+        return (training or {}).get("encoder") or self.cfg.extract.encoder
+
+    def check_inputs(self, records) -> None:
+        """Every slide's features against its model, before anything is written (ProvenanceError)."""
+        from .provenance import check_features
+
+        check_features("heatmap", self.run, records, lambda r: self.training(self.model_dir_for(r)))
 
     def model_dir_for(self, record: SlideRecord) -> Path:
         return self.model_dir or self.run.mil_dir(self.model_name, record.cohort)
@@ -136,10 +167,15 @@ class HeatmapRunner:
             return heatmap_volume(self, record, force=force)
         # The exports' file names start with the slide_id (exports.export_paths): checked here once.
         slide_id = self.run.name(record.slide_id, "slide_id")
-        features_path = self.run.features_h5(self.cfg.extract.encoder, slide_id)
+        model_dir = self.model_dir_for(record)
+        features_path = self.run.features_h5(self.encoder_for(model_dir), slide_id)
+        training = self.training(model_dir)
+        if training is not None and features_path.is_file():
+            from .provenance import locate_features
+
+            locate_features(self.run, record, training)  # the model's kind of features, of this file
         if not features_path.is_file():
             raise SlideError(slide_id, f"no features at {features_path}: run the extract stage first")
-        model_dir = self.model_dir_for(record)
         if not model_dir.is_dir():
             raise SlideError(slide_id, f"no trained model at {model_dir}: run the train stage first "
                                        f"(or pass --model-dir)")

@@ -2,11 +2,15 @@
 
 A slide's outputs are made in two steps, each resumable:
 1. inference -> {slide}.candidates.csv (every peak >= min_score; streamed, atomic), recorded with
-   what it was made from (checkpoint hash, inference settings, slide file) in {slide}.done.json;
+   what it was made from (checkpoint hash, inference settings, slide path and file identity: size
+   and fingerprint, slides/identity.py) in {slide}.done.json;
 2. thresholds -> csv / geojson / midog.json / summary.json and the density maps
    ({slide}.{class}.density.png / .tif, density.py) from the candidates (cheap).
 A rerun skips a slide whose done file matches; when only the thresholds changed (eval-detect chose
-new ones) it redoes step 2 alone.
+new ones) it redoes step 2 alone. A slide file replaced at the same path, or another detector
+checkpoint, redoes step 1 (a done file from before identities were recorded, inference version 3, is
+redone once). eval-detect refuses candidates whose done file names another checkpoint or file
+(`check_candidates`, through `wsi_pipeline.provenance`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 
 from ..errors import PipelineError
 from ..io import write_json_atomic
+from ..provenance import checkpoint_mismatch, identity_difference, source_identity
 from ..run_folder import RunFolder
 from ..slides import open_slide
 from .annotations import AnnotationError, read_truth
@@ -54,7 +59,8 @@ def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_
     classes = ckpt["classes"]
     thresholds = resolve_thresholds(classes, dcfg.thresholds, run.detect_dir(model_name) / "thresholds.json")
     work_mpp = float(ckpt["work_mpp"])
-    inference_key = {"version": 3, "checkpoint": ckpt_hash, "slide": str(record.path), "mpp": record.mpp, "tile_px": dcfg.tile_px,
+    inference_key = {"version": 4, "checkpoint": ckpt_hash, "slide": str(record.path),
+                     "slide_identity": source_identity(record), "mpp": record.mpp, "tile_px": dcfg.tile_px,
                      "max_object_um": dcfg.max_object_um, "min_score": dcfg.min_score, "nms_um": dcfg.nms_um,
                      "rare_nms_um": dcfg.rare_nms_um,
                      "tissue": tissue_cfg.__dict__.copy()}
@@ -112,6 +118,36 @@ def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_
 
 
 ANNOTATION_SUFFIXES = (".csv", ".geojson", ".json")
+
+
+def check_candidates(records, run: RunFolder, model_name: str, ckpt_hash: str) -> None:
+    """Every slide's candidates must come from the detector checkpoint `ckpt_hash` and from the
+    manifest's file (their done.json says what they were made from); raises one PipelineError
+    listing each slide that does not, before anything is evaluated or written."""
+    fix = f"run `wsi-pipeline detect --run {run.root} --model {model_name}` on these slides again (it redoes them)"
+    problems = []
+    for r in records:
+        cand = run.detect_file(model_name, r.slide_id, "candidates.csv")
+        if not cand.is_file():
+            continue  # evaluate_run names it
+        done_path = run.detect_file(model_name, r.slide_id, "done.json")
+        try:
+            inference = json.loads(done_path.read_text(encoding="utf-8")).get("inference", {})
+        except (OSError, json.JSONDecodeError, AttributeError):
+            inference = {}
+        what = f"detections of slide {r.slide_id!r} ({cand})"
+        problem = checkpoint_mismatch(what, inference.get("checkpoint"), ckpt_hash, fix)
+        if problem is None and inference.get("slide_identity"):
+            diff = identity_difference(inference["slide_identity"], source_identity(r))
+            if diff:
+                problem = f"{what} were made from another file than the manifest's {r.path} ({diff}): {fix}"
+        if problem:
+            problems.append(problem)
+    if len(problems) == 1:
+        raise PipelineError(f"eval-detect: {problems[0]}")
+    if problems:
+        raise PipelineError(f"eval-detect: {len(problems)} slide(s) have detections of another detector or file, "
+                            f"nothing was evaluated\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _annotation_files(folder: Path, slide_ids) -> dict[str, Path]:

@@ -51,23 +51,62 @@ class CamProvider:
             return (LOGIT_SOURCE, SLIDE_SCALED_SOURCE)
         return (CHOSEN_SCALED_SOURCE,)
 
-    def __call__(self, record: SlideRecord):
+    def cached(self, record: SlideRecord, current: str):
+        """The slide's CAM file when it can be used as it is, else None (missing or stale)."""
         from . import load_patch_cams
 
         path = self.run.segment_cams(record.slide_id)
+        if not path.is_file():
+            return None
+        try:
+            cams = load_patch_cams(path)
+        except (OSError, ValueError) as exc:
+            raise SlideError(record.slide_id, f"unreadable CAM file {path}: {exc}") from None
+        # CAMs an ensemble made are redone when that ensemble has changed or they were made by
+        # another rule (segment.cam_score, or the old unscaled min-max scores); others are kept.
+        stale = cams.source.startswith("ensemble") and current and (
+            cams.model_hash != current or cams.source not in self.current_sources())
+        return None if stale else cams
+
+    def training(self, model_dir: Path) -> dict | None:
+        """What the ensemble in `model_dir` was trained on (first fold's config.json), or None."""
+        from ..errors import PipelineError
+        from ..provenance import model_training_features
+        from ..training.checkpoints import fold_dirs, read_fold_meta
+
+        dirs = fold_dirs(model_dir) if Path(model_dir).is_dir() else []
+        try:
+            return model_training_features(read_fold_meta(dirs[0]), self.cfg.extract.encoder) if dirs else None
+        except PipelineError:
+            return None
+
+    def check_inputs(self, records) -> None:
+        """The features of every slide whose CAMs the ensemble will compute, against the ensemble's
+        training features and the manifest's file, before anything is written (ProvenanceError)."""
+        from ..provenance import check_features
+
+        trainings = {}
+
+        def training_of(record):
+            model_dir = self.model_dir_for(record)
+            try:
+                if self.cached(record, self.checkpoints_hash(model_dir)) is not None:
+                    return None  # its CAM file is used as it is: no features read
+            except SlideError:
+                return None  # reported per slide
+            if model_dir not in trainings:
+                trainings[model_dir] = self.training(model_dir)
+            return trainings[model_dir]
+
+        check_features("segment", self.run, records, training_of)
+
+    def __call__(self, record: SlideRecord):
+        path = self.run.segment_cams(record.slide_id)
         model_dir = self.model_dir_for(record)
         current = self.checkpoints_hash(model_dir)
-        if path.is_file():
-            try:
-                cams = load_patch_cams(path)
-            except (OSError, ValueError) as exc:
-                raise SlideError(record.slide_id, f"unreadable CAM file {path}: {exc}") from None
-            # CAMs an ensemble made are redone when that ensemble has changed or they were made by
-            # another rule (segment.cam_score, or the old unscaled min-max scores); others are kept.
-            stale = cams.source.startswith("ensemble") and current and (
-                cams.model_hash != current or cams.source not in self.current_sources())
-            if not stale:
-                return cams
+        cams = self.cached(record, current)
+        if cams is not None:
+            return cams
         if not current:
             raise SlideError(record.slide_id, f"no CAMs at {path} and no trained fold ensemble at {model_dir}: "
                                               f"run the train stage (e.g. model fmamil) or write the CAM file")
@@ -82,10 +121,15 @@ class CamProvider:
         from ..training.ensemble import ensemble_patch_scores
         from . import PatchCams
 
+        from ..provenance import locate_features, model_training_features
+
         ensemble = self.ensembles.models(model_dir)
         meta = ensemble[0][1] if isinstance(ensemble[0], (tuple, list)) else {}
         encoder = meta.get("encoder") or self.cfg.extract.encoder
-        features, coords, attrs = load_bag(self.run.features_h5(encoder, record.slide_id), record.slide_id)
+        features_path = self.run.features_h5(encoder, record.slide_id)
+        if meta and features_path.is_file():  # the ensemble's kind of features, of this file
+            locate_features(self.run, record, model_training_features(meta, encoder))
+        features, coords, attrs = load_bag(features_path, record.slide_id)
         patch_size_level0 = attrs.get("patch_size_level0")
         if patch_size_level0 is None:
             raise SlideError(record.slide_id, "features file lacks the patch_size_level0 attribute")

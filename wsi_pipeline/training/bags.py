@@ -25,6 +25,7 @@ class Bag:
     features: np.ndarray   # (N, D) float32
     coords: np.ndarray     # (N, k) int64: k = 2 level-0 px (x, y) of slides, k = 3 voxels (i, j, k) of volumes
     features_hash: str     # the features.h5 `config_hash` attr ("" where absent): part of the fold hash
+    provenance: dict | None = None  # what the features were made from (provenance.features_provenance)
 
 
 def load_bag(path: str | Path, slide_id: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:

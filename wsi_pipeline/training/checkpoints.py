@@ -197,6 +197,14 @@ def stamp_training_run(fold_dir: str | Path, run_id: str) -> dict:
     return meta
 
 
+def record_training_features(fold_dir: str | Path, training_features: dict) -> dict:
+    """Add `training_features` (what the fold's features were made from, provenance.py) to a reused
+    fold's config.json trained before it was recorded (atomically; weights untouched)."""
+    meta = {**read_fold_meta(fold_dir), "training_features": training_features}
+    write_json_atomic(Path(fold_dir) / META_FILE, meta)
+    return meta
+
+
 def _center_of(center) -> str:
     """The centring a checkpoint's input_center_per_slide tensor records ("" when absent or 0)."""
     if center is None:

@@ -21,6 +21,7 @@ from ..config import Config
 from ..errors import PipelineError, SlideError
 from ..io import STORAGE_ERRNOS, describe_os_error
 from ..manifest import Manifest, SlideRecord
+from ..provenance import features_provenance, merge_provenance
 from ..run_folder import RunFolder
 
 STAGE = "train"
@@ -113,6 +114,11 @@ def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, featur
             problems.append(f"cohort {plan['cohort']!r}: features of different dimensions: " + "; ".join(
                 f"D={d}: {', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}" for d, ids in by_dim))
         plan["in_dim"] = next(iter(dims)) if len(dims) == 1 else None
+        # Folds record what their features were made from; a cohort extracted at two settings
+        # (another encoder, µm/px, patch size) would train one model on both.
+        _, mixed = merge_provenance({sid: b.provenance for sid, b in bags.items()})
+        if mixed:
+            problems.append(f"cohort {plan['cohort']!r}: {mixed}")
         plan["bags"] = bags if len(plans) == 1 else None
     _raise_problems(problems)
 
@@ -148,7 +154,7 @@ def _load_bags(records: list[SlideRecord], classes: list[str], encoder: str, fea
             continue
         dims[features.shape[1]].append(r.slide_id)
         bags[r.slide_id] = Bag(r.slide_id, r.patient_id, class_index[r.label], features, coords,
-                               str(attrs.get("config_hash", "")))
+                               str(attrs.get("config_hash", "")), features_provenance(attrs))
     return bags, dict(dims), problems
 
 
@@ -191,8 +197,8 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
 
     from ..io import remove_stale_temps, write_csv_atomic, write_json_atomic
     from ..models.mil import create_aggregator
-    from .checkpoints import (fold_dirs, fold_is_complete, load_fold_model, read_fold_meta, save_fold_model,
-                              stamp_training_run)
+    from .checkpoints import (fold_dirs, fold_is_complete, load_fold_model, read_fold_meta,
+                              record_training_features, save_fold_model, stamp_training_run)
     from .metrics import classification_metrics
     from .runs import RUN_ID_KEY
     from .splits import load_or_make_splits
@@ -222,6 +228,7 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
         _raise_problems(problems)
     in_dim = plan["in_dim"]
     by_id = {r.slide_id: r for r in records}
+    training_features, _ = merge_provenance({sid: b.provenance for sid, b in bags.items()})
 
     # Which folds are current is decided before any is touched: a run that will change any of
     # them is a new training run (see _start_training_run).
@@ -241,6 +248,8 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
             model, meta = load_fold_model(fold_dir, device=device)
             if run_id is not None:  # this run adopts the fold (no write when it is already its own)
                 meta = stamp_training_run(fold_dir, run_id)
+            if "training_features" not in meta:  # trained before it was recorded: same features (hash)
+                meta = record_training_features(fold_dir, training_features)
             skipped.append(fold.fold)
             log.info("%s: checkpoint complete and current, not retrained", desc)
         else:
@@ -264,6 +273,7 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
                 "format_version": FOLD_FORMAT_VERSION,
                 "model": model_name, "in_dim": in_dim, "n_classes": len(classes), "classes": classes,
                 "model_args": train.model_args, "encoder": encoder, "cohort": cohort,
+                "training_features": training_features,
                 "fold": fold.fold, "n_folds": splits.n_folds,
                 "train_slide_ids": list(fold.train), "val_slide_ids": list(fold.val),
                 "test_slide_ids": list(fold.test),

@@ -138,7 +138,7 @@ def extract_volume(extractor, record, *, force: bool = False) -> str:
     features = encode_instances(instances, encoder, batch_size=batch, device=_encoder_device(encoder))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_features_h5(out, features, coords, {
-        **instances.attrs(), **current.to_attrs(), "encoder": e.encoder,
+        **instances.attrs(), **current.to_attrs(), "encoder": e.encoder, "encoder_version": extractor.encoder_version,
         "weights_source": encoder.weights_source, "weights_sha256": encoder.weights_sha256,
         "out_dim": int(encoder.out_dim), "config_hash": config_hash}, dtype=e.features_dtype)
     return "done"
@@ -173,10 +173,11 @@ def heatmap_volume(runner, record, *, force: bool = False) -> str:
 
     run, cfg = runner.run, runner.cfg
     volume_id = run.name(record.slide_id, "slide_id")
-    features_path = run.features_h5(cfg.extract.encoder, volume_id)
+    model_dir = runner.model_dir_for(record)
+    encoder = runner.encoder_for(model_dir)  # the model's (checked by runner.check_inputs)
+    features_path = run.features_h5(encoder, volume_id)
     if not features_path.is_file():
         raise VolumeError(volume_id, f"no features at {features_path}: run the extract stage first")
-    model_dir = runner.model_dir_for(record)
     if not model_dir.is_dir():
         raise VolumeError(volume_id, f"no trained model at {model_dir}: run the train stage first (or pass --model-dir)")
     if not runner.hashes(model_dir):
@@ -206,7 +207,7 @@ def heatmap_volume(runner, record, *, force: bool = False) -> str:
         models = runner.ensembles.models(model_dir)
     v = cfg.volumes
     try:
-        e = explain_volume(record, run, models, runner.model_name, cfg.extract.encoder, v.instance_params(),
+        e = explain_volume(record, run, models, runner.model_name, encoder, v.instance_params(),
                            record.truth_mask, cam_threshold=v.cam_threshold, smooth=v.smooth)
     except ValueError as exc:  # grid mismatch, non-finite scores: this volume's problem
         raise VolumeError(volume_id, str(exc)) from None
