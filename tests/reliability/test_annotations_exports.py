@@ -68,17 +68,25 @@ def _good(sid):
 
 
 def _fake_detector(run, train_slides, candidates: dict):
-    """What eval-detect reads of a detector: its config.json, and per slide candidates.csv written
-    by the detect stage's own writer. candidates: slide_id -> [(x, y, class, score)]."""
+    """What eval-detect reads of a detector: its config.json and weights, and per slide candidates.csv
+    written by the detect stage's own writer, with the done.json naming the checkpoint they came from.
+    candidates: slide_id -> [(x, y, class, score)]."""
     # imported here: importing detection.outputs at collection binds the package attribute `hotspot`
     # to the submodule, shadowing the lazily exported function tests/detect/test_core.py imports
+    import torch
+    from safetensors.torch import save_file
+
+    from wsi_pipeline.detection.checkpoint import checkpoint_hash
     from wsi_pipeline.detection.outputs import CandidateWriter
 
     out = run / "detect" / MODEL
     (out / "model").mkdir(parents=True)
     (out / "model" / "config.json").write_text(json.dumps({"classes": list(DEMO_CLASSES),
                                                             "train_slides": train_slides, "val_slides": []}))
+    save_file({"w": torch.zeros(1)}, str(out / "model" / "model.safetensors"))
+    ckpt = checkpoint_hash(out / "model")
     for sid, rows in candidates.items():
+        (out / f"{sid}.done.json").write_text(json.dumps({"inference": {"checkpoint": ckpt}}))
         writer = CandidateWriter(out / f"{sid}.candidates.csv", DEMO_CLASSES)
         writer(np.array([r[:2] for r in rows]).reshape(-1, 2), np.array([r[3] for r in rows]),
                np.array([DEMO_CLASSES.index(r[2]) for r in rows]))
