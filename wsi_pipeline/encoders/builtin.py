@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import handcrafted  # noqa: F401  (registers stain_texture)
+from . import vim4path  # noqa: F401  (registers vim4path_ti, vim4path_ti_plus, vim4path_s)
 from .registry import EncoderSpec, register_encoder
 
 TIMM_LICENSE = "Apache-2.0"  # the architectures are built by timm
