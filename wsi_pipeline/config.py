@@ -80,9 +80,9 @@ class TilingConfig:
     allow_upsampling: bool = field(default=False, metadata={"hash": False})
 
     def __post_init__(self):
-        for key in ("target_mpp", "patch_size_px"):
+        for key, kind in (("target_mpp", "a number"), ("patch_size_px", "an integer")):
             if isinstance(getattr(self, key), str) and getattr(self, key) != "auto":
-                raise ConfigError(f"tiling.{key}: must be a number or auto, got {getattr(self, key)!r}")
+                raise ConfigError(f"tiling.{key} must be {kind} or auto, got {getattr(self, key)!r}")
         if self.is_auto():
             return  # checked once Config has resolved it from the encoder
         _positive("tiling.target_mpp", self.target_mpp)

@@ -58,7 +58,7 @@ def test_auto_tiling_takes_the_encoders(tiny_encoders):
 def test_auto_tiling_for_an_encoder_without_one_is_a_config_error():
     with pytest.raises(ConfigError, match=r"tiling.target_mpp: auto .* 'resnet50_trunc' records none"):
         config_from_dict({"tiling": AUTO, "extract": {"encoder": "resnet50_trunc"}})
-    with pytest.raises(ConfigError, match="tiling.patch_size_px: must be a number or auto, got 'big'"):
+    with pytest.raises(ConfigError, match="tiling.patch_size_px must be an integer or auto, got 'big'"):
         config_from_dict({"tiling": {"patch_size_px": "big"}})
 
 
