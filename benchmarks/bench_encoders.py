@@ -8,6 +8,8 @@ uint8 batches of its authors' tile side (recommended_patch_px, else its input si
 `--batches` timed batches. `--precision auto` is what `extract.precision: auto` runs (the entry's
 recommended autocast on a GPU, fp32 on CPU). Prints a markdown table (BENCHMARKS.md's format).
 Defaults: every registered entry (aliases once), CPU, fp32, batch 32: the issue's CPU table.
+Mamba entries (vim4path_*) on CPU: WSI_SSM_CPU_KERNEL=1 runs their scan as the C kernel (measured on
+the shared 2-core box, vim4path_ti batch 32: 164 s -> 26 s per batch); say which in the table.
 """
 
 from __future__ import annotations
