@@ -196,10 +196,11 @@ def _builder(embed_dim: int, depth: int):
 
 _REFERENCE = ("Nasiri-Sarvi et al., CVPR Workshops 2024 (Vim4Path); github.com/AtlasAnalyticsLab/Vim4Path "
               "@c102a68 (dino/vim/models_mamba.py, dino/config.py); Vim: github.com/hustvl/Vim @dd0358a")
-_NOTES = ("DINO-pretrained on Camelyon16 224 px patches at level 2 (10x); the release is a training "
-          "checkpoint.pth ('teacher' is used) that also pickles argparse args, so it cannot be read "
-          "without unpickling: convert it once where you trust the file, e.g. torch.save(torch.load(f, "
-          "weights_only=False)['teacher'], 'vim4path_teacher.pth'), and pass that file")
+_NOTES = ("DINO-pretrained on Camelyon16 224 px patches at level 2 (10x). The release is DINO's training "
+          "checkpoint.pth: its 'teacher' holds the encoder (backbone.* keys, a DINO head beside it), and it "
+          "also pickles the run's argparse.Namespace, which a plain weights_only load refuses; if the loader "
+          "does not allow that one class, extract the teacher once where you trust the file: "
+          "torch.save(torch.load(f, weights_only=False)['teacher'], 'vim4path_teacher.pth')")
 
 for _name, (_dim, _depth) in VIM4PATH_CONFIGS.items():
     register_encoder(EncoderSpec(
