@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 
 import h5py
 import pytest
@@ -125,3 +126,29 @@ def test_one_tiling_serves_two_encoders(tiny_encoders, demo_cohort, tmp_path, ca
     assert run_tile(manifest, other, run, progress=False).skipped == slides
     assert run_tile(manifest, load_config(config), run, progress=False).skipped == slides
     assert [(p.stat().st_mtime_ns, _sha(p)) for p in coords] == before
+
+
+def test_precision_auto_redoes_features_only_where_its_meaning_changed(tiny_encoders, tmp_path, monkeypatch):
+    """`auto` used to be bf16 on GPU and fp32 on CPU for every encoder: features made so stay valid
+    (same config hash) unless the encoder's recommendation now gives another autocast."""
+    import torch
+
+    import wsi_pipeline.devices
+    from wsi_pipeline.extractor import Extractor
+    from wsi_pipeline.run_folder import RunFolder
+
+    def extractor(encoder, device):
+        monkeypatch.setattr(wsi_pipeline.devices, "resolve_device", lambda name, what="": torch.device(device))
+        cfg = config_from_dict({"extract": {"encoder": encoder, "checkpoint": "random"}})
+        return Extractor(cfg, RunFolder(tmp_path), progress=False)
+
+    def legacy_hash(encoder):   # extractor.config_hash before precisions were resolved
+        payload = [encoder, "random", "auto", "float32", "tiling", "slide"]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+    for encoder, device, precision, unchanged in [("test_vim_at_2um", "cpu", "fp32", True),
+                                                  ("test_vim_at_2um", "cuda", "bf16", True),
+                                                  ("vim4path_ti", "cuda", "fp32", False)]:
+        e = extractor(encoder, device)
+        assert e.precision == precision
+        assert (e.config_hash("tiling", "slide") == legacy_hash(encoder)) is unchanged, (encoder, device)
