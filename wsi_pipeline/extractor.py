@@ -191,7 +191,6 @@ class Extractor:
         write_features_h5(out, features, coords, attrs, dtype=e.features_dtype, coords_attrs=cattrs)
         return "done"
 
-
     def _warn_tiling_fit(self, cattrs) -> None:
         """Warn once per distinct tiling (not per slide) that is far from the encoder's recommendation."""
         if "target_mpp" not in cattrs or cattrs.get("coord_dims", 2) != 2:
