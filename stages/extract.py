@@ -33,6 +33,7 @@ def run_extract(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: 
     run.features_dir(cfg.extract.encoder).mkdir(parents=True, exist_ok=True)
     remove_stale_temps(run.features_dir(cfg.extract.encoder))
     report = run_batch(STAGE, manifest, run, lambda r: extractor(r, force=force), progress=progress)
+    report.warnings += extractor.fit_warnings   # once per stage, however many slides
     report.outputs = {sid: str(run.features_h5(cfg.extract.encoder, sid)) for sid in [*report.done, *report.skipped]}
     return report
 

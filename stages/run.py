@@ -119,7 +119,14 @@ def cli(args) -> int:
 
     # Before the lock, before Snakemake starts and before RUN is created: every manifest/config/
     # name/registry problem at once, as InputsError -> exit 2 (even when RUN is in use by a run).
-    manifest, _ = validate_run_inputs(args.manifest, args.config, model=args.model)
+    manifest, cfg = validate_run_inputs(args.manifest, args.config, model=args.model)
+    if any(not r.is_volume for r in manifest):
+        from wsi_pipeline.encoders.fit import tiling_fit_warning
+
+        # Once for the run: the workflow's extract jobs are one slide each (their logs repeat it).
+        warning = tiling_fit_warning(cfg.extract.encoder, cfg.tiling.target_mpp, cfg.tiling.patch_size_px)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     volumes = [r for r in manifest if r.is_volume]
     if volumes and (args.segment or args.detect):
         from wsi_pipeline.errors import InputsError

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     workflow.add_arguments(sub.add_parser("run", help=workflow.HELP))
 
-    p = sub.add_parser("encoders", help="list registered encoders")
+    p = sub.add_parser("encoders", help="registered encoders: dim, µm/px, input, licence, files, config "
+                                        "lines; with NAME, one entry in full and its config snippet")
+    p.add_argument("name", nargs="?", default=None, help="an encoder name (registered or timm)")
 
     p = sub.add_parser("validate-manifest", help="check a manifest and report every problem")
     p.add_argument("manifest")
@@ -126,13 +128,13 @@ def _dispatch(args) -> int:
         return workflow.cli(args)
 
     if args.command == "encoders":
-        from .encoders import get_spec, list_encoders
+        from .encoders import catalog
 
-        for name in list_encoders():
-            spec = get_spec(name)
-            print(f"{name:20s} dim {spec.out_dim:5d}  input {spec.input_size_px}px  "
-                  f"native mpp {spec.native_mpp or '-'}  {spec.notes}")
-        print("(any timm architecture name works too)")
+        if args.name is not None:
+            print(catalog.describe(args.name))
+            return 0
+        print(catalog.text_table())
+        print("(any timm architecture name works too; `wsi-pipeline encoders NAME` for one entry in full)")
         return 0
     raise AssertionError(args.command)
 

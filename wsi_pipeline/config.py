@@ -64,8 +64,10 @@ class TissueConfig:
 class TilingConfig:
     # Physical resolution of the patches, µm per pixel: patches are read at the nearest finer
     # pyramid level and resized, so every slide's patches cover the same tissue area.
-    target_mpp: float = 0.5
-    patch_size_px: int = 224
+    # auto (either key): the encoder's own (extract.encoder's recommended µm/px and tile side, see
+    # `wsi-pipeline encoders`), resolved when the config is loaded; outputs record the numbers.
+    target_mpp: float | str = 0.5
+    patch_size_px: int | str = 224
     # Overlap between neighbouring patches, in target pixels (stride = patch_size_px - overlap_px).
     overlap_px: int = 0
     # Keep a patch when at least this fraction of its area is tissue.
@@ -78,6 +80,11 @@ class TilingConfig:
     allow_upsampling: bool = field(default=False, metadata={"hash": False})
 
     def __post_init__(self):
+        for key, kind in (("target_mpp", "a number"), ("patch_size_px", "an integer")):
+            if isinstance(getattr(self, key), str) and getattr(self, key) != "auto":
+                raise ConfigError(f"tiling.{key} must be {kind} or auto, got {getattr(self, key)!r}")
+        if self.is_auto():
+            return  # checked once Config has resolved it from the encoder
         _positive("tiling.target_mpp", self.target_mpp)
         if not _MPP_LIMITS[0] <= self.target_mpp <= _MPP_LIMITS[1]:
             raise ConfigError(f"tiling.target_mpp: must be in [{_MPP_LIMITS[0]}, {_MPP_LIMITS[1]}] µm/px "
@@ -91,6 +98,9 @@ class TilingConfig:
         if not 0 <= self.mpp_tolerance < 0.5:
             raise ConfigError("tiling.mpp_tolerance: must be in [0, 0.5)")
 
+    def is_auto(self) -> bool:
+        return "auto" in (self.target_mpp, self.patch_size_px)
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -103,7 +113,8 @@ class ExtractConfig:
     checkpoint: str | None = None
     # auto: cuda if available, else cpu.
     device: str = "auto"
-    # auto: bf16 autocast on GPU, fp32 on CPU; or fp32, bf16, fp16.
+    # auto: the encoder's recommended autocast on GPU (`wsi-pipeline encoders NAME`: precision; bf16
+    # for unregistered timm names), fp32 on CPU; or fp32, bf16, fp16. features.h5 records the one used.
     precision: str = "auto"
     # Patches per batch; null: 32 on CPU, 256 on GPU (a ViT-B/16 in bf16 is still fast at 256 on an H100).
     batch_size: int | None = None
@@ -557,6 +568,13 @@ class Config:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     volumes: VolumesConfig = field(default_factory=VolumesConfig)
+
+    def __post_init__(self):
+        if self.tiling.is_auto():   # the encoder's tiling; hashed and recorded as numbers
+            from .encoders.fit import resolve_auto_tiling
+
+            mpp, px = resolve_auto_tiling(self.tiling.target_mpp, self.tiling.patch_size_px, self.extract.encoder)
+            object.__setattr__(self, "tiling", dataclasses.replace(self.tiling, target_mpp=mpp, patch_size_px=px))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,7 +13,10 @@ error naming the fix (re-run the tile stage), never "already complete".
 features.h5 records how the patches were read: attrs patch_reader ("direct": tiles decoded by
 slides/tile_reader.py; else the region reader, "openslide" or "tiffslide") and patch_reader_note
 (why). Files from before them were read by the region reader. The reader is not in the config
-hash: both give the same pixels.
+hash: both give the same pixels. It also records the autocast used (precision; precision_requested:
+the config's, `auto` being the encoder's recommendation on GPU, fp32 on CPU) and the resize from the
+patch to the encoder's input (resize_px, resize_interpolation, resize_antialias, crop_px; 0 / "none":
+fed as tiled). A tiling far from the encoder's recommended µm/px or tile side is warned about once.
 """
 
 from __future__ import annotations
@@ -79,6 +82,17 @@ class Extractor:
         self.weights_id = weights_identity(cfg.extract.checkpoint, cfg.extract.encoder)
         self.encoder_version = _encoder_version(cfg.extract.encoder)
         self._encoder = None
+        from .devices import resolve_device
+        from .encoders.fit import LEGACY_AUTO, effective_precision
+
+        device_type = resolve_device(cfg.extract.device, "extract.device").type
+        # The autocast patches are encoded at (extract.precision, `auto` resolved for the encoder).
+        self.precision = effective_precision(cfg.extract.precision, cfg.extract.encoder, device_type)
+        # `auto` hashes as before where it still means what it meant (bf16 on GPU, fp32 on CPU), so
+        # existing features stay valid; where the encoder's recommendation differs, features redo.
+        self._precision_changed = (cfg.extract.precision == "auto"
+                                   and self.precision != LEGACY_AUTO.get(device_type, "fp32"))
+        self.fit_warnings: list[str] = []   # tiling far from the encoder's, once per distinct tiling
 
     @property
     def encoder(self):
@@ -99,6 +113,8 @@ class Extractor:
             payload.append(slide_fingerprint)
         if self.encoder_version > 1:  # version 1 hashes as before, so existing features stay valid
             payload.append(f"encoder_version={self.encoder_version}")
+        if self._precision_changed:
+            payload.append(f"precision={self.precision}")
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
     def __call__(self, record: SlideRecord, force: bool = False) -> str:
@@ -116,6 +132,7 @@ class Extractor:
         config_hash = self.config_hash(str(cattrs["config_hash"]),
                                        tiled_from.fingerprint if tiled_from is not None else None)
         opened = _check_slide_matches_coords(record, self.cfg.slides.backend, cattrs)
+        self._warn_tiling_fit(cattrs)
         if not force and features_h5_is_valid(out, config_hash, coords):
             return "skipped"
         from .extraction import PatchSource, extract_features, plan_reader
@@ -134,7 +151,7 @@ class Extractor:
         with tqdm(total=len(coords), desc=record.slide_id, unit="patch", leave=False,
                   disable=not self.progress, dynamic_ncols=True) as bar:
             features = extract_features(encoder, source, batch_size=e.batch_size,
-                                        num_workers=e.num_workers, precision=e.precision,
+                                        num_workers=e.num_workers, precision=self.precision,
                                         on_batch=bar.update)
         if not np.isfinite(features).all():
             bad = int((~np.isfinite(features).all(axis=1)).sum())
@@ -154,7 +171,13 @@ class Extractor:
             "encoder_native_input_px": encoder.input_size_px,
             "mean": np.asarray(encoder.spec.mean, dtype=np.float64),
             "std": np.asarray(encoder.spec.std, dtype=np.float64),
-            "precision": e.precision,
+            "precision": self.precision,            # the autocast used (fp32, bf16, fp16)
+            "precision_requested": e.precision,     # the config's (auto: resolved as above)
+            # The encoder's input as its authors made it from the patch (encoders.registry.resize_and_crop).
+            "resize_px": encoder.spec.resize_px if encoder.spec.resize_px is not None else 0,
+            "resize_interpolation": encoder.spec.interpolation if encoder.spec.resize_px is not None else "none",
+            "resize_antialias": bool(encoder.spec.antialias and encoder.spec.resize_px is not None),
+            "crop_px": encoder.spec.crop_px if encoder.spec.crop_px is not None else 0,
             "patch_reader": reader,
             "patch_reader_note": reader_note,
             "config_hash": config_hash,
@@ -167,6 +190,17 @@ class Extractor:
         attrs["config_hash"] = config_hash
         write_features_h5(out, features, coords, attrs, dtype=e.features_dtype, coords_attrs=cattrs)
         return "done"
+
+    def _warn_tiling_fit(self, cattrs) -> None:
+        """Warn once per distinct tiling (not per slide) that is far from the encoder's recommendation."""
+        if "target_mpp" not in cattrs or cattrs.get("coord_dims", 2) != 2:
+            return
+        from .encoders.fit import tiling_fit_warning
+
+        warning = tiling_fit_warning(self.cfg.extract.encoder, float(cattrs["target_mpp"]), int(cattrs["patch_size"]))
+        if warning is not None and warning not in self.fit_warnings:
+            self.fit_warnings.append(warning)
+            log.warning("%s", warning)
 
 
 def _versions() -> dict:

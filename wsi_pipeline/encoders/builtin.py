@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import conch, ctranspath, handcrafted, hf_family, musk  # noqa: F401  (register their entries)
+from . import conch, ctranspath, handcrafted, hf_family, musk, vim4path  # noqa: F401  (register their entries)
 from .registry import EncoderSpec, register_encoder
 
 TIMM_LICENSE = "Apache-2.0"  # the architectures are built by timm

@@ -50,20 +50,28 @@ class SSMBranch(nn.Module):
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
 
-        # Mamba's dt init: weights keep the variance of dt_rank inputs; the bias is the inverse
-        # softplus of a log-uniform dt in [dt_min, dt_max], so the initial step sizes span that range.
-        dt_init_std = dt_rank**-0.5
-        nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
-        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # On the meta device (shape-only builds: a checkpoint's layout checked without memory) no
+        # values are computed: meta tensors have none, and their arithmetic runs through torch's
+        # Python reference kernels (seconds on first use).
+        meta = self.dt_proj.weight.is_meta
+        if not meta:
+            # Mamba's dt init: weights keep the variance of dt_rank inputs; the bias is the inverse
+            # softplus of a log-uniform dt in [dt_min, dt_max], so the initial step sizes span that range.
+            dt_init_std = dt_rank**-0.5
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+            dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            with torch.no_grad():
+                self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         # Model code that re-initialises Linear biases must skip this one (mamba-ssm's convention).
         self.dt_proj.bias._no_reinit = True
 
         # S4D-real init: A = -(1..N) for every channel, stored as log so A stays negative.
-        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
-        self.A_log = nn.Parameter(torch.log(A))
+        if meta:
+            self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        else:
+            A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)
+            self.A_log = nn.Parameter(torch.log(A))
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(d_inner))
         self.D._no_weight_decay = True
@@ -77,27 +85,39 @@ class SSMBranch(nn.Module):
             return_last_state: bool = False):
         """The part after the conv: x (conv output), z (B, d_inner, L) -> (B, d_inner, L), and the last
         state (B, d_inner, N) with ``return_last_state``; ``initial_state`` as in :func:`selective_scan`."""
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # dt_proj's bias is applied inside the scan (delta_bias), before the softplus, as in Mamba.
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L)
-        A = -torch.exp(self.A_log.float())
-        # delta, B, C (and z from in_proj) go in as (B, X, L) views of step-major memory, which the
-        # native scan reads without a copy (mamba-ssm's kernel makes the copies it needs itself).
-        return selective_scan(
-            x,
-            delta,
-            A,
-            B.transpose(1, 2),  # (B, N, L)
-            C.transpose(1, 2),
-            self.D.float(),
-            z=z,
-            delta_bias=self.dt_proj.bias.float(),
-            delta_softplus=True,
-            return_last_state=return_last_state,
-            backend=self.backend,
-            initial_state=initial_state,
-        )
+        return project_and_scan(x, z, self.x_proj, self.dt_proj, self.A_log, self.D, self.d_state,
+                                backend=self.backend, initial_state=initial_state,
+                                return_last_state=return_last_state)
+
+
+def project_and_scan(x: torch.Tensor, z: torch.Tensor | None, x_proj: nn.Linear, dt_proj: nn.Linear,
+                     A_log: torch.Tensor, D: torch.Tensor, d_state: int, *, backend: str | None = None,
+                     initial_state: torch.Tensor | None = None, return_last_state: bool = False):
+    """Mamba's input-dependent (dt, B, C) from the conv output x (B, d_inner, L), then the scan gated
+    by z; the parameters are passed in, so a module holding several sets under its own names (Vim's
+    ``conv1d_b`` / ``x_proj_b`` / ... backward branch) runs the same code as :class:`SSMBranch`."""
+    dt_rank = dt_proj.in_features
+    x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
+    dt, B, C = torch.split(x_dbl, [dt_rank, d_state, d_state], dim=-1)
+    # dt_proj's bias is applied inside the scan (delta_bias), before the softplus, as in Mamba.
+    delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L)
+    A = -torch.exp(A_log.float())
+    # delta, B, C (and z from in_proj) go in as (B, X, L) views of step-major memory, which the
+    # native scan reads without a copy (mamba-ssm's kernel makes the copies it needs itself).
+    return selective_scan(
+        x,
+        delta,
+        A,
+        B.transpose(1, 2),  # (B, N, L)
+        C.transpose(1, 2),
+        D.float(),
+        z=z,
+        delta_bias=dt_proj.bias.float(),
+        delta_softplus=True,
+        return_last_state=return_last_state,
+        backend=backend,
+        initial_state=initial_state,
+    )
 
 
 def _split_xz(xz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
