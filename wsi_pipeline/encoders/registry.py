@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import PipelineError
 from ..models.registry import Registry
-from .weights import EncoderWeightsError, load_into, read_state_dict
+from .weights import (EncoderWeightsError, checkpoint_sha256, describe_fit, fitting_encoders, load_into,
+                      read_state_dict, state_for, warn_if_named_for_another)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,7 +183,10 @@ def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
 def create_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Encoder:
     """Build encoder `name` with weights from `checkpoint`:
 
-    - a local file (`.safetensors`, or `.pth`/`.bin`/`.pt` loaded with `weights_only=True`);
+    - a local file (`.safetensors`, or `.pth`/`.bin`/`.pt` loaded with `weights_only=True`) or an
+      untouched model-hub snapshot folder (config.json + weights); release nestings, prefixes and
+      DINOv2 layouts are undone (weights.py), and a file for another model is an error that
+      names the encoders it fits;
     - `"hf-hub:org/repo"`: timm downloads it (needs a reachable hub; air-gapped sites pass a file);
     - `"random"`: random init, only when asked — recorded as `weights_sha256 = "random"`;
     - `"none"` (or None): for parameter-free encoders (`stain_texture`), which have no weights.
@@ -208,13 +212,33 @@ def create_encoder(name: str, checkpoint: str | Path | None = None, device: str 
         if checkpoint == "random":
             sha = "random"
         else:
-            from ..io import sha256_file
-
             path = Path(checkpoint)
-            load_into(model, read_state_dict(path), source=str(path), ignore_prefixes=spec.ignore_prefixes)
-            sha = sha256_file(path)
+            raw = read_state_dict(path)
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            load_into(model, state_for(spec, raw, expected), source=str(path),
+                      ignore_prefixes=spec.ignore_prefixes, encoder=name,
+                      identify=lambda _: identify_checkpoint(raw, str(path), name))
+            warn_if_named_for_another(path, name, {n: get_spec(n).files for n in list_encoders()})
+            sha = checkpoint_sha256(path)
     encoder = Encoder(model.eval(), spec, weights_source=checkpoint, weights_sha256=sha)
     return encoder.to(device)
+
+
+def identify_checkpoint(state: dict, source: str, encoder: str) -> str:
+    """Which registered encoders the tensors of ``state`` fit, as the sentence for an error.
+
+    Every entry is built once on the meta device (cached); aliases and output variants of the
+    same release (same hub repo and files) are named as one choice, entries that share shapes but
+    not weights (uni / mstar) are named as indistinguishable."""
+    specs = [get_spec(n) for n in list_encoders()]
+    aliases = {alias: s.name for s in specs for alias in s.aliases}
+    by_name = {s.name: s for s in specs}
+
+    def same_release(a: str, b: str) -> bool:
+        sa, sb = by_name[a], by_name[b]
+        return bool(sa.hub_repo) and (sa.hub_repo, sa.files) == (sb.hub_repo, sb.files)
+
+    return describe_fit(source, encoder, fitting_encoders(state, specs), aliases, same_release)
 
 
 def _from_hub(name: str, hub_id: str):
