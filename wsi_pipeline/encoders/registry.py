@@ -158,17 +158,30 @@ class Encoder(nn.Module):
 def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     """The spec's resize (shorter side to ``resize_px``) and centre crop (``crop_px``) of (B, 3, H, W).
 
-    Float math on the device; uint8 input is resized as float and rounded back to uint8 like
-    torchvision's tensor Resize, so normalisation sees the values the authors' transform gives.
+    Float math on the device. uint8 input is resized like the authors' transform on a PIL image:
+    PIL resamples width then height and rounds to uint8 after each pass, which clips bicubic
+    overshoot in between, so bicubic runs the two passes with that rounding; the result is within
+    one uint8 level of PIL's (tests/encoders/test_vit_family.py).
     """
     h, w = images.shape[-2:]
     if spec.resize_px is not None and min(h, w) != spec.resize_px:
-        scale = spec.resize_px / min(h, w)
-        size = (max(1, round(h * scale)), max(1, round(w * scale))) if h != w else (spec.resize_px,) * 2
-        was_uint8 = images.dtype == torch.uint8
-        out = torch.nn.functional.interpolate(images.float(), size=size, mode=spec.interpolation,
-                                              align_corners=False, antialias=spec.antialias)
-        images = out.round_().clamp_(0, 255).to(torch.uint8) if was_uint8 else out
+        # torchvision's Resize(int): shorter side to resize_px, longer side truncated.
+        size = (spec.resize_px, int(spec.resize_px * w / h)) if h <= w else (int(spec.resize_px * h / w),
+                                                                           spec.resize_px)
+        if images.dtype == torch.uint8:
+            out = images.float()
+            # Bilinear never overshoots, so one float pass is closest to PIL; bicubic needs PIL's
+            # uint8 clipping between its two passes.
+            passes = ((h, size[1]), size) if spec.interpolation == "bicubic" else (size,)
+            for pass_size in passes:  # width, then height
+                if tuple(out.shape[-2:]) != pass_size:
+                    out = torch.nn.functional.interpolate(out, size=pass_size, mode=spec.interpolation,
+                                                          align_corners=False, antialias=spec.antialias)
+                    out = out.round_().clamp_(0, 255)
+            images = out.to(torch.uint8)
+        else:
+            images = torch.nn.functional.interpolate(images, size=size, mode=spec.interpolation,
+                                                     align_corners=False, antialias=spec.antialias)
         h, w = size
     if spec.crop_px is not None and (h, w) != (spec.crop_px, spec.crop_px):
         if min(h, w) < spec.crop_px:
