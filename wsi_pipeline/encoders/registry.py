@@ -160,8 +160,9 @@ def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
 
     Float math on the device. uint8 input is resized like the authors' transform on a PIL image:
     PIL resamples width then height and rounds to uint8 after each pass, which clips bicubic
-    overshoot in between, so bicubic runs the two passes with that rounding; the result is within
-    one uint8 level of PIL's (tests/encoders/test_vit_family.py).
+    overshoot in between, so bicubic runs the two passes with that rounding (halves up, as PIL);
+    the result is within one uint8 level of PIL's but for rare pixels that PIL's 22-bit fixed-point
+    bicubic weights move by two (tests/encoders/test_vit_family.py).
     """
     h, w = images.shape[-2:]
     if spec.resize_px is not None and min(h, w) != spec.resize_px:
@@ -177,7 +178,7 @@ def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
                 if tuple(out.shape[-2:]) != pass_size:
                     out = torch.nn.functional.interpolate(out, size=pass_size, mode=spec.interpolation,
                                                           align_corners=False, antialias=spec.antialias)
-                    out = out.round_().clamp_(0, 255)
+                    out = out.add_(0.5).floor_().clamp_(0, 255)  # PIL rounds halves up
             images = out.to(torch.uint8)
         else:
             images = torch.nn.functional.interpolate(images, size=size, mode=spec.interpolation,
