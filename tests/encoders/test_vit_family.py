@@ -196,6 +196,7 @@ def test_preprocessing_equals_the_official_transform_on_a_real_image(name, real_
 def test_cls_mean_keeps_timm_keys_and_leaves_registers_out():
     spec = get_spec("virchow2")
     model = spec.build(depth=1, embed_dim=192, num_heads=3, **SKIP_INIT).eval()
+    model.load_state_dict(_random_weights(model, seed=1))
     assert type(model).__mro__[1] is timm.models.VisionTransformer  # same module tree as timm's
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
