@@ -24,6 +24,9 @@ ENTRY_IDS = [f"{kind}:{name}" for kind, name in ENTRIES]
 TINY_ENCODERS = {name: {"depth": 1, "img_size": 32} for name in
                  ("vit_small_patch16", "vit_base_patch16", "vit_large_patch16", "uni_vit_l16")}
 TINY_ENCODERS["resnet50_trunc"] = {"layers": (1, 1, 1, 1)}  # one bottleneck per stage: still 1024 out
+# The pathology ViTs (encoders/vit_family.py) at full width, one block, 16 px patches for the 32 px input.
+TINY_ENCODERS.update({name: {"depth": 1, "img_size": 32, "patch_size": 16} for name in ENCODERS.list()
+                      if hasattr(ENCODERS.entry(name).builder.build, "arch")})
 TINY_SEGMENTERS = {"vmunet_tiny": {"dims": (8, 8, 8), "d_state": 4},
                    "vmunet_small": {"dims": (8, 8, 8, 8), "depths": (1, 1, 1, 1), "d_state": 4}}
 IN_DIM, N_CLASSES, N_INSTANCES = 12, 3, 7

@@ -222,12 +222,13 @@ def create_encoder(name: str, checkpoint: str | Path | None = None, device: str 
         sha = "hf-hub:" + hashlib.sha256(checkpoint.encode()).hexdigest()
     else:
         spec = get_spec(name)
+        path = Path(checkpoint)
+        # The file first: an unreadable or refused checkpoint fails before a large model is built.
+        raw = None if checkpoint == "random" else read_state_dict(path)
         model = spec.build()
-        if checkpoint == "random":
+        if raw is None:
             sha = "random"
         else:
-            path = Path(checkpoint)
-            raw = read_state_dict(path)
             expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
             load_into(model, state_for(spec, raw, expected), source=str(path),
                       ignore_prefixes=spec.ignore_prefixes, encoder=name,

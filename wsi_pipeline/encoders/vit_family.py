@@ -170,14 +170,14 @@ _HOPT_NOTE = ("ViT-g/14 (40 blocks, 1536 wide, SwiGLU, 4 registers; timm vit_gia
               "outputs at 224 px. fp16 autocast as the card recommends.")
 _register(
     "h_optimus_0", timm_vit("vit_giant_patch14_reg4_dinov2", **_HOPT_KW), 1536, patch_size_px=14,
-    aliases=("hoptimus0",), hub_repo="bioptimus/H-optimus-0", files=("pytorch_model.bin", "config.json"),
+    hub_repo="bioptimus/H-optimus-0", files=("pytorch_model.bin", "config.json"),
     weights_license="Apache-2.0", gated=True,
     reference="Saillard et al., 2024 (H-optimus-0); huggingface.co/bioptimus/H-optimus-0 model card; "
               "bioptimus/releases @ c369f8f, models/h-optimus/v0/README.md; " + TRIDENT_GIT,
     notes=_HOPT_NOTE + " Access request approved automatically.", **_HOPT_COMMON)
 _register(
     "h_optimus_1", timm_vit("vit_giant_patch14_reg4_dinov2", **_HOPT_KW), 1536, patch_size_px=14,
-    aliases=("hoptimus1",), hub_repo="bioptimus/H-optimus-1", files=("pytorch_model.bin", "config.json"),
+    hub_repo="bioptimus/H-optimus-1", files=("pytorch_model.bin", "config.json"),
     weights_license=CC_BY_NC_ND, gated=True,
     reference="Bioptimus 2025 (H-optimus-1); huggingface.co/bioptimus/H-optimus-1 model card; " + TRIDENT_GIT,
     notes=_HOPT_NOTE + " Same tensor shapes as h_optimus_0: a file cannot tell which of the two it is.",
@@ -203,7 +203,7 @@ _register(
     "gigapath", timm_vit("vit_giant_patch14_dinov2", img_size=224, in_chans=3, patch_size=16,
                              embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334,
                              dynamic_img_size=True),
-    1536, patch_size_px=16, aliases=("prov_gigapath",),
+    1536, patch_size_px=16,
     native_mpp=0.5, recommended_patch_px=256, resize_px=256, interpolation="bicubic", antialias=True,
     crop_px=224, precision="fp16", hub_repo="prov-gigapath/prov-gigapath", files=("pytorch_model.bin",),
     weights_license="Apache-2.0 (with the model card's conditions)", gated=True,
