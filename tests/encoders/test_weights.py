@@ -146,6 +146,12 @@ def test_hub_snapshot_folders_single_and_sharded(tmp_path, small_vit):
     torch.save(sd, binary / "pytorch_model.bin")
     _loads_back("kaiko_vits16", small_vit, read_state_dict(binary))
 
+    release = tmp_path / "gpfm-hub"  # a folder with the release's one weights file (GPFM.pth, mSTAR.pth)
+    release.mkdir()
+    torch.save({"state_dict": sd}, release / "GPFM.pth")
+    (release / "README.md").write_text("")
+    _loads_back("kaiko_vits16", small_vit, read_state_dict(release))
+
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")

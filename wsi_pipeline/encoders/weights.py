@@ -236,26 +236,39 @@ def _candidates(state: dict[str, torch.Tensor]) -> Iterable[dict[str, torch.Tens
         frontier = nxt
 
 
+def _fit(states: Iterable[dict[str, torch.Tensor]], expected: Shapes,
+         ignore_prefixes: tuple[str, ...]) -> tuple[dict[str, torch.Tensor] | None, tuple[int, int]]:
+    best, best_score = None, (-1, 0)
+    for state in states:
+        for cand in _candidates(state):
+            for conv in (cand, dinov2_to_timm(cand, expected)):
+                conv = {k: v for k, v in conv.items() if not k.startswith(ignore_prefixes)}
+                agree = sum(1 for k, v in conv.items() if k in expected and tuple(v.shape) == tuple(expected[k]))
+                score = (agree, -len(set(conv) ^ set(expected)))
+                if score > best_score:
+                    best, best_score = conv, score
+    return best, best_score
+
+
 def fit_to(state: dict[str, torch.Tensor], expected: Shapes,
            ignore_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The reading of ``state`` (prefixes off or subset kept, DINOv2 layout converted) whose keys
     and shapes agree best with ``expected`` — the as-is dict when nothing agrees better."""
-    best, best_score = None, None
-    for cand in _candidates(state):
-        for conv in (cand, dinov2_to_timm(cand, expected)):
-            conv = {k: v for k, v in conv.items() if not k.startswith(ignore_prefixes)}
-            agree = sum(1 for k, v in conv.items() if k in expected and tuple(v.shape) == tuple(expected[k]))
-            score = (agree, -len(set(conv) ^ set(expected)))
-            if best_score is None or score > best_score:
-                best, best_score = conv, score
+    best, _ = _fit([state], expected, ignore_prefixes)
     return best if best is not None else state
 
 
 def state_for(spec, state: dict[str, torch.Tensor], expected: Shapes) -> dict[str, torch.Tensor]:
-    """``state`` as ``spec``'s build names it: the spec's own converter, then :func:`fit_to`."""
+    """``state`` as ``spec``'s build names it: the reading (the spec's own release converter
+    applied or not — a file re-saved from this build already has its names) that fits best."""
+    options = [state]
     if getattr(spec, "convert_state_dict", None) is not None:
-        state = spec.convert_state_dict(dict(state))
-    return fit_to(state, expected, tuple(getattr(spec, "ignore_prefixes", ())))
+        try:
+            options.insert(0, spec.convert_state_dict(dict(state)))
+        except Exception:  # a converter written for the release layout, given another layout
+            pass
+    best, _ = _fit(options, expected, tuple(getattr(spec, "ignore_prefixes", ())))
+    return best if best is not None else state
 
 
 # -- strict load and the wrong-file error -----------------------------------------------------------
@@ -333,10 +346,7 @@ def fitting_encoders(state: Mapping[str, torch.Tensor] | Shapes, specs: Iterable
             need = Counter(s for k, s in expected.items() if k not in ("pos_embed", "cls_token"))
             if need - have:
                 continue
-        try:
-            converted = state_for(spec, dict(tensors), expected)
-        except Exception:  # a converter that does not apply to this file
-            continue
+        converted = state_for(spec, dict(tensors), expected)
         if converted.keys() == expected.keys() and all(tuple(v.shape) == expected[k] for k, v in converted.items()):
             names.append(spec.name)
     return names
