@@ -153,6 +153,7 @@ for _name, _ref, _extra, _lic, _files in (
             patch_size_px=14, hub_repo=f"paige-ai/{'Virchow2' if _name == 'virchow2' else 'Virchow'}",
             files=_files, weights_license=_lic, gated=True, reference=_ref, **_VIRCHOW_COMMON,
             notes=(f"ViT-H/14 (32 blocks, 1280 wide, SwiGLU{', 4 registers' if _extra else ''}). "
+                   + ("This entry: the class token alone (1280). " if _output == "cls" else "")
                    + _VIRCHOW_POOL.format(name=_name)
                    + " Transform: Resize(224, bicubic), ImageNet mean/std (TRIDENT; the hub config's "
                      "timm transform, crop_pct 1.0, gives the same on square patches)."
@@ -193,10 +194,11 @@ for _name, _output, _dim in (("h0_mini", "cls+mean", 1536), ("h0_mini_cls", "cls
                   "docs.bioptimus.com/sdk-reference/models/types; " + TRIDENT_GIT,
         notes="ViT-B/14 distilled from H-optimus-0 (12 blocks, 768 wide, SwiGLU, 4 registers; timm "
               "vit_base_patch14_reg4_dinov2 + SwiGLUPacked/SiLU as the card passes; the hub config's "
-              "mlp_ratio is not verified offline, timm's default 4 is used). Output as Bioptimus's SDK "
-              "specifies (output_type cls+patch_mean, 1536) and the card computes: cat[class token, mean "
-              "of the patch tokens without registers]; TRIDENT's default is the class token (768), "
-              "offered as h0_mini_cls. H-optimus mean/std, 224 px at 0.5 um/px.")
+              "mlp_ratio is not readable offline: timm's default 4 is used, as the card's create_model "
+              "call passes no mlp_ratio and Bioptimus's H-optimus-0 config carries no model_args). Output "
+              "as Bioptimus's SDK specifies (output_type cls+patch_mean, 1536) and the card computes: "
+              "cat[class token, mean of the patch tokens without registers]; TRIDENT's default is the "
+              "class token (768), offered as h0_mini_cls. H-optimus mean/std, 224 px at 0.5 um/px.")
 
 # -- Prov-GigaPath ------------------------------------------------------------------------------
 _register(
