@@ -249,5 +249,14 @@ def test_a_release_file_name_of_another_same_shape_entry_warns(tmp_path):
     torch.save(model.state_dict(), path)
     from wsi_pipeline.encoders.weights import warn_if_named_for_another
 
+    files = {n: get_spec(n).files for n in list_encoders()}
     with pytest.warns(UserWarning, match=r"vits8.pth is the name of kaiko_vits8's release, loaded as 'lunit_vits8'"):
-        warn_if_named_for_another(path, "lunit_vits8", {n: get_spec(n).files for n in list_encoders()})
+        warn_if_named_for_another(path, "lunit_vits8", files)
+    generic = tmp_path / "model.safetensors"  # a hub file name many releases share: no warning
+    generic.write_bytes(b"")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_named_for_another(generic, "kaiko_vits8", files)
+        warn_if_named_for_another(path, "kaiko_vits8", files)

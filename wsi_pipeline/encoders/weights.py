@@ -381,8 +381,10 @@ def warn_if_named_for_another(path: Path, encoder: str, spec_files: Mapping[str,
     """A file named as another entry's release (``mSTAR.pth`` given as ``uni``) loads when the two
     share shapes; say so, since the features would be another model's."""
     name = path.name if path.is_file() else ""
+    if not name or name in _SNAPSHOT_FILES or name == "config.json":  # hub file names say nothing
+        return
     owners = sorted(n for n, files in spec_files.items() if name in files)
-    if owners and encoder not in owners and all(name in spec_files[o] for o in owners) and len(owners) <= 3:
+    if owners and encoder not in owners:
         warnings.warn(f"checkpoint {path}: {name} is the name of {', '.join(owners)}'s release, loaded as "
                       f"{encoder!r}; shapes cannot tell these models apart — check the encoder name",
                       stacklevel=3)
