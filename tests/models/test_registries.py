@@ -32,6 +32,9 @@ for _name in ("musk", "musk_cls"):  # one BEiT3 layer at full width: still 2048 
 TINY_ENCODERS.update({name: {"depth": 1, "img_size": 32} for name in (
     "phikon", "phikon_v2", "hibou_b", "hibou_l", "midnight", "midnight_cls", "conch_v1", "conch_v15",
     "conch_v15_bicubic")})
+# The pathology ViTs (encoders/vit_family.py) at full width, one block, 16 px patches for the 32 px input.
+TINY_ENCODERS.update({name: {"depth": 1, "img_size": 32, "patch_size": 16} for name in ENCODERS.list()
+                      if hasattr(ENCODERS.entry(name).builder.build, "arch")})
 TINY_SEGMENTERS = {"vmunet_tiny": {"dims": (8, 8, 8), "d_state": 4},
                    "vmunet_small": {"dims": (8, 8, 8, 8), "depths": (1, 1, 1, 1), "d_state": 4}}
 IN_DIM, N_CLASSES, N_INSTANCES = 12, 3, 7

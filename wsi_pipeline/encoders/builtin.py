@@ -1,18 +1,16 @@
 """Registered timm-built encoders. Weights always come from the caller (file, hub id, or 'random').
-The parameter-free `stain_texture` registers itself in its own file (handcrafted.py)."""
+The parameter-free `stain_texture` registers itself in its own file (handcrafted.py), the
+pathology foundation-model ViTs in vit_family.py."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from . import conch, ctranspath, handcrafted, hf_family, musk, vim4path  # noqa: F401  (register their entries)
+from . import conch, ctranspath, handcrafted, hf_family, musk, vim4path, vit_family  # noqa: F401  (register their entries)
 from .registry import EncoderSpec, register_encoder
 
 TIMM_LICENSE = "Apache-2.0"  # the architectures are built by timm
 VIT_REFERENCE = "Dosovitskiy et al., ICLR 2021 (ViT), built by timm (github.com/huggingface/pytorch-image-models)"
-UNI_REFERENCE = "Chen et al., Nature Medicine 2024 (UNI); github.com/mahmoodlab/UNI"
-UNI_WEIGHTS_LICENSE = ("the checkpoint's; UNI's weights (MahmoodLab/UNI on the Hugging Face Hub, gated) are "
-                       "CC-BY-NC-ND-4.0")
 USER_WEIGHTS = "the checkpoint's (weights are supplied by the user)"
 
 
@@ -33,6 +31,7 @@ def _vit(name: str, **kwargs):
 
         return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True,
                                  **{**kwargs, **overrides})
+    build.meta_overrides = {"weight_init": "skip"}  # shape checks on the meta device skip timm's init
     return build
 
 
@@ -49,11 +48,3 @@ register_encoder(EncoderSpec(name="vit_small_patch16", build=_vit("vit_small_pat
 register_encoder(EncoderSpec(name="vit_base_patch16", build=_vit("vit_base_patch16_224"), out_dim=768,
                              patch_size_px=16, license=TIMM_LICENSE, weights_license=USER_WEIGHTS,
                              reference=VIT_REFERENCE))
-register_encoder(EncoderSpec(
-    name="vit_large_patch16", build=_vit("vit_large_patch16_224", init_values=1e-5), out_dim=1024,
-    native_mpp=0.5, notes="UNI-style ViT-L/16 (init_values 1e-5, no head); UNI weights from a local file",
-    patch_size_px=16, license=TIMM_LICENSE, weights_license=UNI_WEIGHTS_LICENSE, reference=UNI_REFERENCE))
-register_encoder(EncoderSpec(
-    name="uni_vit_l16", build=_vit("vit_large_patch16_224", init_values=1e-5), out_dim=1024,
-    native_mpp=0.5, notes="alias of vit_large_patch16 under UNI's name",
-    patch_size_px=16, license=TIMM_LICENSE, weights_license=UNI_WEIGHTS_LICENSE, reference=UNI_REFERENCE))

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import PipelineError
 from ..models.registry import Registry
-from .weights import EncoderWeightsError, load_into, read_state_dict
+from .weights import (EncoderWeightsError, checkpoint_sha256, describe_fit, fitting_encoders, load_into,
+                      read_state_dict, state_for, warn_if_named_for_another)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,21 +158,32 @@ class Encoder(nn.Module):
 def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     """The spec's resize (shorter side to ``resize_px``) and centre crop (``crop_px``) of (B, 3, H, W).
 
-    Float math on the device; uint8 input is resized as float and rounded back to uint8 the way
-    PIL does (the authors' transforms resize PIL images), so normalisation sees the values their
-    transform gives, within one uint8 level.
+    Float math on the device. uint8 input is resized like the authors' transform on a PIL image:
+    PIL resamples width then height and rounds to uint8 after each pass, which clips bicubic
+    overshoot in between, so bicubic runs the two passes with that rounding (halves up, as PIL);
+    the result is within one uint8 level of PIL's but for rare pixels that PIL's 22-bit fixed-point
+    bicubic weights move by two (tests/encoders/test_vit_family.py).
     """
     h, w = images.shape[-2:]
     if spec.resize_px is not None and min(h, w) != spec.resize_px:
-        scale = spec.resize_px / min(h, w)
-        size = (max(1, round(h * scale)), max(1, round(w * scale))) if h != w else (spec.resize_px,) * 2
-        was_uint8 = images.dtype == torch.uint8
-        if was_uint8 and spec.interpolation == "bicubic":
-            images = _resize_uint8_two_pass(images, size, spec.antialias)
+        # torchvision's Resize(int): shorter side to resize_px, longer side truncated.
+        size = (spec.resize_px, int(spec.resize_px * w / h)) if h <= w else (int(spec.resize_px * h / w),
+                                                                           spec.resize_px)
+        if images.dtype == torch.uint8:
+            # float64 keeps the rounding between passes stable (MPS has no float64)
+            out = images.to(torch.float32 if images.device.type == "mps" else torch.float64)
+            # Bilinear never overshoots, so one float pass is closest to PIL; bicubic needs PIL's
+            # uint8 clipping between its two passes.
+            passes = ((h, size[1]), size) if spec.interpolation == "bicubic" else (size,)
+            for pass_size in passes:  # width, then height
+                if tuple(out.shape[-2:]) != pass_size:
+                    out = torch.nn.functional.interpolate(out, size=pass_size, mode=spec.interpolation,
+                                                          align_corners=False, antialias=spec.antialias)
+                    out = out.add_(0.5).floor_().clamp_(0, 255)  # PIL rounds halves up
+            images = out.to(torch.uint8)
         else:
-            out = torch.nn.functional.interpolate(images.float(), size=size, mode=spec.interpolation,
-                                                  align_corners=False, antialias=spec.antialias)
-            images = out.round_().clamp_(0, 255).to(torch.uint8) if was_uint8 else out
+            images = torch.nn.functional.interpolate(images, size=size, mode=spec.interpolation,
+                                                     align_corners=False, antialias=spec.antialias)
         h, w = size
     if spec.crop_px is not None and (h, w) != (spec.crop_px, spec.crop_px):
         if min(h, w) < spec.crop_px:
@@ -183,24 +195,13 @@ def resize_and_crop(images: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     return images
 
 
-def _resize_uint8_two_pass(images: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
-    """Bicubic resize of uint8 (B, 3, H, W) the way PIL does it under the authors' torchvision
-    transforms: width first, the intermediate stored as uint8 (rounded half up, the cubic overshoot
-    clipped), then height. One float pass differs from PIL by up to ~20 levels at saturated
-    pixels; this stays within 1 (float64 keeps the rounding of the intermediate stable)."""
-    interpolate = torch.nn.functional.interpolate
-    wide = torch.float32 if images.device.type == "mps" else torch.float64  # MPS has no float64
-    x = interpolate(images.to(wide), size=(images.shape[-2], size[1]), mode="bicubic",
-                    align_corners=False, antialias=antialias).add_(0.5).floor_().clamp_(0, 255)
-    x = interpolate(x, size=size, mode="bicubic", align_corners=False,
-                    antialias=antialias).add_(0.5).floor_().clamp_(0, 255)
-    return x.to(torch.uint8)
-
-
 def create_encoder(name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu") -> Encoder:
     """Build encoder `name` with weights from `checkpoint`:
 
-    - a local file (`.safetensors`, or `.pth`/`.bin`/`.pt` loaded with `weights_only=True`);
+    - a local file (`.safetensors`, or `.pth`/`.bin`/`.pt` loaded with `weights_only=True`) or an
+      untouched model-hub snapshot folder (config.json + weights); release nestings, prefixes and
+      DINOv2 layouts are undone (weights.py), and a file for another model is an error that
+      names the encoders it fits;
     - `"hf-hub:org/repo"`: timm downloads it (needs a reachable hub; air-gapped sites pass a file);
     - `"random"`: random init, only when asked — recorded as `weights_sha256 = "random"`;
     - `"none"` (or None): for parameter-free encoders (`stain_texture`), which have no weights.
@@ -222,20 +223,38 @@ def create_encoder(name: str, checkpoint: str | Path | None = None, device: str 
         sha = "hf-hub:" + hashlib.sha256(checkpoint.encode()).hexdigest()
     else:
         spec = get_spec(name)
+        path = Path(checkpoint)
+        # The file first: an unreadable or refused checkpoint fails before a large model is built.
+        raw = None if checkpoint == "random" else read_state_dict(path)
         model = spec.build()
-        if checkpoint == "random":
+        if raw is None:
             sha = "random"
         else:
-            from ..io import sha256_file
-
-            path = Path(checkpoint)
-            state = read_state_dict(path)
-            if spec.convert_state_dict is not None:
-                state = spec.convert_state_dict(state)
-            load_into(model, state, source=str(path), ignore_prefixes=spec.ignore_prefixes)
-            sha = sha256_file(path)
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            load_into(model, state_for(spec, raw, expected), source=str(path),
+                      ignore_prefixes=spec.ignore_prefixes, encoder=name,
+                      identify=lambda _: identify_checkpoint(raw, str(path), name))
+            warn_if_named_for_another(path, name, {n: get_spec(n).files for n in list_encoders()})
+            sha = checkpoint_sha256(path)
     encoder = Encoder(model.eval(), spec, weights_source=checkpoint, weights_sha256=sha)
     return encoder.to(device)
+
+
+def identify_checkpoint(state: dict, source: str, encoder: str) -> str:
+    """Which registered encoders the tensors of ``state`` fit, as the sentence for an error.
+
+    Every entry is built once on the meta device (cached); aliases and output variants of the
+    same release (same hub repo and files) are named as one choice, entries that share shapes but
+    not weights (uni / mstar) are named as indistinguishable."""
+    specs = [get_spec(n) for n in list_encoders()]
+    aliases = {alias: s.name for s in specs for alias in s.aliases}
+    by_name = {s.name: s for s in specs}
+
+    def same_release(a: str, b: str) -> bool:
+        sa, sb = by_name[a], by_name[b]
+        return bool(sa.hub_repo) and (sa.hub_repo, sa.files) == (sb.hub_repo, sb.files)
+
+    return describe_fit(source, encoder, fitting_encoders(state, specs), aliases, same_release)
 
 
 def _from_hub(name: str, hub_id: str):
