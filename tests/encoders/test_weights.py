@@ -236,9 +236,12 @@ def test_message_for_a_virchow2_file_given_as_uni2_h_and_for_uni_vs_mstar():
         "its tensor shapes fit virchow2 (also virchow2_cls): use "
         "`extract: {encoder: virchow2, checkpoint: /data/Virchow2/pytorch_model.bin}`")
     message = identify_checkpoint(meta_shapes(get_spec("mstar")), "mSTAR.pth", "gigapath")
-    assert message.startswith("its tensor shapes fit mstar, uni (also uni_vit_l16, vit_large_patch16) — "
+    # Phikon-v2 (DINOv2 ViT-L/16, layer scale, no registers) has UNI's shapes too, once its
+    # transformers names are converted.
+    assert message.startswith("its tensor shapes fit mstar, phikon_v2, uni (also uni_vit_l16, vit_large_patch16) — "
                               "shapes cannot tell these apart")
-    assert "`extract: {encoder: mstar, checkpoint: mSTAR.pth}` or `extract: {encoder: uni, " in message
+    assert "`extract: {encoder: mstar, checkpoint: mSTAR.pth}` or `extract: {encoder: phikon_v2, " in message
+    assert "`extract: {encoder: uni, checkpoint: mSTAR.pth}`" in message
     assert describe_fit("x.bin", "uni", [], {}) == \
         "its tensor shapes fit no registered encoder (see `wsi-pipeline encoders`)"
 

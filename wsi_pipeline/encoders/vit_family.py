@@ -107,8 +107,8 @@ _register(
     notes="ViT-L/16 (timm vit_large_patch16_224, init_values 1e-5), class token 1024. Transform of "
           "the UNI README: Resize(224) + CenterCrop(224), ImageNet mean/std; 256 px tiles at 20x "
           "(TRIDENT). version 2: the names uni_vit_l16 / vit_large_patch16 fed patches at their own "
-          "size before; they now follow UNI's transform. Same tensor shapes as mstar: a file cannot "
-          "tell which of the two it is.")
+          "size before; they now follow UNI's transform. Same tensor shapes as mstar and phikon_v2 (once its "
+          "transformers names are converted): a file cannot tell which of them it is.")
 _register(
     "uni2_h", timm_vit("vit_giant_patch14_224", swiglu=True, img_size=224, patch_size=14, depth=24,
                            num_heads=24, init_values=1e-5, embed_dim=1536, mlp_ratio=2.66667 * 2,
