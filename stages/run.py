@@ -119,7 +119,7 @@ def cli(args) -> int:
 
     # Before the lock, before Snakemake starts and before RUN is created: every manifest/config/
     # name/registry problem at once, as InputsError -> exit 2 (even when RUN is in use by a run).
-    manifest, _ = validate_run_inputs(args.manifest, args.config, model=args.model)
+    manifest, _ = validate_run_inputs(args.manifest, args.config, model=args.model, train=not args.no_train)
     volumes = [r for r in manifest if r.is_volume]
     if volumes and (args.segment or args.detect):
         from wsi_pipeline.errors import InputsError

@@ -100,8 +100,12 @@ class Manifest:
                         self.extra_columns)
 
 
-def load_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = False) -> Manifest:
-    """Parse and validate a manifest. Raises `ManifestError` listing every problem found."""
+def load_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = False,
+                  check_same_files: bool = True) -> Manifest:
+    """Parse and validate a manifest. Raises `ManifestError` listing every problem found.
+
+    `check_same_files`: two rows naming one image (a link, a copy) are a problem naming both rows
+    (wsi_pipeline.same_file; one stat per row)."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, [f"file not found: {path}"])
@@ -140,7 +144,7 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
     if not raw_rows:
         problems.append("no slide rows")
 
-    records, seen_ids, patient_cohort = [], {}, {}
+    records, seen_ids, patient_cohort, file_rows = [], {}, {}, []
     for i, row in enumerate(raw_rows, start=1):
         where = f"row {i}"
         if None in row:  # DictReader puts surplus cells under the key None
@@ -197,6 +201,8 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
         exists = slide_path.exists() if modality else slide_path.is_file()   # a DICOM series is a folder
         if check_files and row.get("path") and not exists:
             problems.append(f"{where}: {'volume' if modality else 'slide'} file not found: {slide_path}")
+        if row.get("path"):
+            file_rows.append((where, slide_path))
         truth_mask = None
         if row.get("truth_mask"):
             if not modality:
@@ -208,6 +214,10 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
                                    tuple((c, row.get(c) or "") for c in extra)))
 
     problems += mixed_cohort_problems(records)
+    if check_same_files:
+        from .same_file import same_file_problems
+
+        problems += same_file_problems(file_rows)
     if problems:
         raise ManifestError(path, problems)
     return Manifest(path, tuple(records), tuple(extra))

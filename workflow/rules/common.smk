@@ -19,7 +19,7 @@ PIPELINE_CONFIG = os.path.abspath(config["pipeline_config"]) if config.get("pipe
 # config at once (rows and fields named), names that become paths and shell words (slide_id,
 # cohort, encoder, models: wsi_pipeline.names), and the model names against their registries.
 MANIFEST, CFG = validate_run_inputs(MANIFEST_PATH, PIPELINE_CONFIG or None, model=config.get("model") or None,
-                                    model_key="workflow config model")
+                                    model_key="workflow config model", train=bool(config.get("train", True)))
 
 # Then each row against the published row schema (manifests/schema.json), which says the same.
 _ROW_SCHEMA = os.path.join(workflow.basedir, "..", "manifests", "schema.json")
