@@ -38,7 +38,7 @@ def same_file_problems(rows) -> list[str]:
                             f"training and test")
             continue
         by_inode[key] = (where, path)
-        if Path(path).is_file():
+        if Path(path).is_file() and stat.st_size > 0:   # empty files are no image (tile says so)
             by_size.setdefault(stat.st_size, []).append((where, path))
     for size, group in by_size.items():
         if len(group) < 2:

@@ -28,7 +28,7 @@ def validate_run_inputs(manifest_path: str | Path, config_path: str | Path | Non
     problems = []
     manifest = cfg = None
     try:
-        manifest = load_manifest(manifest_path)
+        manifest = load_manifest(manifest_path, check_same_files=True)
     except ManifestError as exc:
         problems += [f"manifest {exc.path}: {p}" for p in exc.problems]
     try:

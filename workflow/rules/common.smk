@@ -29,7 +29,7 @@ with open(MANIFEST_PATH, newline="", encoding="utf-8-sig") as _fh:
         # the other column names the row): not a value to validate.
         validate({k.strip(): v.strip() for k, v in _row.items()
                   if k is not None and isinstance(v, str)
-                  and not (k.strip() in ("mpp", "slide_id", "volume_id", "truth_mask") and v.strip() == "")},
+                  and not (k.strip() in ("mpp", "slide_id", "volume_id", "truth_mask", "frame") and v.strip() == "")},
                  _ROW_SCHEMA)
 
 
@@ -103,7 +103,8 @@ def stage_hash(name):
 
 def slide_row_hash(slide):
     r = SLIDES[slide]
-    return hashlib.sha256(f"{r.path}|{r.mpp}".encode()).hexdigest()[:16]
+    frame = f"|frame={r.frame}" if r.frame is not None else ""   # another frame: another volume
+    return hashlib.sha256(f"{r.path}|{r.mpp}{frame}".encode()).hexdigest()[:16]
 
 
 def cohort_slides(cohort):
