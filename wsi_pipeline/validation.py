@@ -117,6 +117,8 @@ def stage_problems(stage, cfg: Config, manifest: Manifest, args) -> list[str]:
         problems += label_problems(manifest, cfg, model=model, cohorts=_split(getattr(args, "cohort", None)))
     if stage.name in ("detect", "eval-detect"):
         problems += detector_problems(Path(args.run), model or cfg.detect.train.detector)
+    if stage.name == "train-detector" and cfg.detect.train.init_from:
+        problems += checkpoint_folder_problems(Path(cfg.detect.train.init_from), "detect.train.init_from")
     return problems
 
 
@@ -125,9 +127,15 @@ def detector_problems(run_dir: Path, model: str) -> list[str]:
     from .run_folder import RunFolder
 
     folder = RunFolder(run_dir).detect_dir(model) / "model"
+    return checkpoint_folder_problems(folder, f"--model {model}")
+
+
+def checkpoint_folder_problems(folder: Path, key: str) -> list[str]:
+    """A detector checkpoint folder needs model.safetensors and config.json (loading it, later,
+    checks their contents)."""
     missing = [n for n in ("model.safetensors", "config.json") if not (folder / n).is_file()]
     if missing:
-        return [f"--model {model}: no detector checkpoint in {folder} (missing {', '.join(missing)}); "
+        return [f"{key}: no detector checkpoint in {folder} (missing {', '.join(missing)}); "
                 f"train one with `wsi-pipeline train-detector`"]
     return []
 

@@ -224,3 +224,72 @@ def test_cpu_kernel_on_a_noexec_or_missing_temp_dir_falls_back(tmp_path, monkeyp
     monkeypatch.setenv("WSI_SSM_CPU_KERNEL", "1")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
     _scan_falls_back_with_one_warning("could not be loaded")
+
+
+# -- item 8: --exclude-failed ----------------------------------------------------------------------
+WORKFLOW_CONFIG = """
+tiling: {target_mpp: 2.0, patch_size_px: 32}
+tissue: {mask_mpp: 8.0}
+extract: {encoder: stain_texture, checkpoint: none, num_workers: 0}
+train: {model: abmil, folds: 2, epochs: 1, patience: 1, bootstrap: 10,
+        model_args: {hidden_dim: 8, attention_dim: 4, dropout: 0.0}}
+"""
+
+
+@pytest.fixture(scope="module")
+def small_cohort(make_slide, tmp_path_factory):
+    """Four good slides (two patients per class) in cohort demo, one broken slide in demo and one
+    in cohort solo; a tiny config; a fresh run folder whose good slides are already tiled and
+    extracted in-process (Python API: the workflow then runs only the jobs these tests are about)."""
+    from stages import get_stage
+    from wsi_pipeline.config import load_config
+
+    root = tmp_path_factory.mktemp("exclude_failed")
+    good = [make_slide(f"xf_{i}", width_px=1024, height_px=768, positive=i % 2 == 1, seed=40 + i) for i in range(4)]
+    (root / "BAD.svs").write_bytes(b"II*\x00" + bytes(3000))          # a truncated TIFF
+    (root / "SOLO.svs").write_bytes(b"not a slide")
+    rows = [f"G{i},{p},P{i},{'tumor' if i % 2 else 'normal'},demo" for i, p in enumerate(good)]
+    rows += [f"BAD,{root / 'BAD.svs'},P8,tumor,demo", f"SOLO,{root / 'SOLO.svs'},P9,normal,solo"]
+    manifest = write_manifest(root, rows)
+    config = root / "tiny.yaml"
+    config.write_text(WORKFLOW_CONFIG)
+    run, cfg = root / "run", load_config(config)
+    good_rows = load_manifest(manifest).select([f"G{i}" for i in range(4)])
+    for stage in ("tile", "extract"):
+        assert get_stage(stage).run(good_rows, cfg, run, progress=False).ok
+    return root, manifest, config, run
+
+
+def test_exclude_failed_on_a_fresh_run_trains_the_cohort_and_says_why_another_was_not(small_cohort, capsys):
+    import csv
+
+    root, manifest, config, run = small_cohort
+    assert not (run / "failures").exists() and not (run / "mil").exists()     # nothing failed before
+    args = ["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run), "--cores", "2",
+            "--no-heatmaps", "--exclude-failed"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    predictions = run / "mil" / "abmil" / "demo" / "predictions.csv"
+    assert sorted(r["slide_id"] for r in csv.DictReader(open(predictions))) == ["G0", "G1", "G2", "G3"]
+    assert "left out (--exclude-failed): BAD, SOLO" in out
+    assert "cohort 'solo' was not trained: every slide of it failed before training" in out
+
+
+def test_exclude_failed_tries_a_repaired_slide_again(small_cohort, make_slide, capsys):
+    import re
+    import shutil
+
+    root, manifest, config, run = small_cohort
+    if not (run / "failures" / "tile" / "BAD.json").is_file():      # run alone: make the failure record
+        assert main(["tile", "--manifest", str(manifest), "--config", str(config), "--out", str(run),
+                     "--slides", "BAD", "--no-progress"]) == 1
+    capsys.readouterr()
+    shutil.copyfile(make_slide("xf_fixed", width_px=1024, height_px=768, positive=True, seed=60), root / "BAD.svs")
+    dry = ["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run), "--cores", "1",
+           "--no-heatmaps", "--exclude-failed", "--dry-run"]
+    assert main(dry) == 0
+    planned = capsys.readouterr().out
+    # The repaired slide is tiled and extracted again and its cohort retrained; SOLO, still broken,
+    # stays out (one tile job, not two).
+    for rule in ("tile", "extract", "train"):
+        assert re.search(rf"^{rule}\s+1$", planned, re.M), planned

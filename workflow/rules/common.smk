@@ -35,17 +35,20 @@ with open(MANIFEST_PATH, newline="", encoding="utf-8-sig") as _fh:
 
 def previously_failed():
     """Slides whose tile or extract job failed in an earlier run of this run folder (the stages'
-    failure records, RUN/failures/{stage}/{slide_id}.json; the working directory is RUN)."""
-    return sorted({os.path.basename(p)[: -len(".json")]
-                   for stage in ("tile", "extract")
-                   for p in glob.glob(os.path.join("failures", stage, "*.json"))})
+    failure records, RUN/failures/{stage}/{slide_id}.json; the working directory is RUN), and whose
+    record still describes the manifest's file: a slide fixed or replaced since is tried again."""
+    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.workflow_summary import excluded_failures
+
+    return excluded_failures(MANIFEST, RunFolder(".").failures())
 
 
 # exclude_failed: the user's explicit choice to go on without the slides that failed before, instead
 # of fixing them or removing them from the manifest. Without it, a failed slide keeps its cohort
-# from training (train needs every slide's features), and `wsi-pipeline run` says so.
-EXCLUDED = [s for s in previously_failed() if s in {r.slide_id for r in MANIFEST}] \
-    if config.get("exclude_failed", False) else []
+# from training (train needs every slide's features), and `wsi-pipeline run` says so. On a first
+# run the failures are known only after tile/extract: `wsi-pipeline run` then runs the workflow
+# once more, which leaves them out here.
+EXCLUDED = previously_failed() if config.get("exclude_failed", False) else []
 INCLUDED = [r for r in MANIFEST if r.slide_id not in EXCLUDED]
 SLIDES = {r.slide_id: r for r in INCLUDED}
 COHORTS = sorted({r.cohort for r in INCLUDED})
