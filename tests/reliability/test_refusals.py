@@ -112,8 +112,8 @@ def test_pickle_in_place_of_a_detector_checkpoint_is_one_line_exit_2(tmp_path, s
     manifest = write_manifest(tmp_path, labelled_rows(slide_paths[:1]))
     code = main(["detect", "--manifest", str(manifest), "--run", str(run), "--model", "det"])
     err = one_line_error(capsys)
-    assert code == 2 and "cannot be loaded" in err and "model.safetensors" not in snapshot(run).keys() - before.keys()
-    assert snapshot(run) == before and not marker.exists()
+    assert code == 2 and "cannot be loaded" in err and "SafetensorError" in err
+    assert snapshot(run) == before and not marker.exists()        # records unchanged, never unpickled
 
 
 def test_pickle_in_place_of_a_mil_fold_or_init_from_checkpoint_is_a_pipeline_error(tmp_path):
@@ -275,21 +275,23 @@ def test_exclude_failed_on_a_fresh_run_trains_the_cohort_and_says_why_another_wa
     assert "cohort 'solo' was not trained: every slide of it failed before training" in out
 
 
-def test_exclude_failed_tries_a_repaired_slide_again(small_cohort, make_slide, capsys):
-    import re
+def test_exclude_failed_tries_a_repaired_slide_again(small_cohort, make_slide):
+    """What the workflow leaves out (common.smk asks `excluded_failures`): a slide whose failure
+    record still describes its file; once the file is fixed or replaced, the slide is tried again."""
     import shutil
+
+    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.workflow_summary import excluded_failures
 
     root, manifest, config, run = small_cohort
     if not (run / "failures" / "tile" / "BAD.json").is_file():      # run alone: make the failure record
         assert main(["tile", "--manifest", str(manifest), "--config", str(config), "--out", str(run),
-                     "--slides", "BAD", "--no-progress"]) == 1
-    capsys.readouterr()
+                     "--slides", "BAD,SOLO", "--no-progress"]) == 1
+    records = load_manifest(manifest)
+    assert excluded_failures(records, RunFolder(run).failures()) == ["BAD", "SOLO"]
     shutil.copyfile(make_slide("xf_fixed", width_px=1024, height_px=768, positive=True, seed=60), root / "BAD.svs")
-    dry = ["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run), "--cores", "1",
-           "--no-heatmaps", "--exclude-failed", "--dry-run"]
-    assert main(dry) == 0
-    planned = capsys.readouterr().out
-    # The repaired slide is tiled and extracted again and its cohort retrained; SOLO, still broken,
-    # stays out (one tile job, not two).
-    for rule in ("tile", "extract", "train"):
-        assert re.search(rf"^{rule}\s+1$", planned, re.M), planned
+    assert excluded_failures(records, RunFolder(run).failures()) == ["SOLO"]     # BAD is tiled again
+    # The repaired slide passes tile: its failure record goes, it trains with its cohort.
+    assert main(["tile", "--manifest", str(manifest), "--config", str(config), "--out", str(run),
+                 "--slides", "BAD", "--no-progress"]) == 0
+    assert not (run / "failures" / "tile" / "BAD.json").exists()

@@ -9,7 +9,8 @@ Fused, the state stays in cache and each step is one sweep: 0.35-0.40 CPU-s for 
 Off by default: it needs a C compiler at run time. ``WSI_SSM_CPU_KERNEL=1`` turns it on; the first
 scan in a process then compiles the source below with ``$CC`` (else ``cc``) into a private temporary
 directory (mode 0700, removed after loading; ~0.2 s) and loads it with ctypes. Nothing is cached on
-disk, so parallel jobs never share or race on a build. If it cannot be built, a warning says why
+disk, so parallel jobs never share or race on a build. If it cannot be built or loaded (no
+compiler, a compile error, an unwritable or noexec temp dir, a broken library), one warning says why
 and the PyTorch scan runs, as it does for everything the kernel does not cover: tensors not on the
 CPU, dtypes other than fp32, input-independent (2-D) B or C.
 
