@@ -19,7 +19,7 @@ from pathlib import Path
 def same_file_problems(rows) -> list[str]:
     """One line per row whose file is the file of an earlier row: `rows` is [(where, path)] with
     `where` the row's description ('row 3 (slide_id 'B')'); missing paths are skipped (the
-    manifest reports those itself)."""
+    manifest reports those itself), and so are empty files (no image to duplicate)."""
     from .slides.identity import file_fingerprint
 
     by_inode: dict[tuple[int, int], tuple[str, Path]] = {}
@@ -30,6 +30,8 @@ def same_file_problems(rows) -> list[str]:
             stat = os.stat(path)
         except OSError:
             continue
+        if stat.st_size == 0 and not Path(path).is_dir():
+            continue   # an empty file holds no image (the tile stage fails it); not a duplicate of one
         key = (stat.st_dev, stat.st_ino)
         if key in by_inode:
             first_where, first_path = by_inode[key]
@@ -38,7 +40,7 @@ def same_file_problems(rows) -> list[str]:
                             f"training and test")
             continue
         by_inode[key] = (where, path)
-        if Path(path).is_file() and stat.st_size > 0:   # empty files are no image (tile says so)
+        if Path(path).is_file():
             by_size.setdefault(stat.st_size, []).append((where, path))
     for size, group in by_size.items():
         if len(group) < 2:

@@ -104,7 +104,8 @@ def untrained_cohorts(run_dir: Path, records, model: str, failures: list[dict], 
             reasons[cohort] = (f"{', '.join(bad)} failed before training. Fix {them}, remove {them} from the "
                                f"manifest, or rerun with --exclude-failed to train without {them}.")
         elif bad and len(bad) == len(rows):
-            reasons[cohort] = f"every slide of it failed before training ({', '.join(bad)}; left out by --exclude-failed)."
+            reasons[cohort] = (f"every slide of it failed before training ({', '.join(bad)}; left out by "
+                               f"--exclude-failed).")
         elif unlabelled or unlabelled_anywhere:
             ids = unlabelled or unlabelled_anywhere
             where = "" if unlabelled else " in the manifest"
@@ -121,7 +122,8 @@ def untrained_cohorts(run_dir: Path, records, model: str, failures: list[dict], 
 def _last_error(log: Path) -> str:
     """The job's `error: ...` line (the CLI prints one), else its last line."""
     try:
-        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        text = log.read_text(encoding="utf-8", errors="replace")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
     except OSError:
         return "its log is unreadable"
     errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
