@@ -55,7 +55,8 @@ def add_arguments(p) -> None:
     p.add_argument("--detect", action="store_true",
                    help="also dense cell/mitosis detection on every slide (RUN/detect/DETECTOR/)")
     p.add_argument("--exclude-failed", action="store_true",
-                   help="go on without the slides whose tile/extract failed in an earlier run of RUN: their "
+                   help="go on without the slides whose tile/extract failed (in this run: the workflow then "
+                        "runs once more; or in an earlier run of RUN, while their file is unchanged): their "
                         "cohorts train without them (default: a failed slide blocks its cohort's training)")
     p.add_argument("--dry-run", "-n", action="store_true", help="show the jobs that would run")
     p.add_argument("snakemake_args", nargs="*",
