@@ -83,9 +83,10 @@ def excluded_failures(records, failures: list[dict]) -> list[str]:
 
 def untrained_cohorts(run_dir: Path, records, model: str, failures: list[dict], *, exclude_failed: bool,
                       snakemake_code: int) -> dict[str, str]:
-    """{cohort: why it has no metrics.json} for every cohort of the manifest rows `records` that
-    was not trained by `model` in RUN: its failed slides (left out or not), unlabelled rows, its
-    train job's error (from the job's log), or a workflow that stopped before it."""
+    """{cohort: why it was not trained} for every cohort of the manifest rows `records` that has no
+    metrics.json of `model` in RUN, or a failed slide (without --exclude-failed): its failed slides
+    (left out or not), unlabelled rows, its train job's error (from the job's log), or a workflow
+    that stopped before it."""
     failed = {f["slide_id"]: f for f in failures if f.get("stage") in EARLY_STAGES}
     by_cohort: dict[str, list] = {}
     for r in records:
@@ -94,9 +95,11 @@ def untrained_cohorts(run_dir: Path, records, model: str, failures: list[dict], 
     unlabelled_anywhere = [r.slide_id for r in records if not r.label and not (exclude_failed and r.slide_id in failed)]
     reasons = {}
     for cohort, rows in sorted(by_cohort.items()):
-        if (Path(run_dir) / "mil" / model / cohort / "metrics.json").is_file():
-            continue
         bad = [r.slide_id for r in rows if r.slide_id in failed]
+        # A failed slide blocks its cohort even where metrics.json exists: that one is from a
+        # training on other slides (the manifest's rows have changed since).
+        if (Path(run_dir) / "mil" / model / cohort / "metrics.json").is_file() and not (bad and not exclude_failed):
+            continue
         unlabelled = [r.slide_id for r in rows if not r.label]
         log = Path(run_dir) / "logs" / "snakemake" / "train" / model / f"{cohort}.log"
         if bad and not exclude_failed:
