@@ -3,8 +3,11 @@ in them (wsi_pipeline.names) and the models they name (the encoder, MIL and segm
 
 `wsi-pipeline run` and the workflow's Snakefile call `validate_run_inputs`; every problem is listed
 at once (InputsError, exit 2), and nothing is created in the run folder or handed to a shell.
-The registry checks import torch (and timm for an encoder outside our registry), so the per-slide
-stage commands, which load the config once per job, keep to the cheap name checks.
+The registry checks import torch (and timm for an encoder outside our registry), so a stage command
+(`stage_problems`, called by stages/base.py before it writes any record) checks only the names of
+the sections it reads: extract its encoder, train its aggregator, per_model keys and labels (the
+same `label_problems` the train stage's preflight uses), segment its segmenter, detect and
+eval-detect their detector's files, train-detector its init_from; tile checks none.
 """
 
 from __future__ import annotations
