@@ -10,13 +10,16 @@
         options    CLI arguments -> run()'s keyword options
 
 `invoke(stage, args)` is what `wsi-pipeline {name}` does: config (with overrides), manifest, the
-resolved config recorded as RUN/configs/{name}.yaml, run, print the report. So calling `run` from
+checks `wsi-pipeline run` makes (`validation.stage_problems`: registry names, per_model keys,
+labels, the detector), the resolved config recorded as RUN/configs/{name}.yaml, run, print the
+report. A refusal (exit 2) before or inside `run` leaves those records as they were. So calling `run` from
 Python with the same config and options does exactly what the command does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,29 +174,71 @@ def split_list(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
+@contextlib.contextmanager
+def _records_kept_if_refused(run_dir: Path, stages: list[str | None]):
+    """A stage that refuses its inputs (PipelineError out of `run`: exit 2) leaves the run's config
+    records (RUN/config.yaml, RUN/configs/{stage}.yaml) as they were, and creates no folder: a
+    refused command must not describe a run that never happened beside the real outputs."""
+    from wsi_pipeline.errors import PipelineError
+    from wsi_pipeline.io import atomic_path
+
+    # Where save_resolved_config writes: RUN/config.yaml, RUN/configs/{stage}.yaml.
+    paths = [run_dir / "config.yaml" if stage is None else run_dir / "configs" / f"{stage}.yaml"
+             for stage in stages]
+    before = {p: p.read_bytes() if p.is_file() else None for p in paths}
+    new_dirs = [d for d in dict.fromkeys(p.parent for p in paths) if not d.exists()]
+    if not run_dir.exists():
+        new_dirs.append(run_dir)
+    try:
+        yield
+    except PipelineError:
+        with contextlib.suppress(OSError):
+            for path, content in before.items():
+                if content is None:
+                    path.unlink(missing_ok=True)
+                elif not path.is_file() or path.read_bytes() != content:
+                    with atomic_path(path) as tmp:
+                        tmp.write_bytes(content)
+            for folder in sorted(set(new_dirs), key=lambda d: len(d.parts), reverse=True):
+                # only if still empty: nothing else of the stage's is lost
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        raise
+
+
 def invoke(stage: Stage, args: argparse.Namespace) -> int:
     """`wsi-pipeline {stage.name} ...`: the stage's `run` on the inputs the arguments name."""
     from wsi_pipeline.config import save_resolved_config
     from wsi_pipeline.manifest import load_manifest
 
+    from wsi_pipeline.errors import InputsError
+    from wsi_pipeline.validation import stage_problems
+
     if stage.check_args is not None:
         stage.check_args(args)
     cfg = stage.config(args)
-    manifest = load_manifest(args.manifest, require_labels=stage.require_labels)
+    # A workflow job names its slide (--slides): `run` checked the whole manifest's files already.
+    manifest = load_manifest(args.manifest, require_labels=stage.require_labels,
+                             check_same_files=not getattr(args, "slides", None))
     if getattr(args, "exclude_slides", None):
         manifest = manifest.without(split_list(args.exclude_slides))
     if getattr(args, "slides", None):
         manifest = manifest.select(split_list(args.slides))
     if stage.check is not None:
         stage.check(cfg, args)
+    # The checks `wsi-pipeline run` makes (validation.py), before any record is written.
+    problems = stage_problems(stage, cfg, manifest, args)
+    if problems:
+        raise InputsError(problems)
     run_dir = Path(next(v for v in (getattr(args, a) for a in stage.run_arg) if v))
-    if stage.record_root_config:
-        save_resolved_config(cfg, run_dir)
-    save_resolved_config(cfg, run_dir, stage=stage.name)
     options = stage.options(args)
     if hasattr(args, "force"):
         options["force"] = args.force
-    report = stage.run(manifest, cfg, run_dir, progress=not getattr(args, "no_progress", False), **options)
+    with _records_kept_if_refused(run_dir, [None] * stage.record_root_config + [stage.name]):
+        if stage.record_root_config:
+            save_resolved_config(cfg, run_dir)
+        save_resolved_config(cfg, run_dir, stage=stage.name)
+        report = stage.run(manifest, cfg, run_dir, progress=not getattr(args, "no_progress", False), **options)
     print(report.summary())
     for line in report.warnings:
         print(line, file=sys.stderr)

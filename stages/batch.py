@@ -61,7 +61,7 @@ def run_batch(stage: str, records: Iterable[SlideRecord], run: RunFolder,
         bar.write(f"FAILED {message}")
         log.error(message)
         try:
-            run.record_failure(stage, record.slide_id, message)
+            run.record_failure(stage, record.slide_id, message, source=record.path)
         except OSError as exc:
             unrecorded.append({"slide_id": record.slide_id, "stage": stage, "error": message})
             note = f"cannot record the failure of {record.slide_id!r}: {describe_os_error(exc)}"

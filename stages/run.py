@@ -55,7 +55,8 @@ def add_arguments(p) -> None:
     p.add_argument("--detect", action="store_true",
                    help="also dense cell/mitosis detection on every slide (RUN/detect/DETECTOR/)")
     p.add_argument("--exclude-failed", action="store_true",
-                   help="go on without the slides whose tile/extract failed in an earlier run of RUN: their "
+                   help="go on without the slides whose tile/extract failed (in this run: the workflow then "
+                        "runs once more; or in an earlier run of RUN, while their file is unchanged): their "
                         "cohorts train without them (default: a failed slide blocks its cohort's training)")
     p.add_argument("--dry-run", "-n", action="store_true", help="show the jobs that would run")
     p.add_argument("snakemake_args", nargs="*",
@@ -119,7 +120,7 @@ def cli(args) -> int:
 
     # Before the lock, before Snakemake starts and before RUN is created: every manifest/config/
     # name/registry problem at once, as InputsError -> exit 2 (even when RUN is in use by a run).
-    manifest, cfg = validate_run_inputs(args.manifest, args.config, model=args.model)
+    manifest, cfg = validate_run_inputs(args.manifest, args.config, model=args.model, train=not args.no_train)
     if any(not r.is_volume for r in manifest):
         from wsi_pipeline.encoders.fit import tiling_fit_warning
 
@@ -149,11 +150,19 @@ def _run_workflow(args) -> int:
     print("running:", " ".join(shlex.quote(c) for c in cmd), flush=True)
     # The jobs run this same Python (`sys.executable -m wsi_pipeline.cli`), so they import the
     # installed wsi_pipeline and stages packages: no path is added.
+    run = RunFolder(run_dir)
+    left_out_before = _left_out(args, run)
     code = subprocess.call(cmd)
     if args.dry_run:
         return code
+    new = sorted(set(_left_out(args, run)) - set(left_out_before)) if not args.no_train else []
+    if new:
+        # Slides failed tile/extract in this run: only now can the workflow leave them out, so it
+        # runs once more and their cohorts train without them (nothing finished is redone).
+        print(f"\n--exclude-failed: {', '.join(new)} failed before training; running the workflow again "
+              f"without {'them' if len(new) > 1 else 'it'}", flush=True)
+        code = subprocess.call(cmd)
 
-    run = RunFolder(run_dir)
     run.write_failures_csv()
     failures = run.failures()
     cfg = load_config(args.config)
@@ -170,23 +179,36 @@ def _run_workflow(args) -> int:
     segment_metrics = run.segment_dir / "metrics.csv"
     if args.segment and segment_metrics.is_file():
         print(f"  segment:  {run.segment_dir} ({summarise_segmentation(segment_metrics)})")
-    failed_early = failed_before_training(args.manifest, failures)
-    blocked = {} if args.exclude_failed or args.no_train else failed_early
     if failures:
         print(f"\n{len(failures)} failure(s), listed in {run_dir / 'failures.csv'}:")
         for row in failures:
             print(f"  [{row['stage']}] {row['error']}")
-    if args.exclude_failed and failed_early:
-        left_out = ", ".join(s for slides in failed_early.values() for s in slides)
-        print(f"\nleft out (--exclude-failed): {left_out}")
-    for cohort, slides in blocked.items():
-        them = "them" if len(slides) > 1 else "it"
-        print(f"\ncohort {cohort!r} was not trained: {', '.join(slides)} failed before training. Fix {them}, "
-              f"remove {them} from the manifest, or rerun with --exclude-failed to train without {them}.")
+    left_out = _left_out(args, run)
+    if left_out:
+        print(f"\nleft out (--exclude-failed): {', '.join(left_out)}")
+    if not args.no_train:   # every cohort without metrics.json, and why
+        from wsi_pipeline.manifest import load_manifest
+        from wsi_pipeline.workflow_summary import untrained_cohorts
+
+        reasons = untrained_cohorts(run_dir, load_manifest(args.manifest), model, failures,
+                                    exclude_failed=args.exclude_failed, snakemake_code=code)
+        for cohort, reason in reasons.items():
+            print(f"\ncohort {cohort!r} was not trained: {reason}")
     if code != 0:
         print(f"\nsnakemake exited with {code}; job logs are under {run_dir / 'logs' / 'snakemake'}",
               file=sys.stderr)
     return code
+
+
+def _left_out(args, run) -> list[str]:
+    """The slides --exclude-failed leaves out now: tile/extract failures on record that still
+    describe the manifest's files (workflow_summary.excluded_failures, as common.smk decides)."""
+    if not args.exclude_failed:
+        return []
+    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.workflow_summary import excluded_failures
+
+    return excluded_failures(load_manifest(args.manifest), run.failures())
 
 
 def _summarise_volumes(args, run_dir: Path, model: str) -> None:

@@ -39,10 +39,10 @@ def installed(tmp_path_factory) -> Path:
 
 
 def test_wheel_install_runs_the_workflow_dry_run(installed, make_slide, tmp_path):
-    slide = make_slide("install_slide")
+    slide, other = make_slide("install_slide"), make_slide("install_slide_2", seed=1)
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("slide_id,path,patient_id,label,cohort\n"
-                        f"S1,{slide},P1,tumor,c1\nS2,{slide},P2,normal,c1\n")
+                        f"S1,{slide},P1,tumor,c1\nS2,{other},P2,normal,c1\n")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = dict(os.environ, PYTHONPATH=str(installed))

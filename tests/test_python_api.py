@@ -19,18 +19,20 @@ TINY = {
 }
 
 
-def _two_patients_per_class(demo_cohort, path):
-    """The demo cohort plus its tumour slide again as a second patient: 2-fold CV needs two per class."""
+def _two_patients_per_class(demo_cohort, make_slide, path):
+    """The demo cohort plus another tumour slide per tumour slide, as second patients: 2-fold CV needs
+    two per class. (Its own slide file: one image under two ids is refused.)"""
     lines = demo_cohort.read_text().splitlines()
     rows = [line.replace("slides/", f"{demo_cohort.parent}/slides/") for line in lines[1:]]
-    extra = [",".join(["DUP" + f[0], f[1], "Q" + f[2], *f[3:]]) for f in (r.split(",") for r in rows)
-             if f[3] == "tumor"]
+    tumours = [f for f in (r.split(",") for r in rows) if f[3] == "tumor"]
+    extra = [",".join(["DUP" + f[0], str(make_slide(f"dup_{n}", positive=True, seed=100 + n)), "Q" + f[2], *f[3:]])
+             for n, f in enumerate(tumours)]
     path.write_text("\n".join([lines[0], *rows, *extra]) + "\n")
     return path
 
 
-def test_readme_python_example_then_the_cli_records_its_overrides(demo_cohort, tmp_path, capsys):
-    demo_cohort = _two_patients_per_class(demo_cohort, tmp_path / "manifest.csv")
+def test_readme_python_example_then_the_cli_records_its_overrides(demo_cohort, make_slide, tmp_path, capsys):
+    demo_cohort = _two_patients_per_class(demo_cohort, make_slide, tmp_path / "manifest.csv")
     manifest = load_manifest(demo_cohort)
     cfg = config_from_dict(TINY)
     run = tmp_path / "run"

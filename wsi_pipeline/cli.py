@@ -113,7 +113,7 @@ def _dispatch(args) -> int:
         from .manifest import load_manifest
 
         m = load_manifest(args.manifest, require_labels=args.require_labels,
-                          check_files=not args.no_check_files)
+                          check_files=not args.no_check_files, check_same_files=not args.no_check_files)
         print(f"{args.manifest}: {len(m)} slides, "
               f"{len({r.patient_id for r in m})} patients, cohorts: {sorted({r.cohort for r in m})} — OK")
         return 0

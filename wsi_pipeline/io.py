@@ -24,6 +24,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat as stat_module
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -107,6 +108,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_path(final)
     try:
         yield tmp
+        _give_default_mode(tmp)
         os.replace(tmp, final)
     except OSError as exc:
         if exc.filename is None and exc.errno is not None:
@@ -117,6 +119,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # Never let a failing clean-up (read-only folder) hide the error that got us here.
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc says it (Linux), else by the
+    set-and-restore idiom."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_default_mode(tmp: Path) -> None:
+    """An output gets the mode any file created here gets (0666 less the umask: 0644 under umask
+    022). Some writers make their file private (safetensors writes model.safetensors 0600), so
+    group members could not read the models beside outputs they can read. A file the writer made
+    *more* open (an executable) is left as it is."""
+    with contextlib.suppress(OSError):
+        st = os.stat(tmp)
+        if not stat_module.S_ISREG(st.st_mode):
+            return
+        mode, want = st.st_mode & 0o777, 0o666 & ~_umask()
+        if mode != want and mode & ~want == 0:
+            os.chmod(tmp, want)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

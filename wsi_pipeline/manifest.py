@@ -1,5 +1,5 @@
 """Manifests: CSV rows `slide_id, path, patient_id, label, cohort` (+ optional `mpp`, `modality`,
-`volume_id`, `truth_mask`).
+`volume_id`, `truth_mask`, `frame`: the frame of a 4-D volume file).
 
 `wsi` (TRIDENT's batch-CSV column) is accepted for `path` when there is no `path` column. Any other
 column is kept (`SlideRecord.extra`, `Manifest.extra_columns`) and reported once, as one warning:
@@ -28,7 +28,7 @@ from .errors import ManifestError
 from .names import name_problem, short_repr
 
 REQUIRED_COLUMNS = ("slide_id", "path", "patient_id", "label", "cohort")
-OPTIONAL_COLUMNS = ("mpp", "modality", "volume_id", "truth_mask")
+OPTIONAL_COLUMNS = ("mpp", "modality", "volume_id", "truth_mask", "frame")
 # A manifest of volumes may name its id column volume_id instead of slide_id.
 ID_COLUMNS = ("slide_id", "volume_id")
 # Column names read as another (only when that one is absent): TRIDENT calls the slide file `wsi`.
@@ -57,6 +57,7 @@ class SlideRecord:
     # The row's cells in columns the pipeline does not use, as (column, text) pairs (a tuple: the
     # record stays hashable); never a path or a name, only carried to exports.
     extra: tuple[tuple[str, str], ...] = ()
+    frame: int | None = None  # volumes: which frame (0-based) of a 4-D file (a time series) to read
 
     @property
     def extra_columns(self) -> dict[str, str]:
@@ -106,8 +107,13 @@ def open_csv(path: str | Path):
     return open(path, newline="", encoding="utf-8-sig")
 
 
-def load_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = False) -> Manifest:
-    """Parse and validate a manifest. Raises `ManifestError` listing every problem found."""
+def load_manifest(path: str | Path, *, require_labels: bool = False, check_files: bool = False,
+                  check_same_files: bool = False) -> Manifest:
+    """Parse and validate a manifest. Raises `ManifestError` listing every problem found.
+
+    `check_same_files`: two rows naming one image (a link, a copy) are a problem naming both rows
+    (wsi_pipeline.same_file; one stat per row). `validate-manifest`, `run` and every stage command
+    check it."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, [f"file not found: {path}"])
@@ -146,7 +152,7 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
     if not raw_rows:
         problems.append("no slide rows")
 
-    records, seen_ids, patient_cohort = [], {}, {}
+    records, seen_ids, patient_cohort, file_rows = [], {}, {}, []
     for i, row in enumerate(raw_rows, start=1):
         where = f"row {i}"
         if None in row:  # DictReader puts surplus cells under the key None
@@ -203,6 +209,8 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
         exists = slide_path.exists() if modality else slide_path.is_file()   # a DICOM series is a folder
         if check_files and row.get("path") and not exists:
             problems.append(f"{where}: {'volume' if modality else 'slide'} file not found: {slide_path}")
+        if row.get("path"):
+            file_rows.append((where, slide_path))
         truth_mask = None
         if row.get("truth_mask"):
             if not modality:
@@ -210,10 +218,23 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
             truth_mask = Path(row["truth_mask"])
             if not truth_mask.is_absolute():
                 truth_mask = (path.parent / truth_mask).resolve()
+        frame = None
+        if row.get("frame"):
+            if not modality:
+                problems.append(f"{where}: frame is for volume rows (a 4-D NIfTI file's time frame)")
+            elif not row["frame"].isdigit():
+                problems.append(f"{where}: frame must be a frame index 0, 1, 2 ... of the 4-D file, "
+                                f"got {row['frame']!r}")
+            else:
+                frame = int(row["frame"])
         records.append(SlideRecord(slide_id, slide_path, patient, label, cohort, mpp, i, modality, truth_mask,
-                                   tuple((c, row.get(c) or "") for c in extra)))
+                                   tuple((c, row.get(c) or "") for c in extra), frame))
 
     problems += mixed_cohort_problems(records)
+    if check_same_files:
+        from .same_file import same_file_problems
+
+        problems += same_file_problems(file_rows)
     if problems:
         raise ManifestError(path, problems)
     return Manifest(path, tuple(records), tuple(extra))

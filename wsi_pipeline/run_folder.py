@@ -138,9 +138,13 @@ class RunFolder:
             name = f"id-sha256-{hashlib.sha256(str(slide_id).encode()).hexdigest()[:16]}.json"
         return self.inside(self.root / "failures" / self.name(stage, "stage") / name)
 
-    def record_failure(self, stage: str, slide_id: str, error: str) -> None:
-        write_json_atomic(self._failure_file(stage, slide_id),
-                          {"slide_id": slide_id, "stage": stage, "error": error})
+    def record_failure(self, stage: str, slide_id: str, error: str, source: str | Path | None = None) -> None:
+        """`source`: the slide's file, whose identity then is in the record ("source": path, size,
+        mtime, or missing), so that a later run can tell a repaired slide from the one that failed."""
+        record = {"slide_id": slide_id, "stage": stage, "error": error}
+        if source is not None:
+            record["source"] = file_state(source)
+        write_json_atomic(self._failure_file(stage, slide_id), record)
 
     def clear_failure(self, stage: str, slide_id: str) -> None:
         self._failure_file(stage, slide_id).unlink(missing_ok=True)
@@ -162,3 +166,23 @@ class RunFolder:
         rows = [[r["slide_id"], r["stage"], r["error"]] for r in merged.values()]
         write_csv_atomic(path, ["slide_id", "stage", "error"], rows)
         return path
+
+
+def file_state(path: str | Path) -> dict:
+    """{"path", "size_bytes", "mtime_ns"} of a file (a folder: a DICOM series), or {"path",
+    "missing": True}: enough to see that a failed slide's file was replaced or fixed since."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except OSError:
+        return {"path": str(path), "missing": True}
+    return {"path": str(path), "size_bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def failure_still_applies(failure: dict, slide_path: str | Path) -> bool:
+    """Whether a tile/extract failure record still describes the manifest's slide: the same file,
+    unchanged (or still missing). A record from before sources were recorded counts as current."""
+    source = failure.get("source")
+    if not isinstance(source, dict):
+        return True
+    return source == file_state(slide_path)

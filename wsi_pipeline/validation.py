@@ -3,8 +3,11 @@ in them (wsi_pipeline.names) and the models they name (the encoder, MIL and segm
 
 `wsi-pipeline run` and the workflow's Snakefile call `validate_run_inputs`; every problem is listed
 at once (InputsError, exit 2), and nothing is created in the run folder or handed to a shell.
-The registry checks import torch (and timm for an encoder outside our registry), so the per-slide
-stage commands, which load the config once per job, keep to the cheap name checks.
+The registry checks import torch (and timm for an encoder outside our registry), so a stage command
+(`stage_problems`, called by stages/base.py before it writes any record) checks only the names of
+the sections it reads: extract its encoder, train its aggregator, per_model keys and labels (the
+same `label_problems` the train stage's preflight uses), segment its segmenter, detect and
+eval-detect their detector's files, train-detector its init_from; tile checks none.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from .names import name_problem
 
 
 def validate_run_inputs(manifest_path: str | Path, config_path: str | Path | None, *,
-                        model: str | None = None, model_key: str = "--model") -> tuple[Manifest, Config]:
+                        model: str | None = None, model_key: str = "--model",
+                        train: bool = True) -> tuple[Manifest, Config]:
     """Load and check a run's manifest and config (and the `model` override, if any, named
     `model_key` in messages); raise InputsError listing every problem. Missing slide files are not
-    problems here: a batch reports them per slide."""
+    problems here: a batch reports them per slide. With `train`, labels outside train.classes are
+    problems too (`label_problems`, which the train stage also runs)."""
     problems = []
     manifest = cfg = None
     try:
-        manifest = load_manifest(manifest_path)
+        manifest = load_manifest(manifest_path, check_same_files=True)
     except ManifestError as exc:
         problems += [f"manifest {exc.path}: {p}" for p in exc.problems]
     try:
@@ -41,6 +46,9 @@ def validate_run_inputs(manifest_path: str | Path, config_path: str | Path | Non
             model_ok = False
     if cfg is not None:
         problems += registry_problems(cfg, model=model if model_ok else None, model_key=model_key)
+        if manifest is not None and train and model_ok and not problems:
+            # Labels outside train.classes: the train stage would refuse each cohort's job later.
+            problems += label_problems(manifest, cfg, model=model, require=False)
         if manifest is not None and model_ok:
             problems += volume_model_problems(manifest, model or cfg.train.model,
                                               model_key if model else "train.model")
@@ -53,11 +61,90 @@ def registry_problems(cfg: Config, *, model: str | None = None, model_key: str =
     """The config's model names (train.model, or `model` given as --model; the keys of
     train.per_model; extract.encoder; segment.model) that no registry knows, each with the closest
     registered names."""
-    problems = [aggregator_problem(model, model_key) if model else aggregator_problem(cfg.train.model),
-                encoder_problem(cfg.extract.encoder), segmenter_problem(cfg.segment.model)]
-    # A misspelt per_model key would never apply its settings, silently: refused like train.model.
+    return [*train_model_problems(cfg, model=model, model_key=model_key),
+            *[p for p in (encoder_problem(cfg.extract.encoder), segmenter_problem(cfg.segment.model)) if p]]
+
+
+def train_model_problems(cfg: Config, *, model: str | None = None, model_key: str = "--model") -> list[str]:
+    """train.model (or `model`, named `model_key`) and every key of train.per_model against the MIL
+    registry: a misspelt per_model key would never apply its settings, silently."""
+    problems = [aggregator_problem(model, model_key) if model else aggregator_problem(cfg.train.model)]
     problems += [aggregator_problem(name, "train.per_model") for name in cfg.train.per_model]
     return [p for p in problems if p]
+
+
+def label_problems(manifest: Manifest, cfg: Config, *, model: str | None = None,
+                   cohorts: list[str] | None = None, require: bool = True) -> list[str]:
+    """Labels training cannot use, per row: outside train.classes (of `model`'s settings, per_model
+    applied); with `require`, empty. `wsi-pipeline run` and the train stage both refuse these
+    before anything is written."""
+    train = cfg.train.for_model(model or cfg.train.model)
+    wanted = None if cohorts is None else set(cohorts)
+    problems = []
+    by_cohort: dict[str, list] = {}
+    for r in manifest:
+        if wanted is None or r.cohort in wanted:
+            by_cohort.setdefault(r.cohort, []).append(r)
+    for cohort, records in sorted(by_cohort.items()):
+        unlabelled = sorted(r.slide_id for r in records if not r.label)
+        if unlabelled:
+            if require:
+                problems.append(f"cohort {cohort!r}: slide(s) without a label: {', '.join(unlabelled)}")
+            continue
+        classes = cohort_classes(records, train.classes)
+        for r in sorted(records, key=lambda r: r.slide_id):
+            if r.label not in classes:
+                problems.append(f"slide {r.slide_id!r} (cohort {cohort!r}, row {r.row}): label {r.label!r} "
+                                f"is not one of the classes {classes}")
+    return problems
+
+
+def cohort_classes(records, configured) -> list[str]:
+    """train.classes where set, else the cohort's sorted labels."""
+    return [str(c) for c in configured] or sorted({r.label for r in records})
+
+
+def stage_problems(stage, cfg: Config, manifest: Manifest, args) -> list[str]:
+    """What a single-stage command checks before it writes anything (stages/base.py `invoke`):
+    the registry names of the config sections the stage reads (as `wsi-pipeline run` checks
+    them), the labels for training, and the detector a detection stage needs."""
+    model = getattr(args, "model", None)
+    problems = []
+    if stage.name == "train":   # predict reads its model from --model-dir, not train.model
+        problems += train_model_problems(cfg, model=model)
+    if "extract" in stage.sections:
+        problems += [p for p in [encoder_problem(cfg.extract.encoder)] if p]
+    if "segment" in stage.sections:
+        problems += [p for p in [segmenter_problem(cfg.segment.model)] if p]
+    if stage.name == "train" and not problems:
+        problems += label_problems(manifest, cfg, model=model, cohorts=_split(getattr(args, "cohort", None)))
+    if stage.name in ("detect", "eval-detect"):
+        problems += detector_problems(Path(args.run), model or cfg.detect.train.detector)
+    if stage.name == "train-detector" and cfg.detect.train.init_from:
+        problems += checkpoint_folder_problems(Path(cfg.detect.train.init_from), "detect.train.init_from")
+    return problems
+
+
+def detector_problems(run_dir: Path, model: str) -> list[str]:
+    """A detection stage's detector: RUN/detect/{model}/model/ with weights and config.json."""
+    from .run_folder import RunFolder
+
+    folder = RunFolder(run_dir).detect_dir(model) / "model"
+    return checkpoint_folder_problems(folder, f"--model {model}")
+
+
+def checkpoint_folder_problems(folder: Path, key: str) -> list[str]:
+    """A detector checkpoint folder needs model.safetensors and config.json (loading it, later,
+    checks their contents)."""
+    missing = [n for n in ("model.safetensors", "config.json") if not (folder / n).is_file()]
+    if missing:
+        return [f"{key}: no detector checkpoint in {folder} (missing {', '.join(missing)}); "
+                f"train one with `wsi-pipeline train-detector`"]
+    return []
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
 def volume_model_problems(manifest: Manifest, model: str, key: str) -> list[str]:

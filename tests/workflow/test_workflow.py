@@ -149,7 +149,9 @@ def test_bad_slides_are_reported_and_the_others_finish(workflow_run, capsys):
     before = _outputs(run)
     assert main(args + ["--exclude-failed"]) == 0
     out = capsys.readouterr().out
-    assert "left out (--exclude-failed): BAD-001, MISS-001" in out and "was not trained" not in out
+    assert "left out (--exclude-failed): BAD-001, MISS-001" in out
+    assert "cohort 'other' was not trained: every slide of it failed before training" in out
+    assert "cohort 'demo' was not trained" not in out
     assert finished(_outputs(run)) == finished(before)
 
 

@@ -19,7 +19,7 @@ PIPELINE_CONFIG = os.path.abspath(config["pipeline_config"]) if config.get("pipe
 # config at once (rows and fields named), names that become paths and shell words (slide_id,
 # cohort, encoder, models: wsi_pipeline.names), and the model names against their registries.
 MANIFEST, CFG = validate_run_inputs(MANIFEST_PATH, PIPELINE_CONFIG or None, model=config.get("model") or None,
-                                    model_key="workflow config model")
+                                    model_key="workflow config model", train=bool(config.get("train", True)))
 
 # Then each row against the published row schema (manifests/schema.json), which says the same.
 _ROW_SCHEMA = os.path.join(workflow.basedir, "..", "manifests", "schema.json")
@@ -29,23 +29,26 @@ with open(MANIFEST_PATH, newline="", encoding="utf-8-sig") as _fh:
         # the other column names the row): not a value to validate.
         validate({k.strip(): v.strip() for k, v in _row.items()
                   if k is not None and isinstance(v, str)
-                  and not (k.strip() in ("mpp", "slide_id", "volume_id", "truth_mask") and v.strip() == "")},
+                  and not (k.strip() in ("mpp", "slide_id", "volume_id", "truth_mask", "frame") and v.strip() == "")},
                  _ROW_SCHEMA)
 
 
 def previously_failed():
     """Slides whose tile or extract job failed in an earlier run of this run folder (the stages'
-    failure records, RUN/failures/{stage}/{slide_id}.json; the working directory is RUN)."""
-    return sorted({os.path.basename(p)[: -len(".json")]
-                   for stage in ("tile", "extract")
-                   for p in glob.glob(os.path.join("failures", stage, "*.json"))})
+    failure records, RUN/failures/{stage}/{slide_id}.json; the working directory is RUN), and whose
+    record still describes the manifest's file: a slide fixed or replaced since is tried again."""
+    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.workflow_summary import excluded_failures
+
+    return excluded_failures(MANIFEST, RunFolder(".").failures())
 
 
 # exclude_failed: the user's explicit choice to go on without the slides that failed before, instead
 # of fixing them or removing them from the manifest. Without it, a failed slide keeps its cohort
-# from training (train needs every slide's features), and `wsi-pipeline run` says so.
-EXCLUDED = [s for s in previously_failed() if s in {r.slide_id for r in MANIFEST}] \
-    if config.get("exclude_failed", False) else []
+# from training (train needs every slide's features), and `wsi-pipeline run` says so. On a first
+# run the failures are known only after tile/extract: `wsi-pipeline run` then runs the workflow
+# once more, which leaves them out here.
+EXCLUDED = previously_failed() if config.get("exclude_failed", False) else []
 INCLUDED = [r for r in MANIFEST if r.slide_id not in EXCLUDED]
 SLIDES = {r.slide_id: r for r in INCLUDED}
 COHORTS = sorted({r.cohort for r in INCLUDED})
@@ -103,7 +106,8 @@ def stage_hash(name):
 
 def slide_row_hash(slide):
     r = SLIDES[slide]
-    return hashlib.sha256(f"{r.path}|{r.mpp}".encode()).hexdigest()[:16]
+    frame = f"|frame={r.frame}" if r.frame is not None else ""   # another frame: another volume
+    return hashlib.sha256(f"{r.path}|{r.mpp}{frame}".encode()).hexdigest()[:16]
 
 
 def cohort_slides(cohort):

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import PipelineError
@@ -40,7 +41,8 @@ def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> tup
         config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
         model = create_detector(config["detector"], n_classes=len(config["classes"]), **config.get("model_args", {}))
         model.load_state_dict(load_file(str(folder / WEIGHTS)))
-    except (KeyError, ValueError, RuntimeError, OSError, json.JSONDecodeError) as exc:
+    except (KeyError, ValueError, RuntimeError, OSError, json.JSONDecodeError, SafetensorError) as exc:
+        # SafetensorError: not a safetensors file (a pickle put in its place is never unpickled).
         raise PipelineError(f"detector checkpoint {folder} cannot be loaded: {type(exc).__name__}: {exc}") from None
     return model.to(device).eval(), config
 

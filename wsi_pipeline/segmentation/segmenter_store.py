@@ -73,6 +73,14 @@ def save_segmenter(model, model_dir: Path, meta: dict) -> None:
 def load_segmenter(cfg: Config, model_dir: Path, device):
     from safetensors.torch import load_model
 
+    from safetensors import SafetensorError
+
+    from ..errors import PipelineError
+
     model = build_segmenter(cfg)
-    load_model(model, str(model_dir / "model.safetensors"), device=str(device))
+    weights = model_dir / "model.safetensors"
+    try:
+        load_model(model, str(weights), device=str(device))
+    except (SafetensorError, RuntimeError, OSError) as exc:   # not safetensors (never unpickled), or another shape
+        raise PipelineError(f"segmenter checkpoint {weights} cannot be loaded: {type(exc).__name__}: {exc}") from None
     return model.to(device).eval()

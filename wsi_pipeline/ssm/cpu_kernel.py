@@ -9,7 +9,8 @@ Fused, the state stays in cache and each step is one sweep: 0.35-0.40 CPU-s for 
 Off by default: it needs a C compiler at run time. ``WSI_SSM_CPU_KERNEL=1`` turns it on; the first
 scan in a process then compiles the source below with ``$CC`` (else ``cc``) into a private temporary
 directory (mode 0700, removed after loading; ~0.2 s) and loads it with ctypes. Nothing is cached on
-disk, so parallel jobs never share or race on a build. If it cannot be built, a warning says why
+disk, so parallel jobs never share or race on a build. If it cannot be built or loaded (no
+compiler, a compile error, an unwritable or noexec temp dir, a broken library), one warning says why
 and the PyTorch scan runs, as it does for everything the kernel does not cover: tensors not on the
 CPU, dtypes other than fp32, input-independent (2-D) B or C.
 
@@ -242,11 +243,23 @@ def requested() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def load():
-    """The compiled library, or None (with one warning) when it cannot be built here."""
+    """The compiled library, or None (with one warning) when it cannot be built or loaded here:
+    no compiler, a compile error, a temp dir that cannot be written or is mounted noexec, a
+    library the loader refuses (a broken compiler's output) or that lacks the kernel's symbols.
+    Any of these falls back to the PyTorch scan; it never fails the caller's training."""
+    try:
+        return _build_and_load()
+    except Exception as exc:  # noqa: BLE001 — whatever the build or the loader raised: fall back
+        warnings.warn(f"{ENV_VAR}=1 but the scan kernel could not be loaded: {type(exc).__name__}: {exc}; "
+                      "using the PyTorch scan", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def _build_and_load():
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         warnings.warn(f"{ENV_VAR}=1 but no C compiler (cc, gcc or $CC) was found; using the PyTorch scan",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
         return None
     with tempfile.TemporaryDirectory(prefix="wsi_ssm_kernel_") as build:
         source, objects = os.path.join(build, "scan.c"), os.path.join(build, "scan.o")
@@ -265,7 +278,7 @@ def load():
             error = str(exc)
         if error is not None:
             warnings.warn(f"{ENV_VAR}=1 but the scan kernel did not compile ({compiler}): {error}; "
-                          "using the PyTorch scan", RuntimeWarning, stacklevel=2)
+                          "using the PyTorch scan", RuntimeWarning, stacklevel=3)
             return None
         lib = ctypes.CDLL(library)   # mapped in memory: the file can go with the directory
     p, i, c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

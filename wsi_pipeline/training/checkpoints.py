@@ -93,6 +93,7 @@ def load_fold_model(fold_dir: str | Path, device="cpu"):
 
     With input statistics in the weights file the model is an `InputStandardizer` around the
     aggregator (module docstring)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ..models.mil import create_aggregator, list_aggregators
@@ -124,6 +125,8 @@ def load_fold_model(fold_dir: str | Path, device="cpu"):
             if model.input_mean.shape[0] != int(meta["in_dim"]):
                 raise ValueError(f"input statistics of dimension {model.input_mean.shape[0]}, "
                                  f"in_dim {meta['in_dim']}")
+    except SafetensorError as exc:   # not a safetensors file (a pickle in its place is never unpickled)
+        raise PipelineError(f"{weights}: not a readable safetensors file ({exc}); rerun training") from None
     except (RuntimeError, OSError, ValueError) as exc:
         raise PipelineError(f"{weights}: weights do not fit aggregator {meta['model']!r}: {exc}") from None
     if not stats:

@@ -58,6 +58,7 @@ def cross_validate(manifest: Manifest, cfg: Config, run: RunFolder, features_run
 def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, features_run: RunFolder) -> list[dict]:
     """Check every input of every requested cohort; returns one plan per cohort or raises."""
     from ..models.mil import create_aggregator, list_aggregators
+    from ..validation import cohort_classes, label_problems
     from .splits import check_cohort_size
 
     train = cfg.train.for_model(model_name)
@@ -75,17 +76,12 @@ def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, featur
     encoder = cfg.extract.encoder
     for cohort in wanted:
         records = sorted((r for r in manifest if r.cohort == cohort), key=lambda r: r.slide_id)
-        unlabelled = [r.slide_id for r in records if not r.label]
-        if unlabelled:
-            problems.append(f"cohort {cohort!r}: slide(s) without a label: {', '.join(unlabelled)}")
+        # The same check `wsi-pipeline train` and `run` make before writing anything (validation.py).
+        cohort_labels = label_problems(manifest, cfg, model=model_name, cohorts=[cohort])
+        if cohort_labels:
+            problems += cohort_labels
             continue
-        classes = [str(c) for c in train.classes] or sorted({r.label for r in records})
-        outside = [r for r in records if r.label not in classes]
-        for r in outside:
-            problems.append(f"slide {r.slide_id!r} (cohort {cohort!r}): label {r.label!r} is not one of "
-                            f"the classes {classes}")
-        if outside:
-            continue
+        classes = cohort_classes(records, train.classes)
         if len(classes) < 2:
             problems.append(f"cohort {cohort!r}: only one class ({classes[0]!r}); training needs >= 2 "
                             f"(set train.classes or add slides of another class)")

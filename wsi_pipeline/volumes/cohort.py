@@ -47,7 +47,7 @@ def extract_volumes(manifest: Manifest, run: RunFolder, encoder_name: str, check
             run.clear_failure("extract", record.slide_id)
         except (PipelineError, ValueError, OSError) as exc:
             failed[record.slide_id] = str(exc)
-            run.record_failure("extract", record.slide_id, str(exc))
+            run.record_failure("extract", record.slide_id, str(exc), source=record.path)
             log.error("extract %s failed: %s", record.slide_id, exc)
     return failed
 

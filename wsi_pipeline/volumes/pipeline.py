@@ -19,6 +19,7 @@ import numpy as np
 from ..coords_h5 import write_instance_coords_h5
 from ..features_h5 import read_features_h5, write_features_h5
 from ..run_folder import RunFolder
+from .checks import load_truth_mask
 from .explain import (axial_montage, cam_mask, dice, heatmap_peak_vox, instance_heatmap, smooth_heatmap, to_source_grid,
                       write_nifti)
 from .instances import VolumeInstanceParams, encode_instances, prepare, volume_instances
@@ -28,7 +29,7 @@ from .readers import open_volume
 def extract_volume(record, run: RunFolder, encoder, encoder_name: str,
                    params: VolumeInstanceParams = VolumeInstanceParams()) -> Path:
     """Instances and features of one manifest row with a modality; returns the features.h5 path."""
-    volume = open_volume(record.path, volume_id=record.slide_id, modality=record.modality)
+    volume = open_volume(record.path, volume_id=record.slide_id, modality=record.modality, frame=record.frame)
     instances = volume_instances(volume, params)
     attrs = instances.attrs()
     config_hash = f"{params.config_hash()}-{encoder.weights_sha256[:12]}-{encoder_name}"
@@ -62,9 +63,13 @@ def explain_volume(record, run: RunFolder, models, model_name: str, encoder_name
     `smooth`: Gaussian-smooth the box-painted map at half the instance lattice step (explain.py)."""
     from ..training.inference import ensemble_predict
 
+    volume = open_volume(record.path, volume_id=record.slide_id, modality=record.modality, frame=record.frame)
+    # The truth mask is checked before anything is written: on another grid its Dice means nothing.
+    truth = None
+    if truth_path is not None and Path(truth_path).is_file():
+        truth = load_truth_mask(volume, truth_path)
     features, coords, attrs = read_features_h5(run.features_h5(encoder_name, record.slide_id))
     result = ensemble_predict(models, features, coords)
-    volume = open_volume(record.path, volume_id=record.slide_id, modality=record.modality)
     grid, _, _ = prepare(volume, params)
     if not np.allclose(grid.affine, np.asarray(attrs["affine"])):
         raise ValueError(f"{record.slide_id}: the volume's grid differs from its features.h5 (re-extract)")
@@ -82,10 +87,7 @@ def explain_volume(record, run: RunFolder, models, model_name: str, encoder_name
                             volume.source_affine, dtype=np.uint8)
     peak = heatmap_peak_vox(heat)
     in_lesion = score = None
-    if truth_path is not None and Path(truth_path).is_file():
-        import nibabel as nib
-
-        truth = np.asarray(nib.load(str(truth_path)).dataobj) > 0
+    if truth is not None:
         if truth.any():
             in_lesion = bool(truth[peak])
             score = dice(mask, truth)

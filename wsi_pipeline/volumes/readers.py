@@ -9,7 +9,8 @@ Every problem is a one-line `VolumeError` naming the volume and file: unreadable
 (or one slice) where a volume is expected, missing or non-positive spacing, header spacing that
 disagrees with the affine, a 4-D file without a chosen frame, several series in one folder,
 unequal slice spacing, slices of different size or orientation, a series whose DICOM Modality is
-not the manifest's.
+not the manifest's. A NIfTI file whose intensities do not fit the manifest's modality (HU for CT)
+gets a warning (checks.py). A 4-D file's frame is the manifest's `frame` column.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import modality_warning
 from .volume import MODALITIES, Volume, VolumeError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -77,9 +79,11 @@ def read_nifti(path: str | Path, *, volume_id: str | None = None, modality: str 
         raise VolumeError(volume_id, f"{path} has {len(shape)} dimensions {shape}; only 3-D (or 4-D with a frame) is read")
     if len(shape) == 4:
         if frame is None:
-            raise VolumeError(volume_id, f"{path} is 4-D {shape} ({shape[3]} frames): choose one frame")
+            raise VolumeError(volume_id, f"{path} is 4-D {shape} ({shape[3]} frames): choose one frame with "
+                                         f"the manifest's `frame` column (0..{shape[3] - 1}) on this row")
         if not 0 <= frame < shape[3]:
-            raise VolumeError(volume_id, f"{path}: frame {frame} out of range (0..{shape[3] - 1})")
+            raise VolumeError(volume_id, f"{path}: frame {frame} (the manifest's `frame` column) out of range "
+                                     f"(0..{shape[3] - 1})")
         image = image.slicer[..., frame]
     if min(image.shape) == 1:
         raise VolumeError(volume_id, f"{path} is a 2-D image {image.shape}, a volume is expected")
@@ -99,6 +103,7 @@ def read_nifti(path: str | Path, *, volume_id: str | None = None, modality: str 
     data = np.asarray(canonical.get_fdata(dtype=np.float32))
     if not np.isfinite(data).all():
         raise VolumeError(volume_id, f"{path}: non-finite voxel values")
+    modality_warning(volume_id, data, modality, path)   # NIfTI says no modality: the intensities do
     return Volume(volume_id, data, np.asarray(canonical.affine, dtype=np.float64), modality,
                   tuple(int(n) for n in image.shape[:3]), np.asarray(image.affine, dtype=np.float64), path,
                   meta={"source_axcodes": "".join(nib.aff2axcodes(image.affine))})

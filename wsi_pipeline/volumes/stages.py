@@ -84,7 +84,7 @@ def tile_volume(record, cfg, run: RunFolder, *, force: bool = False) -> str:
         log.warning("volume %r: re-tiling: the scan changed since it was tiled (%s)", record.slide_id,
                     identity.difference(recorded) or "content fingerprint differs")
         out.unlink(missing_ok=True)
-    volume = open_volume(record.path, volume_id=record.slide_id, modality=record.modality)
+    volume = open_volume(record.path, volume_id=record.slide_id, modality=record.modality, frame=record.frame)
     instances = volume_instances(volume, cfg.volumes.instance_params())
     run.tiles_dir.mkdir(parents=True, exist_ok=True)
     write_instance_coords_h5(out, instances.coords, instances.body_fraction,
@@ -126,7 +126,7 @@ def extract_volume(extractor, record, *, force: bool = False) -> str:
     config_hash = extractor.config_hash(str(cattrs["config_hash"]), tiled_from.fingerprint)
     if not force and features_h5_is_valid(out, config_hash, coords):
         return "skipped"
-    volume = open_volume(record.path, volume_id=record.slide_id, modality=record.modality)
+    volume = open_volume(record.path, volume_id=record.slide_id, modality=record.modality, frame=record.frame)
     grid, channels, body = prepare(volume, params)
     if grid.shape != tuple(int(v) for v in cattrs["grid_shape"]) or not np.allclose(grid.affine, cattrs["affine"]):
         raise VolumeError(record.slide_id, f"the resampled grid differs from {coords_path}: re-run the tile stage")
