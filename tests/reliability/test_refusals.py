@@ -239,11 +239,7 @@ train: {model: abmil, folds: 2, epochs: 1, patience: 1, bootstrap: 10,
 @pytest.fixture(scope="module")
 def small_cohort(make_slide, tmp_path_factory):
     """Four good slides (two patients per class) in cohort demo, one broken slide in demo and one
-    in cohort solo; a tiny config; a fresh run folder whose good slides are already tiled and
-    extracted in-process (Python API: the workflow then runs only the jobs these tests are about)."""
-    from stages import get_stage
-    from wsi_pipeline.config import load_config
-
+    in cohort solo; a tiny config."""
     root = tmp_path_factory.mktemp("exclude_failed")
     good = [make_slide(f"xf_{i}", width_px=1024, height_px=768, positive=i % 2 == 1, seed=40 + i) for i in range(4)]
     (root / "BAD.svs").write_bytes(b"II*\x00" + bytes(3000))          # a truncated TIFF
@@ -253,18 +249,61 @@ def small_cohort(make_slide, tmp_path_factory):
     manifest = write_manifest(root, rows)
     config = root / "tiny.yaml"
     config.write_text(WORKFLOW_CONFIG)
-    run, cfg = root / "run", load_config(config)
-    good_rows = load_manifest(manifest).select([f"G{i}" for i in range(4)])
-    for stage in ("tile", "extract"):
-        assert get_stage(stage).run(good_rows, cfg, run, progress=False).ok
-    return root, manifest, config, run
+    return root, manifest, config
 
 
-def test_exclude_failed_on_a_fresh_run_trains_the_cohort_and_says_why_another_was_not(small_cohort, capsys):
+def _tile(manifest, config, run, slides) -> int:
+    return main(["tile", "--manifest", str(manifest), "--config", str(config), "--out", str(run),
+                 "--slides", slides, "--no-progress"])
+
+
+def test_exclude_failed_runs_the_workflow_again_once_failures_are_known(small_cohort, tmp_path, monkeypatch,
+                                                                        capsys):
+    """Snakemake replaced by a stand-in (as in test_run_lock.py) whose first pass does what the
+    workflow's tile jobs do on this manifest: the real tile stage fails BAD and SOLO and records it."""
+    import stages.run as run_stage
+
+    root, manifest, config = small_cohort
+    run = tmp_path / "run"
+    calls = []
+
+    def snakemake(cmd, *args, **kwargs):
+        known = sorted(p.stem for p in (run / "failures" / "tile").glob("*.json"))
+        calls.append(known)
+        if not known:                        # the fresh run: the tile jobs fail, Snakemake exits 1
+            assert _tile(manifest, config, run, "BAD,SOLO") == 1
+            return 1
+        return 0
+
+    monkeypatch.setattr(run_stage.subprocess, "call", snakemake)
+    args = ["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run), "--exclude-failed"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    # The second pass starts with both failures on record: common.smk leaves them out of it.
+    assert calls == [[], ["BAD", "SOLO"]]
+    assert "--exclude-failed: BAD, SOLO failed before training; running the workflow again" in out
+    assert "left out (--exclude-failed): BAD, SOLO" in out
+    assert "cohort 'solo' was not trained: every slide of it failed before training" in out
+    # Known failures, nothing new: one pass.
+    calls.clear()
+    assert main(args) == 0 and calls == [["BAD", "SOLO"]]
+
+
+@pytest.mark.slow
+def test_exclude_failed_on_a_fresh_run_trains_the_cohort_and_says_why_another_was_not(small_cohort, tmp_path,
+                                                                                      capsys):
+    """The real workflow (~25 CPU-s: two Snakemake passes, two tile jobs, one train job). The good
+    slides are tiled and extracted in-process first, so only the jobs this is about run."""
     import csv
 
-    root, manifest, config, run = small_cohort
-    assert not (run / "failures").exists() and not (run / "mil").exists()     # nothing failed before
+    from stages import get_stage
+    from wsi_pipeline.config import load_config
+
+    root, manifest, config = small_cohort
+    run = tmp_path / "run"
+    good_rows = load_manifest(manifest).select([f"G{i}" for i in range(4)])
+    for stage in ("tile", "extract"):
+        assert get_stage(stage).run(good_rows, load_config(config), run, progress=False).ok
     args = ["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run), "--cores", "2",
             "--no-heatmaps", "--exclude-failed"]
     assert main(args) == 0
@@ -275,7 +314,7 @@ def test_exclude_failed_on_a_fresh_run_trains_the_cohort_and_says_why_another_wa
     assert "cohort 'solo' was not trained: every slide of it failed before training" in out
 
 
-def test_exclude_failed_tries_a_repaired_slide_again(small_cohort, make_slide):
+def test_exclude_failed_tries_a_repaired_slide_again(small_cohort, make_slide, tmp_path):
     """What the workflow leaves out (common.smk asks `excluded_failures`): a slide whose failure
     record still describes its file; once the file is fixed or replaced, the slide is tried again."""
     import shutil
@@ -283,15 +322,19 @@ def test_exclude_failed_tries_a_repaired_slide_again(small_cohort, make_slide):
     from wsi_pipeline.run_folder import RunFolder
     from wsi_pipeline.workflow_summary import excluded_failures
 
-    root, manifest, config, run = small_cohort
-    if not (run / "failures" / "tile" / "BAD.json").is_file():      # run alone: make the failure record
-        assert main(["tile", "--manifest", str(manifest), "--config", str(config), "--out", str(run),
-                     "--slides", "BAD,SOLO", "--no-progress"]) == 1
+    root, manifest, config = small_cohort
+    run = tmp_path / "run"
+    assert _tile(manifest, config, run, "BAD,SOLO") == 1
     records = load_manifest(manifest)
     assert excluded_failures(records, RunFolder(run).failures()) == ["BAD", "SOLO"]
-    shutil.copyfile(make_slide("xf_fixed", width_px=1024, height_px=768, positive=True, seed=60), root / "BAD.svs")
-    assert excluded_failures(records, RunFolder(run).failures()) == ["SOLO"]     # BAD is tiled again
+    fixed = root / "fixed"
+    fixed.mkdir()
+    shutil.copyfile(root / "BAD.svs", fixed / "BAD.svs")          # keep the broken one for other tests
+    repaired = fixed / "manifest.csv"
+    repaired.write_text(manifest.read_text().replace(str(root / "BAD.svs"), str(fixed / "BAD.svs")))
+    shutil.copyfile(make_slide("xf_fixed", width_px=1024, height_px=768, positive=True, seed=60), fixed / "BAD.svs")
+    records = load_manifest(repaired)
+    assert excluded_failures(records, RunFolder(run).failures()) == ["SOLO"]     # BAD is tried again
     # The repaired slide passes tile: its failure record goes, it trains with its cohort.
-    assert main(["tile", "--manifest", str(manifest), "--config", str(config), "--out", str(run),
-                 "--slides", "BAD", "--no-progress"]) == 0
+    assert _tile(repaired, config, run, "BAD") == 0
     assert not (run / "failures" / "tile" / "BAD.json").exists()
