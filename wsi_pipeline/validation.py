@@ -112,7 +112,7 @@ def stage_problems(stage, cfg: Config, manifest: Manifest, args) -> list[str]:
     problems = []
     if stage.name == "train":   # predict reads its model from --model-dir, not train.model
         problems += train_model_problems(cfg, model=model)
-    if "extract" in stage.sections:
+    if stage.name == "extract":  # the stages after it read features by the encoder's folder name only
         problems += [p for p in [encoder_problem(cfg.extract.encoder)] if p]
     if "segment" in stage.sections:
         problems += [p for p in [segmenter_problem(cfg.segment.model)] if p]

@@ -44,7 +44,11 @@ def _write_rows(path, header, rows):
 def slides(tmp_path_factory):
     """Three 128 × 128 px slides (0.5 µm/px) of patients PA, PA, PB."""
     folder = tmp_path_factory.mktemp("annot_slides")
-    paths = {sid: write_slide(folder / f"{sid}.tiff", dot_image(SIDE_PX, SIDE_PX, DOTS)) for sid in ("S1", "S2", "S3")}
+    paths = {}
+    for i, sid in enumerate(("S1", "S2", "S3")):
+        rgb = dot_image(SIDE_PX, SIDE_PX, DOTS)
+        rgb[-1, -1] = 240 - i  # one corner pixel apart: three images, not one image under three ids
+        paths[sid] = write_slide(folder / f"{sid}.tiff", rgb)
     return paths
 
 
