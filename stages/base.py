@@ -206,6 +206,9 @@ def _records_kept_if_refused(run_dir: Path, stages: list[str | None]):
         raise
 
 
+SPLITTING_STAGES = ("train", "train-detector")
+
+
 def invoke(stage: Stage, args: argparse.Namespace) -> int:
     """`wsi-pipeline {stage.name} ...`: the stage's `run` on the inputs the arguments name."""
     from wsi_pipeline.config import save_resolved_config
@@ -217,9 +220,11 @@ def invoke(stage: Stage, args: argparse.Namespace) -> int:
     if stage.check_args is not None:
         stage.check_args(args)
     cfg = stage.config(args)
-    # A workflow job names its slide (--slides): `run` checked the whole manifest's files already.
+    # One image under two ids matters where slides are split into training and test (train, and
+    # `run` / validate-manifest, which check the whole manifest); a workflow job names its slide
+    # (--slides) and `run` checked the manifest's files already.
     manifest = load_manifest(args.manifest, require_labels=stage.require_labels,
-                             check_same_files=not getattr(args, "slides", None))
+                             check_same_files=stage.name in SPLITTING_STAGES and not getattr(args, "slides", None))
     if getattr(args, "exclude_slides", None):
         manifest = manifest.without(split_list(args.exclude_slides))
     if getattr(args, "slides", None):

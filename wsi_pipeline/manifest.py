@@ -210,7 +210,7 @@ def load_manifest(path: str | Path, *, require_labels: bool = False, check_files
         if check_files and row.get("path") and not exists:
             problems.append(f"{where}: {'volume' if modality else 'slide'} file not found: {slide_path}")
         if row.get("path"):
-            file_rows.append((where, slide_path))
+            file_rows.append((where, slide_path, (row.get("patient_id") or "").strip()))
         truth_mask = None
         if row.get("truth_mask"):
             if not modality:

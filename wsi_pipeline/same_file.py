@@ -18,14 +18,19 @@ from pathlib import Path
 
 def same_file_problems(rows) -> list[str]:
     """One line per row whose file is the file of an earlier row: `rows` is [(where, path)] with
-    `where` the row's description ('row 3 (slide_id 'B')'); missing paths are skipped (the
+    `where` the row's description ('row 3 (slide_id 'B')'), optionally followed by the row's patient:
+    two rows of one named patient always fall in the same patient-level fold, so one file under
+    both cannot reach training and test and is not a problem. Missing paths are skipped (the
     manifest reports those itself), and so are empty files (no image to duplicate)."""
     from .slides.identity import file_fingerprint
 
     by_inode: dict[tuple[int, int], tuple[str, Path]] = {}
     by_size: dict[int, list[tuple[str, Path]]] = {}
     problems = []
-    for where, path in rows:
+    patient_of = {}
+    for row in rows:
+        where, path = row[0], row[1]
+        patient_of[where] = row[2] if len(row) > 2 else ""
         try:
             stat = os.stat(path)
         except OSError:
@@ -35,6 +40,8 @@ def same_file_problems(rows) -> list[str]:
         key = (stat.st_dev, stat.st_ino)
         if key in by_inode:
             first_where, first_path = by_inode[key]
+            if _same_patient(patient_of, where, first_where):
+                continue
             problems.append(f"{where}: {path} is the same file as {first_path} of {first_where} (a link or "
                             f"another spelling of its path): one image under two ids could be in "
                             f"training and test")
@@ -53,8 +60,14 @@ def same_file_problems(rows) -> list[str]:
                 continue
             if fingerprint in seen:
                 first_where, first_path = seen[fingerprint]
+                if _same_patient(patient_of, where, first_where):
+                    continue
                 problems.append(f"{where}: {path} has the same content as {first_path} of {first_where} "
                                 f"(a copy): one image under two ids could be in training and test")
             else:
                 seen[fingerprint] = (where, path)
     return problems
+
+
+def _same_patient(patient_of: dict, a: str, b: str) -> bool:
+    return bool(patient_of.get(a)) and patient_of.get(a) == patient_of.get(b)

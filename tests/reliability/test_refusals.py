@@ -154,10 +154,13 @@ def test_one_image_under_two_ids_is_refused_naming_both_rows(tmp_path, slide_pat
     err = capsys.readouterr().err
     line = next(l for l in err.splitlines() if "row 3" in l)
     assert "'C'" in line and "row 1 (slide_id 'A')" in line and str(twin) in line
-    # Every stage's manifest check: the tile stage refuses it before writing anything.
+    # The stages that split slides into training and test refuse it before writing anything.
     run = tmp_path / "run"
-    assert main(["tile", "--manifest", str(manifest), "--out", str(run)]) == 2
+    assert main(["train", "--manifest", str(manifest), "--features", str(run)]) == 2
     assert "row 1 (slide_id 'A')" in capsys.readouterr().err and not run.exists()
+    # Under one patient both rows fall in the same patient-level fold: no leak, accepted.
+    same_patient = write_manifest(tmp_path, [rows[0], rows[1], rows[2].replace(",P3,", ",P1,")], "same.csv")
+    assert main(["validate-manifest", str(same_patient)]) == 0
 
 
 def test_model_files_get_the_mode_of_other_outputs(tmp_path):

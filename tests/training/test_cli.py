@@ -70,7 +70,7 @@ def test_train_out_alias_and_errors(cohort, tmp_path, capsys):
 
     code = main(["train", "--manifest", str(manifest_path), "--features", str(run_dir), "--config", str(config),
                  "--model", "no_such_mil", "--no-progress"])
-    assert code == 2 and "error: unknown model 'no_such_mil'" in capsys.readouterr().err
+    assert code == 2 and "unknown MIL aggregator 'no_such_mil'" in capsys.readouterr().err
     code = main(["train", "--manifest", str(manifest_path), "--features", str(run_dir), "--folds", "1"])
     assert code == 2 and "train.folds: must be >= 2" in capsys.readouterr().err
     code = main(["predict", "--manifest", str(manifest_path), "--run", str(run_dir), "--model-dir",
