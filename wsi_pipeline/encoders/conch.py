@@ -30,7 +30,21 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(b, length, heads, width // heads).transpose(1, 2)
 
 
-class AttentionalPooler(nn.Module):
+class _QueryPooler(nn.Module):
+    """What both CONCH poolers share: `n_queries` learned queries of width d_model (LayerNorm-ed)
+    over LayerNorm-ed tokens of width context_dim, in `n_head` heads."""
+
+    def __init__(self, d_model: int, context_dim: int, n_head: int, n_queries: int):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model {d_model} is not divisible by {n_head} heads")
+        self.n_head = n_head
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.ln_q = nn.LayerNorm(d_model)
+        self.ln_k = nn.LayerNorm(context_dim)
+
+
+class AttentionalPooler(_QueryPooler):
     """CoCa's attentional pooler (CONCH v1): `n_queries` learned queries attend over the tokens.
 
     Queries and tokens are LayerNorm-ed; the attention is multi-head with separate query (d_model)
@@ -41,13 +55,7 @@ class AttentionalPooler(nn.Module):
     """
 
     def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1):
-        super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"d_model {d_model} is not divisible by {n_head} heads")
-        self.n_head = n_head
-        self.query = nn.Parameter(torch.randn(n_queries, d_model))
-        self.ln_q = nn.LayerNorm(d_model)
-        self.ln_k = nn.LayerNorm(context_dim)
+        super().__init__(d_model, context_dim, n_head, n_queries)
         self.attn = nn.Module()
         self.attn.q_proj_weight = nn.Parameter(torch.empty(d_model, d_model))
         self.attn.k_proj_weight = nn.Parameter(torch.empty(d_model, context_dim))
@@ -69,19 +77,13 @@ class AttentionalPooler(nn.Module):
         return self.attn.out_proj(out)
 
 
-class PerceiverAttentionalPooler(nn.Module):
+class PerceiverAttentionalPooler(_QueryPooler):
     """CONCH v1.5's pooler: LayerNorm-ed queries and tokens, bias-free `to_q`, fused `to_kv` and
     `to_out` projections, softmax(q k^T / sqrt(Dh)) v over `n_head` heads.
     (B, N, context_dim) -> (B, n_queries, d_model)."""
 
     def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1):
-        super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"d_model {d_model} is not divisible by {n_head} heads")
-        self.n_head = n_head
-        self.query = nn.Parameter(torch.randn(n_queries, d_model))
-        self.ln_k = nn.LayerNorm(context_dim)
-        self.ln_q = nn.LayerNorm(d_model)
+        super().__init__(d_model, context_dim, n_head, n_queries)
         self.to_q = nn.Linear(d_model, d_model, bias=False)
         self.to_kv = nn.Linear(context_dim, 2 * d_model, bias=False)
         self.to_out = nn.Linear(d_model, d_model, bias=False)
