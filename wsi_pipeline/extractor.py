@@ -34,7 +34,6 @@ from .config import Config
 from .coords_h5 import coords_h5_is_valid, magnification_attrs, read_coords_h5
 from .errors import PipelineError, SlideError
 from .features_h5 import features_h5_is_valid, write_features_h5
-from .io import sha256_file
 from .manifest import SlideRecord
 from .run_folder import RunFolder
 from .slides import open_slide
@@ -60,9 +59,15 @@ def weights_identity(checkpoint: str | None, encoder: str | None = None) -> str:
     if checkpoint == "random" or checkpoint.startswith("hf-hub:"):
         return checkpoint
     path = Path(checkpoint)
-    if not path.is_file():
+    if not path.exists():
         raise PipelineError(f"extract.checkpoint: file not found: {path}")
-    return sha256_file(path)
+    from .encoders.weights import checkpoint_sha256
+
+    # A file, or a model-hub snapshot folder (hashed as create_encoder records it in features.h5).
+    try:
+        return checkpoint_sha256(path)
+    except PipelineError as exc:
+        raise PipelineError(f"extract.checkpoint: {exc}") from None
 
 
 def _encoder_version(name: str) -> int:

@@ -7,6 +7,8 @@ import json
 import re
 
 import pytest
+
+from wsi_pipeline.errors import PipelineError
 import timm
 import torch
 from safetensors.torch import save_file
@@ -178,6 +180,15 @@ def test_snapshot_folder_end_to_end_through_create_encoder(tmp_path, vits8_file)
     assert encoder.weights_sha256 == checkpoint_sha256(vits8_file)
     # The file's (zero) tensors are in the model, not timm's random init.
     assert all(not v.any() for v in encoder.model.state_dict().values() if v.is_floating_point())
+    # The extract stage accepts the folder too (it hashed only files) and hashes it as the encoder
+    # records it, so features.h5 and the config hash name the same weights.
+    from wsi_pipeline.extractor import weights_identity
+
+    assert weights_identity(str(folder), "kaiko_vits8") == encoder.weights_sha256
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PipelineError, match=r"^extract\.checkpoint: checkpoint folder .*empty"):
+        weights_identity(str(empty), "kaiko_vits8")
 
 
 class TrainingArgs:  # what training scripts store next to the weights
