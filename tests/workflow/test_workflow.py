@@ -1,13 +1,15 @@
-"""The real Snakemake workflow on a tiny generated cohort: full run, no-op rerun, per-slide resume,
-bad slides reported while the others finish, and the SLURM profile's plan (dry run)."""
+"""The real Snakemake workflow on a tiny generated cohort: full run, no-op rerun, per-slide resume
+(while bad slides are reported and the others finish), --exclude-failed. The SLURM profile's plan
+is in test_slurm_plan.py, its real cluster run in test_slurm.py.
+
+One module fixture, one run folder, tests in order: each rerun costs a whole Snakemake pass, so every
+test checks as much as its pass shows (the suite has a 5-minute budget)."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,16 +38,28 @@ heatmap:
   exports: [png, geojson]
   top_k: 2
 segment:
-  work_mpp: 4.0
-  mask_mpp: 4.0
+  model_args: {dims: [8, 16], depths: [1, 1]}
+  work_mpp: 8.0
+  mask_mpp: 8.0
   epochs: 2
   steps_per_epoch: 2
   batch_size: 2
   crop_px: 32
-  window_px: 64
+  window_px: 32
   min_lesion_area_um2: 0
   device: cpu
 """
+
+
+# Tiny slides: the rules that take every core (extract, train, segment) would run one at a time while
+# their jobs mostly start up; one thread each lets two run side by side. Snakemake words, after `--`.
+ONE_THREAD_EACH = ["--set-threads", "extract=1", "train=1", "segment=1"]
+
+
+def _with(args: list[str], *flags: str) -> list[str]:
+    """`args` with wsi-pipeline flags added before the Snakemake words."""
+    cut = args.index("--")
+    return args[:cut] + list(flags) + args[cut:]
 
 
 def _outputs(run: Path) -> dict[str, float]:
@@ -65,7 +79,7 @@ def workflow_run(tmp_path_factory):
     config.write_text(TINY_CONFIG)
     run = root / "run"
     args = ["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run), "--cores", "2",
-            "--segment"]
+            "--segment", "--", *ONE_THREAD_EACH]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = main(args)
@@ -102,21 +116,6 @@ def test_second_run_does_nothing(workflow_run):
     assert _outputs(run) == before
 
 
-def test_deleting_one_slides_features_reruns_only_its_chain(workflow_run):
-    run = workflow_run["run"]
-    before = _outputs(run)
-    target = run / "features" / "resnet18" / "DEMO-002.h5"
-    target.unlink()
-    assert main(workflow_run["args"]) == 0
-    after = _outputs(run)
-    assert target.is_file()
-    changed = {k for k in after if after[k] != before.get(k)}
-    assert "features/resnet18/DEMO-002.h5" in changed
-    # No other slide was tiled or extracted again.
-    assert not any(k.startswith("tiles/") for k in changed)
-    assert [k for k in changed if k.startswith("features/")] == ["features/resnet18/DEMO-002.h5"]
-
-
 def test_bad_slides_are_reported_and_the_others_finish(workflow_run, capsys):
     root, run = workflow_run["root"], workflow_run["run"]
     cohort = root / "cohort"
@@ -125,13 +124,21 @@ def test_bad_slides_are_reported_and_the_others_finish(workflow_run, capsys):
     rows = Path(workflow_run["manifest"]).read_text().rstrip("\n").splitlines()
     rows += ["BAD-001,slides/BAD-001.svs,P900,tumor,other", "MISS-001,slides/missing.svs,P901,normal,other"]
     bad_manifest.write_text("\n".join(rows) + "\n")
-    # One good slide has lost its features too: it must still be redone despite the bad ones.
-    (run / "features" / "resnet18" / "DEMO-000.h5").unlink()
+    # One good slide has lost its features too: it must still be redone despite the bad ones, and
+    # only its chain: no other slide is tiled or extracted again.
+    target = run / "features" / "resnet18" / "DEMO-000.h5"
+    target.unlink()
+    before = _outputs(run)
 
     args = list(workflow_run["args"])
     args[args.index("--manifest") + 1] = str(bad_manifest)
     assert main(args) != 0
-    assert (run / "features" / "resnet18" / "DEMO-000.h5").is_file()
+    assert target.is_file()
+    after = _outputs(run)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert not any(k.startswith("tiles/") for k in changed)
+    assert [k for k in changed if k.startswith("features/")] == ["features/resnet18/DEMO-000.h5"]
+    assert "mil/abmil/demo/metrics.json" in changed  # its cohort is trained again with the new features
     failures = {r["slide_id"]: r for r in csv.DictReader(open(run / "failures.csv"))}
     assert set(failures) == {"BAD-001", "MISS-001"}
     assert "cannot open" in failures["BAD-001"]["error"]
@@ -147,7 +154,7 @@ def test_bad_slides_are_reported_and_the_others_finish(workflow_run, capsys):
         return {k: v for k, v in outputs.items() if k.split("/")[0] in ("tiles", "features", "mil")}
 
     before = _outputs(run)
-    assert main(args + ["--exclude-failed"]) == 0
+    assert main(_with(args, "--exclude-failed")) == 0
     out = capsys.readouterr().out
     assert "left out (--exclude-failed): BAD-001, MISS-001" in out
     assert "cohort 'other' was not trained: every slide of it failed before training" in out
@@ -172,18 +179,6 @@ def test_exclude_failed_trains_a_cohort_without_its_failed_slide(workflow_run, c
     assert "cohort 'demo' was not trained: BAD-002 failed before training" in capsys.readouterr().out
     assert metrics.stat().st_mtime_ns == trained
     # Left out, the cohort's slides are those it was trained on: nothing to redo.
-    assert main(args + ["--exclude-failed"]) == 0
+    assert main(_with(args, "--exclude-failed")) == 0
     assert metrics.stat().st_mtime_ns == trained
     assert "BAD-002" not in {r["slide_id"] for r in csv.DictReader(open(metrics.parent / "predictions.csv"))}
-
-
-def test_slurm_profile_dry_run_plans_gpu_jobs(workflow_run, tmp_path):
-    pytest.importorskip("snakemake_executor_plugin_slurm")
-    cmd = [sys.executable, "-m", "wsi_pipeline.cli", "run", "--manifest", str(workflow_run["manifest"]),
-           "--config", str(workflow_run["config"]), "--out", str(tmp_path / "run"),
-           "--profile", "slurm", "--dry-run"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    text = result.stdout + result.stderr
-    assert "slurm_partition=gpu" in text and "rule extract" in text
-    assert "Job stats" in text
