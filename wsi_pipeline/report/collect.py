@@ -99,7 +99,16 @@ def _fold_number(name: str) -> int:
 
 
 def failures(run: Path) -> list[dict]:
-    return read_csv(run / "failures.csv")
+    """slide_id, stage, error of every failure: the per-slide records under RUN/failures/ (current
+    while the workflow still runs) and RUN/failures.csv (which `wsi-pipeline run` rebuilds)."""
+    from ..run_folder import RunFolder
+
+    merged = {(r.get("stage"), r.get("slide_id")): r for r in read_csv(run / "failures.csv")}
+    for r in RunFolder(run).failures():
+        if isinstance(r, dict):
+            merged[(r.get("stage"), r.get("slide_id"))] = r
+    return [{"slide_id": r.get("slide_id"), "stage": r.get("stage"), "error": r.get("error")}
+            for r in merged.values()]
 
 
 def heatmap_models(run: Path) -> list[str]:
