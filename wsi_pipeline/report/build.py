@@ -263,7 +263,7 @@ def _slides_section(run: Path, out: Path, rows: list[dict], results, fails, view
     raw = frozenset(range(n_img - 5, n_img))
     html = table(header, body, cls="sortable slides", table_id="slides", raw_columns=raw,
                  sort_values=sort_values, row_classes=classes, row_text=texts)
-    return ('<section id="slides"><h2>slides</h2><p class="muted">Out-of-fold probability of the positive '
+    return ('<section id="slide-table"><h2>slides</h2><p class="muted">Out-of-fold probability of the positive '
             "class (the fold where the slide was a test slide); click a column to sort.</p>"
             '<p><input class="filter" data-table="slides" placeholder="filter slides" size="30"></p>'
             f"{html}</section>")

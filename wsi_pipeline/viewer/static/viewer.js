@@ -87,6 +87,7 @@
         viewer.addTiledImage({
           tileSource: {type: 'image', url: base + 'heatmap/' + encodeURIComponent(model) + '.png', buildPyramid: false},
           x: 0, y: 0, width: info.map_width * info.downsample / size.x, opacity: opacity('heatmap'),
+          preload: true,   // hidden (opacity 0) it still follows the view, so switching it on shows it
           success: function (ev) { state.heatmapItem = ev.item; resolve(); },
           error: function () { status('heatmap failed'); resolve(); }
         });
@@ -148,10 +149,29 @@
     viewer.viewport.panTo(item.imageToViewportCoordinates(cx, cy), true);
   }
 
+  // For scripts driving the page (the browser test): the viewer, and a promise for "every shown
+  // layer's tiles are drawn", two frames after the last change.
+  state.viewer = viewer;
+  state.settled = function () {
+    return new Promise(function (resolve) {
+      requestAnimationFrame(function () { requestAnimationFrame(function () { whenLoaded(function () {
+        requestAnimationFrame(function () { draw(); resolve(true); });
+      }); }); });
+    });
+  };
+  state.show = function (name, on) {
+    $('on-' + name).checked = on;
+    $('on-' + name).dispatchEvent(new Event('input'));
+    return state.settled();
+  };
+
   function whenLoaded(done) {
     var tick = function () {
       var n = viewer.world.getItemCount(), all = n > 0;
-      for (var i = 0; i < n; i++) all = all && viewer.world.getItemAt(i).getFullyLoaded();
+      for (var i = 0; i < n; i++) {
+        var it = viewer.world.getItemAt(i);
+        all = all && it.getFullyLoaded();
+      }
       if (all) done(); else setTimeout(tick, 50);
     };
     tick();
