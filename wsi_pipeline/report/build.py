@@ -77,6 +77,7 @@ def _write(run: Path, out: Path, manifest, viewer_url: str) -> None:
     sections.append(_slides_section(run, out, rows, results, fails, viewer_url, sizes))
     sections.append(_detection_section(run))
     sections.append(_segment_section(run, out, sizes))
+    sections.append(_volumes_section(run, out))
     sections.append(_failures_section(fails))
     sections.append(_configs_section(run))
     html = document(f"wsi-pipeline report: {run.name}", [s for s in sections if s],
@@ -91,7 +92,7 @@ def _write(run: Path, out: Path, manifest, viewer_url: str) -> None:
 
 
 def _overview(run: Path, results, rows, fails, viewer_url: str) -> str:
-    n_slides = len(collect.slide_ids(run, rows, results))
+    n_slides = len(collect.slide_ids(run, rows, results, fails))
     items = [f"<li>{n_slides} slide(s); {len(results)} model × cohort result(s); "
              f"{len(fails)} failure(s)</li>",
              f"<li>slide viewer: <code>wsi-pipeline view {e(run)}</code>, then "
@@ -193,7 +194,7 @@ def _model_block(res: collect.CohortResult) -> str:
 # -- slides ----------------------------------------------------------------------------------
 def _slides_section(run: Path, out: Path, rows: list[dict], results, fails, viewer_url: str,
                     sizes: dict) -> str:
-    ids = collect.slide_ids(run, rows, results)
+    ids = collect.slide_ids(run, rows, results, fails)
     if not ids:
         return ""
     by_manifest = {r["slide_id"]: r for r in rows}
@@ -315,6 +316,28 @@ def _segment_section(run: Path, out: Path, sizes: dict) -> str:
         parts.append('<h3>lesion masks</h3><div class="plots">' + "".join(figs) + "</div>")
     parts.append("</section>")
     return "".join(parts)
+
+
+def _volumes_section(run: Path, out: Path) -> str:
+    """CT/MRI rows: each volume's montage (slices through the heatmap peak), prediction, whether the
+    peak lies in the lesion and the CAM mask's Dice (heatmap done files); CV numbers are in the
+    cohort sections above."""
+    header = ["volume", "model", "prediction", "peak in lesion", "CAM Dice", "montage"]
+    body = []
+    for model in collect.heatmap_models(run):
+        for montage in sorted((run / "heatmaps" / model).glob("*.montage.png")):
+            vid = montage.name[: -len(".montage.png")]
+            done = collect.read_json(run / "heatmaps" / model / f"{vid}.done.json") or {}
+            pred = done.get("prediction") or {}
+            probs = dict(zip(pred.get("classes") or [], pred.get("probs") or []))
+            name = assets.shrink_copy(montage, out / "assets" / f"{vid}.{model}.montage-large.png", 640)
+            img = f'<img src="assets/{e(name)}" alt="montage of {e(vid)}" style="max-width:640px">' if name else ""
+            body.append([vid, model, ", ".join(f"{k} {v:.3f}" for k, v in probs.items()),
+                         fmt(done.get("peak_in_lesion")), fmt(done.get("dice")), img])
+    if not body:
+        return ""
+    return ('<section id="volumes"><h2>volumes</h2>'
+            + table(header, body, cls="volumes", raw_columns=frozenset({5})) + "</section>")
 
 
 def _failures_section(fails: list[dict]) -> str:

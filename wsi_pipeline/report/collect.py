@@ -142,8 +142,10 @@ def resolved_configs(run: Path) -> dict[str, str]:
     return out
 
 
-def slide_ids(run: Path, manifest_rows: list[dict] | None, results: list[CohortResult]) -> list[str]:
-    """Every slide the run knows: the manifest's, then those of the predictions and the tiles."""
+def slide_ids(run: Path, manifest_rows: list[dict] | None, results: list[CohortResult],
+              failed: list[dict] = ()) -> list[str]:
+    """Every slide the run knows: the manifest's, then those of the predictions, the tiles and the
+    failures."""
     seen = {}
     for r in manifest_rows or []:
         seen.setdefault(r["slide_id"], None)
@@ -152,4 +154,6 @@ def slide_ids(run: Path, manifest_rows: list[dict] | None, results: list[CohortR
             seen.setdefault(r["slide_id"], None)
     for p in sorted((run / "tiles").glob("*.coords.h5")):
         seen.setdefault(p.name[: -len(".coords.h5")], None)
+    for f in failed:
+        seen.setdefault(f.get("slide_id"), None)
     return [s for s in seen if is_safe_name(s)]
