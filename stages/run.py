@@ -58,6 +58,8 @@ def add_arguments(p) -> None:
                    help="go on without the slides whose tile/extract failed (in this run: the workflow then "
                         "runs once more; or in an earlier run of RUN, while their file is unchanged): their "
                         "cohorts train without them (default: a failed slide blocks its cohort's training)")
+    p.add_argument("--no-report", action="store_true",
+                   help="write no RUN/report/index.html at the end (wsi-pipeline report)")
     p.add_argument("--dry-run", "-n", action="store_true", help="show the jobs that would run")
     p.add_argument("snakemake_args", nargs="*",
                    help="extra Snakemake arguments, after `--` (e.g. -- --forceall)")
@@ -104,6 +106,8 @@ def snakemake_command(args) -> list[str]:
         config.append("exclude_failed=True")
     if args.detect:
         config.append("detect=True")
+    if getattr(args, "no_report", False):
+        config.append("report=False")
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
            "--directory", str(Path(args.out).resolve()), "--profile", str(profile_dir(args.profile)),
            "--config", *config]
@@ -194,10 +198,31 @@ def _run_workflow(args) -> int:
                                     exclude_failed=args.exclude_failed, snakemake_code=code)
         for cohort, reason in reasons.items():
             print(f"\ncohort {cohort!r} was not trained: {reason}")
+    _report(args, run_dir, code)
     if code != 0:
         print(f"\nsnakemake exited with {code}; job logs are under {run_dir / 'logs' / 'snakemake'}",
               file=sys.stderr)
     return code
+
+
+def _report(args, run_dir: Path, code: int) -> None:
+    """Print the report's path. The workflow's last rule writes it; a run with failed jobs never
+    reaches that rule, so the report is built here then, to show the failures with the rest."""
+    if getattr(args, "no_report", False):
+        return
+    index = run_dir / "report" / "index.html"
+    if code != 0 or not index.is_file():
+        import logging
+
+        from wsi_pipeline.manifest import load_manifest
+        from wsi_pipeline.report import build_report
+
+        try:
+            index = build_report(run_dir, load_manifest(args.manifest))
+        except Exception as exc:  # noqa: BLE001 — the run's own result stands without a report
+            logging.getLogger("wsi_pipeline").warning("report not written: %s: %s", type(exc).__name__, exc)
+            return
+    print(f"\nreport:   {index}  (open in a browser; slides: wsi-pipeline view {run_dir})")
 
 
 def _left_out(args, run) -> list[str]:

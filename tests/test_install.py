@@ -30,7 +30,10 @@ def installed(tmp_path_factory) -> Path:
     for shipped in ("wsi_pipeline/workflow/Snakefile", "wsi_pipeline/workflow/rules/tile.smk",
                     "wsi_pipeline/workflow/profiles/local/config.yaml",
                     "wsi_pipeline/workflow/schemas/workflow.schema.yaml", "wsi_pipeline/manifests/schema.json",
-                    "stages/base.py", "stages/run.py"):
+                    "stages/base.py", "stages/run.py", "wsi_pipeline/workflow/rules/report.smk",
+                    "wsi_pipeline/viewer/static/viewer.html", "wsi_pipeline/viewer/static/viewer.js",
+                    "wsi_pipeline/viewer/static/openseadragon/openseadragon.min.js",
+                    "wsi_pipeline/viewer/static/openseadragon/LICENSE.txt"):
         assert shipped in names, shipped
     target = build / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",

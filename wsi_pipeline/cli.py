@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "lines; with NAME, one entry in full and its config snippet")
     p.add_argument("name", nargs="?", default=None, help="an encoder name (registered or timm)")
 
+    # Results to look at (issue 27): wsi_pipeline/report, wsi_pipeline/viewer.
+    from .viewer.cli import add_report_parser, add_view_parser
+
+    add_report_parser(sub)
+    add_view_parser(sub)
+
     p = sub.add_parser("validate-manifest", help="check a manifest and report every problem")
     p.add_argument("manifest")
     p.add_argument("--require-labels", action="store_true")
@@ -117,6 +123,11 @@ def _dispatch(args) -> int:
         print(f"{args.manifest}: {len(m)} slides, "
               f"{len({r.patient_id for r in m})} patients, cohorts: {sorted({r.cohort for r in m})} — OK")
         return 0
+
+    if args.command in ("report", "view"):
+        from .viewer.cli import dispatch
+
+        return dispatch(args)
 
     from stages import STAGE_NAMES, get_stage, invoke
 

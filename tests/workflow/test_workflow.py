@@ -65,7 +65,7 @@ def _with(args: list[str], *flags: str) -> list[str]:
 def _outputs(run: Path) -> dict[str, float]:
     """mtime of every stage output in the run folder (what a rerun must not touch)."""
     patterns = ["tiles/*.coords.h5", "features/*/*.h5", "mil/*/*/metrics.json", "heatmaps/*/*.done.json",
-                "segment/*.done.json", "segment/metrics.csv", "segment/model/*"]
+                "segment/*.done.json", "segment/metrics.csv", "segment/model/*", "report/index.html"]
     return {str(p.relative_to(run)): p.stat().st_mtime_ns for pat in patterns for p in run.glob(pat)}
 
 
@@ -114,6 +114,13 @@ def test_second_run_does_nothing(workflow_run):
     before = _outputs(run)
     assert main(workflow_run["args"]) == 0
     assert _outputs(run) == before
+
+
+def test_report_and_viewer_in_a_browser(workflow_run):
+    """The report the workflow's last rule wrote, and the slide viewer, in headless Chromium."""
+    from .report_browser import check_report_and_viewer
+
+    check_report_and_viewer(workflow_run)
 
 
 def test_bad_slides_are_reported_and_the_others_finish(workflow_run, capsys):
