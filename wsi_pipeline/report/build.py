@@ -79,7 +79,7 @@ def _write(run: Path, out: Path, manifest, viewer_url: str) -> None:
     sections.append(_segment_section(run, out, sizes))
     sections.append(_volumes_section(run, out))
     sections.append(_failures_section(fails))
-    sections.append(_configs_section(run))
+    sections.append(_configs_section(run, results))
     html = document(f"wsi-pipeline report: {run.name}", [s for s in sections if s],
                     subtitle=f"run folder {run} · wsi-pipeline {__version__}")
     (out / "index.html").write_text(html, encoding="utf-8")
@@ -349,12 +349,12 @@ def _failures_section(fails: list[dict]) -> str:
             + table(header, body, cls="sortable failures", table_id="failures-table") + "</section>")
 
 
-def _configs_section(run: Path) -> str:
+def _configs_section(run: Path, results) -> str:
     configs = collect.resolved_configs(run)
     parts = ['<section id="configs"><h2>configuration and versions</h2>',
              f"<p>wsi-pipeline {e(__version__)}</p>"]
     versions = {}
-    for res in collect.cohort_results(run):
+    for res in results:
         for meta in res.folds:
             if isinstance(meta.get("versions"), dict):
                 versions = meta["versions"]

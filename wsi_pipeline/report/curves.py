@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..training.metrics import group_members, group_resample
+
 GRID = np.linspace(0.0, 1.0, 101)
 
 
@@ -80,20 +82,15 @@ def _pr_on_grid(recall: np.ndarray, precision: np.ndarray) -> np.ndarray:
     return out
 
 
-def _patient_members(groups) -> list[np.ndarray]:
-    _, index = np.unique(np.asarray(groups).astype(str), return_inverse=True)
-    return [np.flatnonzero(index == g) for g in range(index.max() + 1)] if len(index) else []
-
-
 def curves_with_bands(y, score, groups, *, n_bootstrap: int = 200, seed: int = 0) -> dict[str, Curve]:
     """{"roc": Curve, "pr": Curve} of binary labels `y` and `score` (higher: positive)."""
     y = np.asarray(y, dtype=bool)
     score = np.asarray(score, dtype=np.float64)
-    members = _patient_members(groups)
+    members = group_members(np.asarray(groups).astype(str))
     rng = np.random.default_rng(seed)
     rocs, prs = [], []
     for _ in range(n_bootstrap if members else 0):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        idx = group_resample(rng, members)
         yy, ss = y[idx], score[idx]
         if yy.all() or not yy.any():
             continue

@@ -70,6 +70,17 @@ def _all_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:
             "f1_macro": f1_macro(y_true, y_pred)}
 
 
+def group_members(groups) -> list[np.ndarray]:
+    """Row indices of each group (e.g. a patient's slides), in np.unique's order of the group ids."""
+    _, index = np.unique(np.asarray(groups), return_inverse=True)
+    return [np.flatnonzero(index == g) for g in range(index.max() + 1)] if len(index) else []
+
+
+def group_resample(rng: np.random.Generator, members: list[np.ndarray]) -> np.ndarray:
+    """One cluster-bootstrap resample: the rows of len(members) groups drawn with replacement."""
+    return np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+
+
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, *, n_bootstrap: int = 1000,
                            seed: int = 0, groups: np.ndarray | None = None) -> dict:
     """y_true (N,) class indices, probs (N, C) → {"n_slides", "auc", "balanced_accuracy", "f1_macro"}.
@@ -86,15 +97,12 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, *, n_bootstrap
     samples = {name: [] for name in METRICS}
     if len(y_true) > 0:
         rng = np.random.default_rng(seed)
-        members = None
-        if groups is not None:
-            _, group_index = np.unique(np.asarray(groups), return_inverse=True)
-            members = [np.flatnonzero(group_index == g) for g in range(group_index.max() + 1)]
+        members = None if groups is None else group_members(groups)
         for _ in range(n_bootstrap):
             if members is None:
                 idx = rng.integers(0, len(y_true), len(y_true))
             else:
-                idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+                idx = group_resample(rng, members)
             for name, value in _all_metrics(y_true[idx], probs[idx]).items():
                 if value is not None:
                     samples[name].append(value)
