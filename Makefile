@@ -19,14 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: a 16-slide synthetic cohort (12 patients, 2 of them with two slides) through the
-# whole Snakemake workflow on CPU: tiles, features, 5-fold CV of MambaMIL, heatmaps.
+# whole Snakemake workflow on CPU: tiles, features, 5-fold CV of MambaMIL, heatmaps; `run` ends by
+# printing the report's path (RUN/report/index.html) and how to open the slide viewer.
 demo: venv
 	@test -f $(DEMO_DIR)/cohort/manifest.csv || \
 		$(VENV)/bin/wsi-pipeline demo-cohort $(DEMO_DIR)/cohort --n 16
 	$(VENV)/bin/wsi-pipeline run --manifest $(DEMO_DIR)/cohort/manifest.csv \
 		--config configs/demo.yaml --out $(DEMO_DIR)/run
-	@echo "report: $(abspath $(DEMO_DIR))/run/report/index.html (open it in a browser;" \
-		"slides: $(VENV)/bin/wsi-pipeline view $(DEMO_DIR)/run, then http://127.0.0.1:8000/)"
 
 # tests/run_suite.sh: the SLURM cluster test (mostly waiting on the plugin's polling) beside the rest
 # of the suite on three xdist workers, one file each at a time, one torch thread each (the reasons
