@@ -188,7 +188,7 @@ class HeatmapRunner:
         self.remove_stale_temps(slide_id)
 
         try:
-            features, coords, attrs = read_features_h5(features_path)
+            features, coords, attrs = read_features_h5(features_path, dtype=None)  # stored dtype
         except (OSError, KeyError) as exc:
             raise SlideError(slide_id, f"cannot read features {features_path}: {exc}") from None
         if len(coords) == 0:
