@@ -7,15 +7,19 @@ real file layout) and, each in its own subprocess so peak RSS is the run's own, 
 - one training epoch (+ one validation pass) of ABMIL and MambaMIL on CPU through a BagSource with
   a bounded cache (`--cache-gb`), at two cohort sizes,
 - the same epoch on the in-memory path (every bag loaded as float32 first, the previous train
-  stage) on the smaller cohort, for the step-time ratio.
+  stage) on the smaller cohort, for its peak RSS;
+`ratio` alternates streamed (no cache) and in-memory epochs in one process for the step-time ratio
+(on a loaded machine, one run after another does not compare).
 Peak RSS is the process's VmHWM (/proc/self/status).
 
 Part 2 (`plan`): a manifest of N rows of symlinks to a few small demo slides; times
 `wsi-pipeline validate-manifest` (10k), `run --dry-run` and the first scheduling pass of a real
-`run` (snakemake's DAG build up to its first job: the run is stopped when the first job starts) at
+`run` (validation, snakemake's DAG build, up to its first job: the run is stopped when the
+first job starts) at
 1k and 10k rows.
 
     nice python benchmarks/bench_scale.py train --sizes 150 600 --patches 1000 --dim 1024
+    nice python benchmarks/bench_scale.py ratio --n 60      # the 1.2x check, alternated in one process
     nice python benchmarks/bench_scale.py plan --rows 1000 10000
 Prints a JSON line per measurement and a markdown table at the end.
 """
@@ -133,6 +137,65 @@ def train_once(folder: Path, n_bags: int, model_name: str, mode: str, cache_gb: 
     return out
 
 
+def ratio_once(folder: Path, n_bags: int, model_name: str, reps: int) -> dict:
+    """Streamed (no cache: every bag read from its file each step) vs in-memory epochs, alternated
+    in one process so the machine's load falls on both alike → min and median epoch times."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from wsi_pipeline.manifest import SlideRecord
+    from wsi_pipeline.models.mil import create_aggregator
+    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.training.bag_source import BagSource
+    from wsi_pipeline.training.bags import Bag, load_bag
+    from wsi_pipeline.training.cv import _scan_bags
+    from wsi_pipeline.training.trainer import seed_everything, train_fold
+
+    torch.set_num_threads(1)
+    ids = [f"s{i:05d}" for i in range(n_bags)]
+    records = [SlideRecord(s, Path("/dev/null"), f"p{s}", ("neg", "pos")[i % 2], "c", None, i + 1)
+               for i, s in enumerate(ids)]
+
+    class Features(RunFolder):
+        def features_h5(self, encoder, slide_id):
+            return folder / f"{slide_id}.h5"
+
+    refs, dims, _, _ = _scan_bags(records, ["neg", "pos"], ENCODER, Features(folder.parent))
+    dim = next(iter(dims))
+    memory = []
+    for s in ids:
+        f, c, _ = load_bag(refs[s].path, s)
+        memory.append(Bag(s, refs[s].patient_id, refs[s].label, f, c, ""))
+    source = BagSource(refs.values(), cache_bytes=0)
+    times = {"memory": [], "stream": []}
+    for _ in range(reps):
+        for mode in ("memory", "stream"):
+            seed_everything(0)
+            model = create_aggregator(model_name, dim, 2, **MODELS[model_name])
+            bags = memory if mode == "memory" else source.subset(ids)
+            t0 = time.perf_counter()
+            train_fold(model, bags, [], n_classes=2, lr=1e-4, weight_decay=0.0, epochs=1, patience=1,
+                       balance="class_weights", grad_accumulation=1, seed=0, device=torch.device("cpu"))
+            times[mode].append(time.perf_counter() - t0)
+    med = {m: float(np.median(t)) for m, t in times.items()}
+    return {"model": model_name, "bags": n_bags, "reps": reps,
+            "memory_epoch_s": [round(t, 2) for t in times["memory"]],
+            "stream_epoch_s": [round(t, 2) for t in times["stream"]],
+            "ratio_median": round(med["stream"] / med["memory"], 3),
+            "ratio_min": round(min(times["stream"]) / min(times["memory"]), 3),
+            "stream_read_mb_s": round(source.bytes_read / sum(times["stream"]) / 1e6, 1)}
+
+
+def cmd_ratio(args) -> list[dict]:
+    work = Path(args.work)
+    write_cohort(work / "features", args.n, args.patches, args.dim)
+    rows = []
+    for m in MODELS:
+        rows.append(ratio_once(work / "features", args.n, m, args.reps))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def cmd_train(args) -> list[dict]:
     work = Path(args.work)
     results = []
@@ -218,8 +281,8 @@ def cmd_plan(args) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     demo = work / "demo"
     if not any(demo.glob("**/*.tif*")):
-        subprocess.run([sys.executable, "-c", "from wsi_pipeline.demo import make_demo_slides; "
-                        f"make_demo_slides({str(demo)!r}, n=4)"], check=True,
+        subprocess.run([sys.executable, "-c", "from wsi_pipeline.demo import make_demo_cohort; "
+                        f"make_demo_cohort({str(demo)!r}, 4, width_px=1024, height_px=768)"], check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     slides = sorted(p.resolve() for p in demo.glob("**/*") if p.suffix in (".tif", ".tiff", ".svs"))[:4]
     results = []
@@ -231,15 +294,15 @@ def cmd_plan(args) -> list[dict]:
                             "peak_rss_mb": round(rss), "rc": rc})
             print(json.dumps(results[-1]), flush=True)
         run_dir = work / f"run_{n}"
-        wall, rss, rc = _cli("run", "--manifest", str(manifest), "--run", str(run_dir), "--dry-run")
+        wall, rss, rc = _cli("run", "--manifest", str(manifest), "--out", str(run_dir), "--dry-run")
         results.append({"what": "run --dry-run", "rows": n, "wall_s": round(wall, 1),
                         "peak_rss_mb": round(rss), "rc": rc})
         print(json.dumps(results[-1]), flush=True)
         shutil.rmtree(run_dir, ignore_errors=True)
 
-        def first_job_started(run_dir=run_dir):  # the first tile job writes under RUN/coords
-            return (run_dir / "coords").is_dir() and any((run_dir / "coords").iterdir())
-        wall, rss, rc = _cli("run", "--manifest", str(manifest), "--run", str(run_dir), "--cores", "1",
+        def first_job_started(run_dir=run_dir):  # Snakemake makes a job's log folder as it starts it
+            return (run_dir / "logs" / "snakemake" / "tile").is_dir()
+        wall, rss, rc = _cli("run", "--manifest", str(manifest), "--out", str(run_dir), "--cores", "1",
                              stop_when=first_job_started)
         results.append({"what": "run: first scheduling pass (to the first job's output)", "rows": n,
                         "wall_s": round(wall, 1), "rc": rc})
@@ -271,6 +334,12 @@ def main(argv=None):
     one.add_argument("--model")
     one.add_argument("--mode", choices=["stream", "memory"])
     one.add_argument("--cache-gb", type=float)
+    r = sub.add_parser("ratio", help="streamed vs in-memory epoch time, alternated in one process")
+    r.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "wsi_bench_scale"))
+    r.add_argument("--n", type=int, default=60)
+    r.add_argument("--patches", type=int, default=1000)
+    r.add_argument("--dim", type=int, default=1024)
+    r.add_argument("--reps", type=int, default=3)
     p = sub.add_parser("plan")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "wsi_bench_scale"))
     p.add_argument("--rows", type=int, nargs=2, default=[1000, 10000])
@@ -280,6 +349,8 @@ def main(argv=None):
         print(json.dumps(train_once(Path(args.work) / "features", args.n, args.model, args.mode, args.cache_gb)))
     elif args.cmd == "train":
         cmd_train(args)
+    elif args.cmd == "ratio":
+        cmd_ratio(args)
     else:
         cmd_plan(args)
 
