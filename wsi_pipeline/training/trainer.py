@@ -226,21 +226,23 @@ def train_fold(model, train_bags, val_bags, *, n_classes: int,
             order = rng.permutation(len(train_bags))
         optimizer.zero_grad(set_to_none=True)
         epoch_loss = 0.0
-        for step, bag in enumerate(train_bags.iter(order)):
-            group_start = step - step % grad_accumulation
-            group_size = min(grad_accumulation, len(order) - group_start)
-            keep = instance_subset(len(bag.features), instance_dropout, shuffle_instances, rng)
-            loss = _bag_loss(_forward(model, bag, device, keep), bag.label, device, instance_loss_weight,
-                             instance_topk) * float(loss_weights[bag.label])
-            if not torch.isfinite(loss):
-                raise PipelineError(f"{desc}: non-finite training loss at epoch {epoch} (slide "
-                                    f"{bag.slide_id!r}); lower train.lr or check the features")
-            (loss / group_size).backward()
-            epoch_loss += loss.item()
-            if step - group_start + 1 == group_size:
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        # closing: a failing step stops the reader thread at once, not when the traceback goes
+        with contextlib.closing(train_bags.iter(order)) as epoch_bags:
+            for step, bag in enumerate(epoch_bags):
+                group_start = step - step % grad_accumulation
+                group_size = min(grad_accumulation, len(order) - group_start)
+                keep = instance_subset(len(bag.features), instance_dropout, shuffle_instances, rng)
+                loss = _bag_loss(_forward(model, bag, device, keep), bag.label, device, instance_loss_weight,
+                                 instance_topk) * float(loss_weights[bag.label])
+                if not torch.isfinite(loss):
+                    raise PipelineError(f"{desc}: non-finite training loss at epoch {epoch} (slide "
+                                        f"{bag.slide_id!r}); lower train.lr or check the features")
+                (loss / group_size).backward()
+                epoch_loss += loss.item()
+                if step - group_start + 1 == group_size:
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
         train_loss = epoch_loss / len(order)
         val_loss = evaluate_loss(model, val_bags, device, val_weights) if len(val_bags) else None
         monitored = val_loss if len(val_bags) else train_loss
