@@ -236,8 +236,9 @@ def _cli(*argv, timeout=1800, stop_when=None, cwd=None) -> tuple[float, float, i
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     rss_file = tempfile.NamedTemporaryFile(delete=False, suffix=".rss")
     cmd = ["/usr/bin/time", "-f", "%M", "-o", rss_file.name, sys.executable, "-m", "wsi_pipeline.cli", *argv]
+    err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: Snakemake logs every job to stderr
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err,
                             text=True, start_new_session=True)
     rc = None
     while rc is None:
@@ -256,7 +257,9 @@ def _cli(*argv, timeout=1800, stop_when=None, cwd=None) -> tuple[float, float, i
     text = Path(rss_file.name).read_text().strip().splitlines()
     os.unlink(rss_file.name)
     if rc != 0:
-        sys.stderr.write(proc.stderr.read()[-3000:])
+        err.seek(0)
+        sys.stderr.write(err.read()[-3000:])
+    err.close()
     return wall, (int(text[-1]) / 1024 if text and text[-1].isdigit() else float("nan")), rc
 
 
@@ -271,7 +274,10 @@ def write_manifest(work: Path, n_rows: int, slides: list[Path]) -> Path:
         link = links / f"s{i:05d}{src.suffix}"
         if not link.is_symlink():
             link.symlink_to(src)
-        lines.append(f"s{i:05d},{link},p{i:05d},{('neg', 'pos')[i % 2]},c1")
+        # Rows showing one image share its patient (one image under two ids across patients is
+        # refused: it could be in training and test); 2 patients per class, hence train.folds 2.
+        k = i % len(slides)
+        lines.append(f"s{i:05d},{link},p{k},{('neg', 'pos')[k % 2]},c1")
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
 
@@ -285,16 +291,19 @@ def cmd_plan(args) -> list[dict]:
                         f"make_demo_cohort({str(demo)!r}, 4, width_px=1024, height_px=768)"], check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     slides = sorted(p.resolve() for p in demo.glob("**/*") if p.suffix in (".tif", ".tiff", ".svs"))[:4]
+    config = work / "plan.yaml"
+    config.write_text("train:\n  folds: 2\n")
     results = []
     for n in sorted(args.rows):
         manifest = write_manifest(work, n, slides)
         if n == max(args.rows) or args.validate_all:
-            wall, rss, rc = _cli("validate-manifest", "--manifest", str(manifest))
+            wall, rss, rc = _cli("validate-manifest", str(manifest), "--require-labels")
             results.append({"what": "validate-manifest", "rows": n, "wall_s": round(wall, 1),
                             "peak_rss_mb": round(rss), "rc": rc})
             print(json.dumps(results[-1]), flush=True)
         run_dir = work / f"run_{n}"
-        wall, rss, rc = _cli("run", "--manifest", str(manifest), "--out", str(run_dir), "--dry-run")
+        wall, rss, rc = _cli("run", "--manifest", str(manifest), "--config", str(config), "--out", str(run_dir),
+                             "--dry-run")
         results.append({"what": "run --dry-run", "rows": n, "wall_s": round(wall, 1),
                         "peak_rss_mb": round(rss), "rc": rc})
         print(json.dumps(results[-1]), flush=True)
@@ -302,7 +311,8 @@ def cmd_plan(args) -> list[dict]:
 
         def first_job_started(run_dir=run_dir):  # Snakemake makes a job's log folder as it starts it
             return (run_dir / "logs" / "snakemake" / "tile").is_dir()
-        wall, rss, rc = _cli("run", "--manifest", str(manifest), "--out", str(run_dir), "--cores", "1",
+        wall, rss, rc = _cli("run", "--manifest", str(manifest), "--config", str(config), "--out", str(run_dir),
+                             "--cores", "1",
                              stop_when=first_job_started)
         results.append({"what": "run: first scheduling pass (to the first job's output)", "rows": n,
                         "wall_s": round(wall, 1), "rc": rc})
