@@ -21,7 +21,7 @@ from wsi_pipeline.training.bags import Bag, load_bag
 from .conftest import DIM, ENCODER, planted_bag, small_config, write_manifest
 
 # Instance dropout + shuffling: the trainer's random draws per bag must line up on both paths.
-TRAIN = dict(folds=3, epochs=3, patience=3, bootstrap=20, center_per_slide="median",
+TRAIN = dict(folds=2, epochs=3, patience=3, bootstrap=20, center_per_slide="median",
              instance_dropout=0.25, shuffle_instances=True)
 
 
@@ -95,15 +95,13 @@ def _in_memory_reference(cfg, features_run, manifest_path, model_dir):
 
 def test_streamed_training_equals_in_memory_path(half_cohort, tmp_path):
     features_run, manifest_path = half_cohort
-    cfg, model_dir, no_cache, metrics = _train(features_run, manifest_path, tmp_path / "a", bag_cache_gb=0)
-    _, _, cached, metrics_cached = _train(features_run, manifest_path, tmp_path / "b", bag_cache_gb=1)
+    # No cache: every pass reads every bag from its file (the cache's own effect: the test below).
+    cfg, model_dir, rows, metrics = _train(features_run, manifest_path, tmp_path / "a", bag_cache_gb=0)
     reference, pooled = _in_memory_reference(cfg, features_run, manifest_path, model_dir)
 
-    assert [r["slide_id"] for r in no_cache] == sorted(reference)
-    for rows in (no_cache, cached):  # written with repr: the floats round-trip exactly
-        got = np.array([[float(r["prob_neg"]), float(r["prob_pos"])] for r in rows])
-        assert np.array_equal(got, np.stack([reference[r["slide_id"]] for r in rows]))
-    assert metrics["pooled"] == metrics_cached["pooled"]
+    assert [r["slide_id"] for r in rows] == sorted(reference)
+    got = np.array([[float(r["prob_neg"]), float(r["prob_pos"])] for r in rows])  # repr: exact round trip
+    assert np.array_equal(got, np.stack([reference[r["slide_id"]] for r in rows]))
     for key in ("auc", "balanced_accuracy"):
         assert metrics["pooled"][key] == pooled[key]
     assert metrics["pooled"]["auc"]["value"] > 0.5  # it learnt the planted signal, so the comparison means something
@@ -136,6 +134,18 @@ def test_cache_is_bounded_and_prefetch_keeps_order(half_cohort):
     none = BagSource(refs, cache_bytes=0)
     list(none.subset([r.slide_id for r in refs]).iter(order))
     assert none.reads == len(order) and none.cached_bytes() == 0
+
+    # The same predictions through a warm cache, no cache, and in-memory float32 bags.
+    from wsi_pipeline.models.mil import create_aggregator
+    from wsi_pipeline.training.trainer import predict_probs
+
+    torch.manual_seed(0)
+    model = create_aggregator("abmil", DIM, 2, hidden_dim=8, attention_dim=4, dropout=0.0)
+    in_memory = [Bag(r.slide_id, r.patient_id, r.label, *load_bag(r.path)[:2], "") for r in refs]
+    expected = predict_probs(model, in_memory, torch.device("cpu"))
+    for s in (source, none):
+        assert np.array_equal(predict_probs(model, s.subset([r.slide_id for r in refs]), torch.device("cpu")),
+                              expected)
 
 
 def test_a_bag_changed_on_disk_names_its_slide(half_cohort, tmp_path):
