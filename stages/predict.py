@@ -39,7 +39,7 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
     from wsi_pipeline.names import check_name
     from wsi_pipeline.provenance import check_features, model_training_features
     from wsi_pipeline.run_folder import RunFolder
-    from wsi_pipeline.training.bags import load_bag
+    from wsi_pipeline.training.bags import read_bag
     from wsi_pipeline.training.ensemble import EnsembleCache
     from wsi_pipeline.training.inference import ensemble_predict
 
@@ -62,7 +62,7 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
             report.failed[record.slide_id] = unusable[record.slide_id]
             continue
         try:
-            features, coords, _ = load_bag(run.features_h5(encoder, record.slide_id), record.slide_id)
+            features, coords, _ = read_bag(run.features_h5(encoder, record.slide_id), record.slide_id)
             if features.shape[1] != in_dim:
                 raise SlideError(record.slide_id, f"features have D={features.shape[1]}, the models "
                                                   f"expect {in_dim} (encoder {encoder!r})")

@@ -202,6 +202,9 @@ class TrainConfig:
     # one kept); shuffle_instances: feed them in a random order (order-dependent scans).
     instance_dropout: float = 0.0
     shuffle_instances: bool = False
+    # Bags are read from disk per pass (training/bag_source.py) through an LRU cache of at most this
+    # many GiB; "auto": 10 % of physical memory, at most 8 GiB; 0: no cache. Results do not depend on it.
+    bag_cache_gb: float | str = "auto"
     # Settings for one aggregator only, over the keys above whenever that model trains, so that one
     # config serves several models (e.g. fmamil's instance loss, which the others cannot take):
     #   per_model: {fmamil: {instance_loss_weight: 1.0, model_args: {final_norm: false}}}
@@ -231,6 +234,10 @@ class TrainConfig:
                               "by the same input standardisation)")
         if not 0 <= self.instance_dropout < 1:
             raise ConfigError("train.instance_dropout: must be in [0, 1)")
+        if self.bag_cache_gb != "auto" and (isinstance(self.bag_cache_gb, (str, bool))
+                                            or not self.bag_cache_gb >= 0):
+            raise ConfigError(f"train.bag_cache_gb: must be auto or a number of GiB >= 0 (0: no cache), "
+                              f"got {self.bag_cache_gb!r}")
         if self.folds < 2:
             raise ConfigError("train.folds: must be >= 2")
         if not 0 < self.val_fraction < 1:

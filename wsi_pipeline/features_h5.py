@@ -47,13 +47,17 @@ def write_features_h5(path: str | Path, features: np.ndarray, coords: np.ndarray
                 ds.attrs[key] = value
 
 
-def read_features_h5(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(features (N, D) float32, coords (N, k) int64, attrs); `attrs["coord_dims"]` is k."""
+def read_features_h5(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(features (N, D) float32, coords (N, k) int64, attrs); `attrs["coord_dims"]` is k.
+    `dtype=None` keeps the features in their stored dtype (converted on the device instead)."""
     with h5py.File(path, "r") as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v)
                  for k, v in f.attrs.items()}
         attrs.setdefault("coord_dims", 2)
-        return f["features"][()].astype(np.float32), f["coords"][()].astype(np.int64), attrs
+        features = f["features"][()]
+        if dtype is not None:
+            features = features.astype(dtype, copy=False)
+        return features, f["coords"][()].astype(np.int64, copy=False), attrs
 
 
 def read_features_attrs(path: str | Path) -> dict:

@@ -24,7 +24,6 @@ import numpy as np
 from .config import Config
 from .errors import ConfigError, PipelineError, SlideError
 from .exports import export_heatmaps, export_paths
-from .features_h5 import read_features_h5
 from .io import remove_stale_temps, write_json_atomic
 from .manifest import SlideRecord
 from .run_folder import RunFolder
@@ -187,12 +186,10 @@ class HeatmapRunner:
         self.done_path(slide_id).unlink(missing_ok=True)
         self.remove_stale_temps(slide_id)
 
-        try:
-            features, coords, attrs = read_features_h5(features_path)
-        except (OSError, KeyError) as exc:
-            raise SlideError(slide_id, f"cannot read features {features_path}: {exc}") from None
-        if len(coords) == 0:
-            raise SlideError(slide_id, f"{features_path} has no patches")
+        from .training.bags import read_bag
+
+        # The one bag reader (training/bags.py): checked, features in their stored dtype.
+        features, coords, attrs = read_bag(features_path, slide_id)
         patch_size_level0 = attrs.get("patch_size_level0")
         if patch_size_level0 is None:
             raise SlideError(slide_id, f"{features_path} lacks the patch_size_level0 attribute")

@@ -117,7 +117,7 @@ class CamProvider:
         return cams
 
     def compute(self, record: SlideRecord, model_dir: Path, checkpoints_hash: str):
-        from ..training.bags import load_bag
+        from ..training.bags import read_bag
         from ..training.ensemble import ensemble_patch_scores
         from . import PatchCams
 
@@ -129,7 +129,7 @@ class CamProvider:
         features_path = self.run.features_h5(encoder, record.slide_id)
         if meta and features_path.is_file():  # the ensemble's kind of features, of this file
             locate_features(self.run, record, model_training_features(meta, encoder))
-        features, coords, attrs = load_bag(features_path, record.slide_id)
+        features, coords, attrs = read_bag(features_path, record.slide_id)
         patch_size_level0 = attrs.get("patch_size_level0")
         if patch_size_level0 is None:
             raise SlideError(record.slide_id, "features file lacks the patch_size_level0 attribute")

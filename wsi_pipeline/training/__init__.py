@@ -5,6 +5,7 @@ this package imports nothing itself, so `bags`, `splits` and `metrics` stay usab
 being loaded and the CLI starts fast.
 
 - bags:        load_bag(path) -> (features (N, D) float32, coords (N, k) int64 (k = 2 or 3), attrs)
+- bag_source:  BagSource / BagSet: bags read from disk per pass, bounded LRU cache, reader-thread prefetch
 - splits:      patient-level stratified k-fold + inner validation split, splits.json
 - trainer:     train_fold (AdamW, CE, early stopping), predict_probs
 - metrics:     AUC, balanced accuracy, macro F1 with bootstrap 95% CIs

@@ -22,7 +22,7 @@ class Bag:
     slide_id: str
     patient_id: str
     label: int
-    features: np.ndarray   # (N, D) float32
+    features: np.ndarray   # (N, D) float32, or the file's stored dtype when read by a BagSource
     coords: np.ndarray     # (N, k) int64: k = 2 level-0 px (x, y) of slides, k = 3 voxels (i, j, k) of volumes
     features_hash: str     # the features.h5 `config_hash` attr ("" where absent): part of the fold hash
     provenance: dict | None = None  # what the features were made from (provenance.features_provenance)
@@ -34,12 +34,19 @@ def load_bag(path: str | Path, slide_id: str | None = None) -> tuple[np.ndarray,
 
     `slide_id` (default: the file name's stem) names the slide in errors.
     """
+    features, coords, attrs = read_bag(path, slide_id)
+    return features.astype(np.float32, copy=False), coords, attrs
+
+
+def read_bag(path: str | Path, slide_id: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """`load_bag` with the features in their stored dtype (float16 files stay float16 until the
+    device): what the bag source, predict and segment read."""
     path = Path(path)
     slide_id = slide_id or path.stem
     if not path.is_file():
         raise SlideError(slide_id, f"no features file at {path} (run the extract stage first)")
     try:
-        features, coords, attrs = read_features_h5(path)
+        features, coords, attrs = read_features_h5(path, dtype=None)
     except (OSError, KeyError, ValueError) as exc:
         raise SlideError(slide_id, f"unreadable features file {path}: {exc}") from None
     coord_dims = int(attrs.get("coord_dims", 2))

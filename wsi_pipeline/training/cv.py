@@ -51,7 +51,7 @@ def cross_validate(manifest: Manifest, cfg: Config, run: RunFolder, features_run
             log.error("train %s / %s failed: %s", model_name, plan["cohort"], message)
             results[plan["cohort"]] = {"status": "failed", "error": message}
         finally:
-            plan["bags"] = None  # free the cohort's features before the next one
+            plan["moments"] = None  # the cohort's O(D) per-bag summaries, before the next one
     return results
 
 
@@ -97,13 +97,15 @@ def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, featur
             problems.append(f"cohort {cohort!r}: {len(missing)} slide(s) without features in {folder} "
                             f"(run the extract stage with encoder {encoder!r}{hint}): "
                             f"{', '.join(r.slide_id for r in missing)}")
-        plans.append({"cohort": cohort, "records": records, "classes": classes, "bags": None})
+        plans.append({"cohort": cohort, "records": records, "classes": classes, "refs": None})
     _raise_problems(problems)
 
-    # Then the features' contents. One cohort (the Snakemake job) keeps its bags from this scan;
-    # with several, each cohort is re-read when it trains so only one is in memory at a time.
+    # Then the features' contents, one bag at a time (no stage holds a cohort's bags): each file is
+    # checked and described (BagRef) and, with standardisation, summarised for the fold statistics.
+    center = train.center_per_slide if train.standardize else ""
     for plan in plans:
-        bags, dims, bag_problems = _load_bags(plan["records"], plan["classes"], encoder, features_run)
+        bags, dims, bag_problems, moments = _scan_bags(plan["records"], plan["classes"], encoder,
+                                                       features_run, train.standardize, center)
         problems += bag_problems
         if len(dims) > 1:
             by_dim = sorted(dims.items(), key=lambda kv: -len(kv[1]))
@@ -115,7 +117,7 @@ def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, featur
         _, mixed = merge_provenance({sid: b.provenance for sid, b in bags.items()})
         if mixed:
             problems.append(f"cohort {plan['cohort']!r}: {mixed}")
-        plan["bags"] = bags if len(plans) == 1 else None
+        plan["refs"], plan["moments"] = bags, moments
     _raise_problems(problems)
 
     for plan in plans:
@@ -136,22 +138,34 @@ def _raise_problems(problems: list[str]) -> None:
         raise PipelineError(f"train: {len(problems)} problem(s), nothing was trained\n{lines}")
 
 
-def _load_bags(records: list[SlideRecord], classes: list[str], encoder: str, features_run: RunFolder):
-    """Load every slide's bag → ({slide_id: Bag}, {dim: [slide_ids]}, problems)."""
-    from .bags import Bag, load_bag
+def _scan_bags(records: list[SlideRecord], classes: list[str], encoder: str, features_run: RunFolder,
+               moments: bool = False, center: str = ""):
+    """Check every slide's bag, one at a time → ({slide_id: BagRef}, {dim: [slide_ids]}, problems,
+    {slide_id: standardize.bag_moments(features, center)} (empty unless `moments`)).
+
+    The one streaming pass over a cohort's features: any fold's standardisation statistics are
+    merged from the per-bag moments (InputStandardizer.from_moments) without reading a bag again."""
+    from .bag_source import BagRef
+    from .bags import read_bag
+    from .standardize import bag_moments
 
     class_index = {c: i for i, c in enumerate(classes)}
-    bags, dims, problems = {}, defaultdict(list), []
+    refs, dims, problems, summaries = {}, defaultdict(list), [], {}
     for r in records:
+        path = features_run.features_h5(encoder, r.slide_id)
         try:
-            features, coords, attrs = load_bag(features_run.features_h5(encoder, r.slide_id), r.slide_id)
+            features, _, attrs = read_bag(path, r.slide_id)
         except SlideError as exc:
             problems.append(str(exc))
             continue
         dims[features.shape[1]].append(r.slide_id)
-        bags[r.slide_id] = Bag(r.slide_id, r.patient_id, class_index[r.label], features, coords,
-                               str(attrs.get("config_hash", "")), features_provenance(attrs))
-    return bags, dict(dims), problems
+        refs[r.slide_id] = BagRef(r.slide_id, r.patient_id, class_index[r.label], path, features.shape[0],
+                                  features.shape[1], str(features.dtype), str(attrs.get("config_hash", "")),
+                                  features_provenance(attrs))
+        if moments:
+            summaries[r.slide_id] = bag_moments(features, center)
+        del features
+    return refs, dict(dims), problems, summaries
 
 
 def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str, in_dim: int,
@@ -183,7 +197,7 @@ def _fold_hash(fold, model_name: str, train, classes, encoder: str, in_dim: int,
     """A fold checkpoint's config hash: its settings, its split and each of its slides' features hash."""
     payload = fold_config_hash(model_name=model_name, model_args=train.model_args, classes=classes,
                                encoder=encoder, in_dim=in_dim, train=train, fold=fold)
-    payload["features"] = {sid: bags[sid].features_hash for sid in fold.train + fold.val + fold.test}
+    payload["features"] = {sid: bags[sid].features_hash for sid in fold.train + fold.val + fold.test}  # BagRefs
     return _hash(payload)
 
 
@@ -197,6 +211,7 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
                               record_training_features, save_fold_model, stamp_training_run)
     from .metrics import classification_metrics
     from .runs import RUN_ID_KEY
+    from .bag_source import BagSource, cache_bytes_from_config
     from .splits import load_or_make_splits
     from .standardize import InputStandardizer
     from .trainer import (deterministic_algorithms, predict_probs, resolve_device,
@@ -218,10 +233,9 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
             log.warning("removing %s: not a fold of the current %d-fold split", stale, splits.n_folds)
             shutil.rmtree(stale)
 
-    bags = plan["bags"]
-    if bags is None:
-        bags, _, problems = _load_bags(records, classes, encoder, features_run)
-        _raise_problems(problems)
+    # Bags are read from disk per pass through one source and its bounded cache (bag_source.py).
+    bags = plan["refs"]
+    source = BagSource(bags.values(), cache_bytes_from_config(train.bag_cache_gb))
     in_dim = plan["in_dim"]
     by_id = {r.slide_id: r for r in records}
     training_features, _ = merge_provenance({sid: b.provenance for sid, b in bags.items()})
@@ -238,7 +252,7 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
         fold_dir = out_dir / f"fold_{fold.fold}"
         remove_stale_temps(fold_dir)
         config_hash = hashes[fold.fold]
-        test_bags = [bags[s] for s in fold.test]
+        test_bags = source.subset(fold.test)
         desc = f"{cohort} fold {fold.fold}"
         if current[fold.fold]:
             model, meta = load_fold_model(fold_dir, device=device)
@@ -253,10 +267,10 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
             with deterministic_algorithms(train.deterministic):
                 model = create_aggregator(model_name, in_dim, len(classes), **train.model_args)
                 if train.standardize:  # statistics of the training fold's instances only
-                    model = InputStandardizer.fit(model, [bags[s] for s in fold.train],
-                                                  center_per_slide=train.center_per_slide)
+                    model = InputStandardizer.from_moments(model, [plan["moments"][s] for s in fold.train],
+                                                           center_per_slide=train.center_per_slide)
                 result = train_fold(
-                    model, [bags[s] for s in fold.train], [bags[s] for s in fold.val],
+                    model, source.subset(fold.train), source.subset(fold.val),
                     n_classes=len(classes), lr=train.lr, weight_decay=train.weight_decay,
                     epochs=train.epochs, patience=train.patience, balance=train.balance,
                     grad_accumulation=train.grad_accumulation, seed=train.seed + fold.fold,
@@ -285,13 +299,13 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
             log.info("%s: best epoch %d of %d (%s %.4f)", desc, result.best_epoch, result.epochs_run,
                      result.monitored, result.best_val_loss)
         probs = predict_probs(model, test_bags, device)
-        for bag, p in zip(test_bags, probs):
+        for bag, p in zip(test_bags.refs, probs):
             r = by_id[bag.slide_id]
             rows.append([r.slide_id, r.patient_id, cohort, fold.fold, r.label, *[float(x) for x in p]])
-        y = np.array([b.label for b in test_bags])
+        y = test_bags.labels
         fold_metrics.append({"fold": fold.fold, "best_epoch": meta["best_epoch"],
                              **classification_metrics(y, probs, n_bootstrap=train.bootstrap, seed=train.seed,
-                                                      groups=[b.patient_id for b in test_bags])})
+                                                      groups=[b.patient_id for b in test_bags.refs])})
         del model
 
     rows.sort(key=lambda row: row[0])

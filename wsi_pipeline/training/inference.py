@@ -49,7 +49,9 @@ def ensemble_predict(models, features: np.ndarray, coords: np.ndarray | None) ->
     models = [_unpack(m) for m in models]
     if not models:
         raise ValueError("ensemble_predict: no models")
-    features = np.asarray(features, dtype=np.float32)
+    features = np.asarray(features)  # its stored dtype up to the device, float32 there
+    if not np.issubdtype(features.dtype, np.floating):
+        features = features.astype(np.float32)
     if features.ndim != 2 or len(features) == 0:
         raise ValueError(f"features must be (N, D) with N >= 1, got {features.shape}")
     fold_probs, fold_scores, fold_instance_logits = [], [], []
@@ -57,7 +59,7 @@ def ensemble_predict(models, features: np.ndarray, coords: np.ndarray | None) ->
     for model, meta in models:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         model.eval()
-        x = torch.from_numpy(features).to(device)[None]                         # (1, N, D)
+        x = torch.from_numpy(np.ascontiguousarray(features)).to(device).float()[None]  # (1, N, D)
         c = None if coords is None else torch.as_tensor(np.asarray(coords), dtype=torch.float32,
                                                           device=device)[None]  # (1, N, 2)
         out = model(x, c)

@@ -7,7 +7,9 @@ training lasts, while a linear probe behind a StandardScaler finds it at once.
 
 - `fit_input_stats(bags)`: mean and std per dimension over every instance of the given bags, in
   float64, merged bag by bag (Chan et al.'s parallel update of count, mean and squared deviations),
-  so memory stays O(D) beyond one bag. No labels are used. The caller passes the training fold's bags
+  so memory stays O(D) beyond one bag. The train stage keeps each bag's `bag_moments` from its one
+  streaming scan of the cohort and merges a fold's (`InputStandardizer.from_moments`): the same
+  numbers, with no bag held. No labels are used. The caller passes the training fold's bags
   only, never validation or test bags.
 - Std floor: a dimension whose std is below `STD_FLOOR_REL * (1 + |mean|)` (1e-6: float32 rounding
   of a constant) is constant on the training fold. It carries nothing the model could learn from;
@@ -63,19 +65,28 @@ def bag_center(x: torch.Tensor, stat: str) -> torch.Tensor:
     return x.mean(dim=-2, keepdim=True)
 
 
-def fit_input_stats(features: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension (mean, std) float64 over all rows of the (N_i, D) arrays in `features`.
+def bag_moments(x: np.ndarray, center: str = "") -> tuple[int, np.ndarray, np.ndarray] | None:
+    """One bag's (count, per-dimension mean, sum of squared deviations) in float64, of its instances
+    centred by `center` ("", "mean", "median"; the same centre as forward() computes: float32,
+    torch's median); None for an empty or non-2-D array. O(D) to keep, so a cohort's bags can be
+    summarised in one streaming pass and any fold's statistics merged from them later."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        return None
+    if center:
+        x = x - bag_center(torch.from_numpy(x).float(), center).double().numpy()
+    mean_b = x.mean(axis=0)
+    return len(x), mean_b, ((x - mean_b) ** 2).sum(axis=0)
 
-    Population std (ddof 0); near-constant dimensions get std 1 (see the module docstring).
-    """
+
+def merge_moments(moments: Iterable) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension (mean, std) float64 from `bag_moments` results, merged in the given order (Chan
+    et al.'s parallel update); None entries are skipped."""
     count, mean, m2 = 0, None, None
-    for x in features:
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or len(x) == 0:
+    for item in moments:
+        if item is None:
             continue
-        n_b = len(x)
-        mean_b = x.mean(axis=0)
-        m2_b = ((x - mean_b) ** 2).sum(axis=0)
+        n_b, mean_b, m2_b = item
         if mean is None:
             count, mean, m2 = n_b, mean_b, m2_b
             continue
@@ -92,6 +103,14 @@ def fit_input_stats(features: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndar
     constant = std < STD_FLOOR_REL * (1.0 + np.abs(mean))
     std[constant] = 1.0
     return mean, std
+
+
+def fit_input_stats(features: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension (mean, std) float64 over all rows of the (N_i, D) arrays in `features`.
+
+    Population std (ddof 0); near-constant dimensions get std 1 (see the module docstring).
+    """
+    return merge_moments(bag_moments(x) for x in features)
 
 
 class InputStandardizer(nn.Module):
@@ -121,11 +140,14 @@ class InputStandardizer(nn.Module):
         """Wrap `model` with statistics fitted on `bags` (objects with `.features`, or arrays);
         with `center_per_slide` the statistics are those of the bag-centred instances."""
         stat = center_stat(center_per_slide)
-        arrays = (np.asarray(getattr(b, "features", b), dtype=np.float64) for b in bags)
-        if stat:  # the same centre as forward() computes (float32, torch's median)
-            arrays = (x - bag_center(torch.from_numpy(x).float(), stat).double().numpy() for x in arrays)
-        mean, std = fit_input_stats(arrays)
-        return cls(model, mean, std, stat)
+        return cls.from_moments(model, (bag_moments(getattr(b, "features", b), stat) for b in bags), stat)
+
+    @classmethod
+    def from_moments(cls, model: nn.Module, moments, center_per_slide: bool | str = False) -> "InputStandardizer":
+        """Wrap `model` with statistics merged from per-bag `bag_moments(x, center)` results (the
+        same numbers `fit` computes from the bags themselves, without holding them)."""
+        mean, std = merge_moments(moments)
+        return cls(model, mean, std, center_stat(center_per_slide))
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None):
         x = features.to(self.input_mean.dtype)

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from ..devices import resolve_device as _resolve_device
 from ..errors import PipelineError
+from .bag_source import as_bag_set
 from .bags import Bag
 
 log = logging.getLogger("wsi_pipeline")
@@ -102,7 +103,8 @@ def _forward(model, bag: Bag, device: torch.device, keep: np.ndarray | None = No
     features, coords = bag.features, bag.coords
     if keep is not None:
         features, coords = features[keep], coords[keep]
-    features = torch.from_numpy(np.ascontiguousarray(features)).to(device, non_blocking=True)[None]  # (1, N, D)
+    # Stored dtype (float16 files stay half the bytes) up to the device, float32 from there on.
+    features = torch.from_numpy(np.ascontiguousarray(features)).to(device, non_blocking=True).float()[None]  # (1, N, D)
     coords = torch.from_numpy(np.ascontiguousarray(coords)).to(device, dtype=torch.float32)[None]    # (1, N, 2)
     return model(features, coords)
 
@@ -140,11 +142,12 @@ def _bag_loss(out, label: int, device: torch.device, instance_loss_weight: float
 
 
 @torch.no_grad()
-def evaluate_loss(model, bags: Sequence[Bag], device: torch.device, weights: np.ndarray | None = None) -> float:
-    """Mean cross-entropy over `bags` (weighted by class `weights` if given), model in eval mode."""
+def evaluate_loss(model, bags, device: torch.device, weights: np.ndarray | None = None) -> float:
+    """Mean cross-entropy over `bags` (a sequence of Bag or a BagSet; weighted by class `weights`
+    if given), model in eval mode."""
     model.eval()
     total, norm = 0.0, 0.0
-    for bag in bags:
+    for bag in as_bag_set(bags).iter():
         out = _forward(model, bag, device)
         loss = F.cross_entropy(out.logits.float(), torch.tensor([bag.label], device=device)).item()
         w = 1.0 if weights is None else float(weights[bag.label])
@@ -154,11 +157,12 @@ def evaluate_loss(model, bags: Sequence[Bag], device: torch.device, weights: np.
 
 
 @torch.no_grad()
-def predict_probs(model, bags: Sequence[Bag], device: torch.device) -> np.ndarray:
-    """Softmax slide probabilities (n_bags, C), model in eval mode."""
+def predict_probs(model, bags, device: torch.device) -> np.ndarray:
+    """Softmax slide probabilities (n_bags, C) of `bags` (a sequence of Bag or a BagSet), model in
+    eval mode."""
     model.eval()
     probs = [torch.softmax(_forward(model, bag, device).logits.float(), dim=-1)[0].cpu().numpy()
-             for bag in bags]
+             for bag in as_bag_set(bags).iter()]
     return np.stack(probs).astype(np.float64)
 
 
@@ -173,13 +177,16 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.
     raise ValueError(f"optimizer must be adamw, adam or radam, got {name!r}")
 
 
-def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_classes: int,
+def train_fold(model, train_bags, val_bags, *, n_classes: int,
                lr: float, weight_decay: float, epochs: int, patience: int, balance: str,
                grad_accumulation: int, seed: int, device: torch.device, progress: bool = False,
                desc: str = "train", warmup_epochs: int = 0, instance_loss_weight: float = 0.0,
                instance_topk: int = 2, min_delta: float = 0.0, instance_dropout: float = 0.0,
                shuffle_instances: bool = False, optimizer: str = "adamw", min_epochs: int = 0) -> TrainResult:
     """Fit `model` in place; on return it holds the best epoch's weights and is in eval mode.
+
+    `train_bags` / `val_bags`: sequences of `Bag` or `BagSet`s (bags read from disk per step,
+    training/bag_source.py); the same bags in the same order give the same result either way.
 
     Early stopping: after each epoch the validation loss is computed; the weights of the best epoch
     are kept, and training stops after `patience` epochs without an improvement of more than
@@ -188,14 +195,15 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
     bags the training loss is monitored instead (a warning says so). It never stops before epoch
     `min_epochs` (CLAM's and MambaMIL's `stop_epoch`), though the patience count runs from epoch 1.
     """
-    if not train_bags:
+    train_bags, val_bags = as_bag_set(train_bags), as_bag_set(val_bags)
+    if not len(train_bags):
         raise PipelineError(f"{desc}: no training bags")
     model.to(device)
-    labels = np.array([b.label for b in train_bags])
+    labels = train_bags.labels
     weights = class_weights(labels, n_classes)
     loss_weights = weights if balance == "class_weights" else np.ones(n_classes)
     val_weights = weights if balance == "class_weights" else None
-    if not val_bags:
+    if not len(val_bags):
         log.warning("%s: no validation bags; early stopping monitors the training loss", desc)
     optimizer = build_optimizer(optimizer, model.parameters(), lr, weight_decay)
     steps_per_epoch = -(-len(train_bags) // grad_accumulation)
@@ -218,25 +226,26 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
             order = rng.permutation(len(train_bags))
         optimizer.zero_grad(set_to_none=True)
         epoch_loss = 0.0
-        for step, i in enumerate(order):
-            bag = train_bags[i]
-            group_start = step - step % grad_accumulation
-            group_size = min(grad_accumulation, len(order) - group_start)
-            keep = instance_subset(len(bag.features), instance_dropout, shuffle_instances, rng)
-            loss = _bag_loss(_forward(model, bag, device, keep), bag.label, device, instance_loss_weight,
-                             instance_topk) * float(loss_weights[bag.label])
-            if not torch.isfinite(loss):
-                raise PipelineError(f"{desc}: non-finite training loss at epoch {epoch} (slide "
-                                    f"{bag.slide_id!r}); lower train.lr or check the features")
-            (loss / group_size).backward()
-            epoch_loss += loss.item()
-            if step - group_start + 1 == group_size:
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        # closing: a failing step stops the reader thread at once, not when the traceback goes
+        with contextlib.closing(train_bags.iter(order)) as epoch_bags:
+            for step, bag in enumerate(epoch_bags):
+                group_start = step - step % grad_accumulation
+                group_size = min(grad_accumulation, len(order) - group_start)
+                keep = instance_subset(len(bag.features), instance_dropout, shuffle_instances, rng)
+                loss = _bag_loss(_forward(model, bag, device, keep), bag.label, device, instance_loss_weight,
+                                 instance_topk) * float(loss_weights[bag.label])
+                if not torch.isfinite(loss):
+                    raise PipelineError(f"{desc}: non-finite training loss at epoch {epoch} (slide "
+                                        f"{bag.slide_id!r}); lower train.lr or check the features")
+                (loss / group_size).backward()
+                epoch_loss += loss.item()
+                if step - group_start + 1 == group_size:
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
         train_loss = epoch_loss / len(order)
-        val_loss = evaluate_loss(model, val_bags, device, val_weights) if val_bags else None
-        monitored = val_loss if val_bags else train_loss
+        val_loss = evaluate_loss(model, val_bags, device, val_weights) if len(val_bags) else None
+        monitored = val_loss if len(val_bags) else train_loss
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "lr": optimizer.param_groups[0]["lr"]})
         bar.set_postfix(train=f"{train_loss:.4f}", val="-" if val_loss is None else f"{val_loss:.4f}")
@@ -256,5 +265,5 @@ def train_fold(model, train_bags: Sequence[Bag], val_bags: Sequence[Bag], *, n_c
     model.load_state_dict(best_state)
     model.eval()
     return TrainResult(best_epoch=best_epoch, best_val_loss=float(best_loss), epochs_run=len(history),
-                       stopped_early=stopped_early, monitored="val_loss" if val_bags else "train_loss",
+                       stopped_early=stopped_early, monitored="val_loss" if len(val_bags) else "train_loss",
                        history=history)
