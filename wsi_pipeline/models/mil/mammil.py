@@ -33,6 +33,9 @@ each mixer's ``out_proj.weight`` kaiming-uniform(a=√5)/√n_layers, the head t
 Options that are ours (defaults = upstream): ``context_drop`` (each layer's branch skipped per bag
 and training pass with this probability, as in MambaMIL; :class:`~.mil_layers.PreNormResidual`),
 ``final_norm``. ``bfs_seed`` seeds the BFS roots (upstream: unseeded ``random.choice``).
+``ssd_impl``: ``"chunked"`` (default; the SSD matrix form in plain torch) or ``"scan"`` (our selective
+scan with the heads' A and dt broadcast: mamba-ssm's reference formulation, ~10x slower on CPU at
+d_state 128); equal up to rounding (tests/models/test_mammil.py).
 
 Graphs are built from the coordinates and the features this model is given (so, in training, after
 ``standardize`` / ``center_per_slide``; upstream uses the raw features) and cached per bag
@@ -79,7 +82,7 @@ class MamMIL(nn.Module):
                  headdim: int = 64, bidirectional: bool = True, dropout: float = 0.0, graph_block: bool = True,
                  graph_dropout: float = 0.1, knn: int = KNN, bfs_seed: int = 0, attention_dim: int = 128,
                  init: str = "reference", final_norm: bool = True, context_drop: float = 0.0,
-                 graph_cache: GraphCache | None = None):
+                 graph_cache: GraphCache | None = None, ssd_impl: str = "chunked"):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
@@ -98,7 +101,7 @@ class MamMIL(nn.Module):
         self.layers = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(d_model),
                           MultiOrderMamba2(d_model, n_ssms, d_state=d_state, d_conv=d_conv, expand=expand,
-                                           headdim=headdim))
+                                           headdim=headdim, impl=ssd_impl))
             for _ in range(n_layers))
         # One graph block after each layer but the last, as upstream builds them.
         self.graph_blocks = nn.ModuleList(ResGraphBlock(d_model, graph_dropout) for _ in range(n_layers - 1)) \
