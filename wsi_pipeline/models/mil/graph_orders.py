@@ -71,19 +71,20 @@ def knn_edges(coords: np.ndarray, k: int = KNN) -> np.ndarray:
     _, hits = tree.query(points, k=extra)
     hits = hits.reshape(n, extra)
     d2 = ((points[hits] - points[:, None]) ** 2).sum(axis=-1)       # exact for integer pixel coords
+    is_self = hits == np.arange(n)[:, None]
+    d2[is_self] = np.inf                                             # self last, then dropped
     rank = np.lexsort((hits, d2), axis=-1)
     hits, d2 = np.take_along_axis(hits, rank, -1), np.take_along_axis(d2, rank, -1)
-    not_self = hits != np.arange(n)[:, None]
-    # Each row holds itself once (distance 0), unless duplicates pushed it past the k+extra hits.
-    neighbours = np.empty((n, k), dtype=np.int64)
-    for a in range(n):
-        row, row_d2 = hits[a][not_self[a]], d2[a][not_self[a]]
-        if extra < n and row_d2[-1] <= row_d2[k - 1]:
-            candidates = np.asarray(tree.query_ball_point(points[a], np.sqrt(row_d2[k - 1]) * (1 + 1e-9) + 1e-9))
+    neighbours = hits[:, :k].copy()
+    if extra < n:
+        # Rows whose farthest hit (other than self) ties the k-th neighbour may have more tied
+        # patches beyond the query: redo those with a radius query.
+        last = np.where(is_self.any(axis=1), extra - 2, extra - 1)
+        for a in np.flatnonzero(d2[np.arange(n), last] <= d2[:, k - 1]):
+            candidates = np.asarray(tree.query_ball_point(points[a], np.sqrt(d2[a, k - 1]) * (1 + 1e-9) + 1e-9))
             cd2 = ((points[candidates] - points[a]) ** 2).sum(axis=1)
             row = candidates[np.lexsort((candidates, cd2))]
-            row = row[row != a]
-        neighbours[a] = row[:k]
+            neighbours[a] = row[row != a][:k]
     return np.stack([np.repeat(np.arange(n, dtype=np.int64), k), neighbours.reshape(-1)])
 
 
