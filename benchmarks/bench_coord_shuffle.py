@@ -21,8 +21,9 @@ and seed) runs twice through the pipeline's own ``cross_validate``:
 Reported: pooled out-of-fold AUC with its 95% CI for both, and the difference. A model that does not
 lose AUC when its layout is destroyed is not using the layout on this cohort (the hard demo's
 lesions are 1-4 patches: a per-patch signal that needs no layout). ``--models`` takes any registered
-aggregator (add ``twodmamba`` when it exists). Reduced ``--folds`` / ``--epochs`` are stated in the
-report.
+aggregator (add ``twodmamba`` when it exists); add ``abmil`` as a control: it is permutation
+invariant and ignores coords, so its Δ is the run-to-run noise of training on reordered bags (dropout
+masks fall on other instances). Reduced ``--folds`` / ``--epochs`` are stated in the report.
 """
 
 from __future__ import annotations

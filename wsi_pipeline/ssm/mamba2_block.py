@@ -57,7 +57,7 @@ class GatedRMSNorm(nn.Module):
 
 SSD_IMPLS = ("chunked", "scan")
 # Steps per chunk of the chunked SSD form: its (T, T) intra-chunk matrices cost T per step, its
-# state pass (H, P, N) per chunk; 64 keeps both small on CPU (measured in benchmarks/bench_mil.py).
+# state pass (H, P, N) per chunk; 64 keeps both small (chosen, not tuned).
 SSD_CHUNK = 64
 
 
@@ -119,8 +119,8 @@ def ssd_scan(xBC: torch.Tensor, dt: torch.Tensor, conv_weight: torch.Tensor, con
 
     ``impl="scan"``: :func:`selective_scan` with the heads' scalars broadcast over their channels, as
     mamba-ssm's reference does (the ``_ref`` of this pair; any backend). ``"chunked"`` (default):
-    :func:`ssd_chunked`, the same numbers by matrix products, which on CPU is ~10-30x faster for
-    d_state 128 (the per-step loop of the scan runs over 1024 x 128 states)."""
+    :func:`ssd_chunked`, the same numbers by matrix products (about 3x faster on CPU for MamMIL's
+    layer at d_state 128, L = 1000, in one measurement on a loaded machine: BENCHMARKS.md)."""
     if impl not in SSD_IMPLS:
         raise ValueError(f"impl must be one of {SSD_IMPLS}, got {impl!r}")
     d_inner = xBC.shape[-1] - 2 * d_state

@@ -34,7 +34,7 @@ Options that are ours (defaults = upstream): ``context_drop`` (each layer's bran
 and training pass with this probability, as in MambaMIL; :class:`~.mil_layers.PreNormResidual`),
 ``final_norm``. ``bfs_seed`` seeds the BFS roots (upstream: unseeded ``random.choice``).
 ``ssd_impl``: ``"chunked"`` (default; the SSD matrix form in plain torch) or ``"scan"`` (our selective
-scan with the heads' A and dt broadcast: mamba-ssm's reference formulation, ~10x slower on CPU at
+scan with the heads' A and dt broadcast: mamba-ssm's reference formulation, about 3x slower on CPU at
 d_state 128); equal up to rounding (tests/models/test_mammil.py).
 
 Graphs are built from the coordinates and the features this model is given (so, in training, after
