@@ -31,7 +31,7 @@ from pathlib import Path
 
 IN_DIM = 1024
 WIDTH = 512
-MODELS = ("mambamil", "mambamil_noscan", "gmmamba", "transmil", "abmil")
+MODELS = ("mambamil", "mambamil_noscan", "gmmamba", "transmil", "abmil", "mammil", "mammil_scan")
 MODEL_CONFIGS = {
     # context_drop 0: its default (0.5) skips each Mamba layer on half the training passes at random,
     # so the timed pass would sometimes run no scan at all.
@@ -40,6 +40,10 @@ MODEL_CONFIGS = {
     "gmmamba": ("gmmamba", {"d_model": WIDTH}),
     "transmil": ("transmil", {"dim": WIDTH}),
     "abmil": ("abmil", {"hidden_dim": WIDTH}),
+    # MamMIL (issue 29): both built layers running, d_state 128; its Mamba-2 by the chunked SSD form
+    # (default) and by our selective scan with the heads' A and dt broadcast (ssd_impl "scan").
+    "mammil": ("mammil", {"d_model": WIDTH}),
+    "mammil_scan": ("mammil", {"d_model": WIDTH, "ssd_impl": "scan"}),
 }
 MILLION_RSS_LIMIT_MB = 16 * 1024
 MILLION_TIME_LIMIT_S = 300
@@ -88,11 +92,15 @@ def run_child(model_key: str, length: int) -> dict:
 
     step(*bag(min(length, 1000)))                         # warm-up: allocator, thread pool, kernels
     features, coords = bag(length)
-    kmeans_s = None
+    kmeans_s = graph_s = None
     if name == "gmmamba":
         start = time.perf_counter()
         model.groups(length, coords[0])
         kmeans_s = time.perf_counter() - start
+    if name == "mammil":   # kNN graph, spanning tree, orders: once per slide, then cached
+        start = time.perf_counter()
+        model.graph(features[0], coords[0])
+        graph_s = time.perf_counter() - start
     rss_before = peak_rss_mb()
     times = []
     for _ in range(passes(length)):
@@ -100,7 +108,8 @@ def run_child(model_key: str, length: int) -> dict:
         step(features, coords)
         times.append(time.perf_counter() - start)
     return {"model": model_key, "length": length, "seconds": min(times), "all_seconds": times,
-            "peak_rss_mb": peak_rss_mb(), "delta_rss_mb": peak_rss_mb() - rss_before, "kmeans_s": kmeans_s}
+            "peak_rss_mb": peak_rss_mb(), "delta_rss_mb": peak_rss_mb() - rss_before, "kmeans_s": kmeans_s,
+            "graph_s": graph_s}
 
 
 def measure(model_key: str, length: int, timeout_s: int) -> dict:
@@ -155,6 +164,15 @@ def render(results: list[dict], machine: dict, notes: list[str]) -> str:
     if kmeans:
         lines += ["", "GMMamba's k-means grouping (once per slide, then cached; not in the timings above): "
                   + ", ".join(f"{length_label(r['length'])}: {r['kmeans_s']:.2f} s" for r in kmeans) + "."]
+    mammil = [(length, ok[(m, length)]["seconds"] / ok[("mambamil", length)]["seconds"], m)
+              for (m, length) in ok if m.startswith("mammil") and ("mambamil", length) in ok]
+    if mammil:
+        lines += ["", "MamMIL vs MambaMIL (same run):", "", "| L | model | / MambaMIL |", "|---:|---|---:|"]
+        lines += [f"| {length_label(length)} | {m} | {ratio:.2f}× |" for length, ratio, m in sorted(mammil)]
+    graphs = [r for r in ok.values() if r.get("graph_s") is not None]
+    if graphs:
+        lines += ["", "MamMIL's graph and orders (once per slide, then cached; not in the timings above): "
+                  + ", ".join(f"{length_label(r['length'])}: {r['graph_s']:.2f} s" for r in graphs) + "."]
     if notes:
         lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"

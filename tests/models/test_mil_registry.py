@@ -12,7 +12,7 @@ from .small_models import grid_coords, make_small
 
 IN_DIM = 24
 N_CLASSES = 3
-MAMBA_MODELS = ("mambamil", "bimamba_mil", "mamba_mil", "gmmamba", "fmamil")
+MAMBA_MODELS = ("mambamil", "bimamba_mil", "mamba_mil", "gmmamba", "fmamil", "mammil")
 
 
 def test_issue_5_models_are_registered():
@@ -84,7 +84,7 @@ def test_permutation_invariant_baselines(name):
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["mambamil", "bimamba_mil", "mamba_mil", "gmmamba"])
+@pytest.mark.parametrize("name", ["mambamil", "bimamba_mil", "mamba_mil", "gmmamba", "mammil"])
 @pytest.mark.parametrize("with_coords", [False, True], ids=["no_coords", "coords"])
 def test_sequence_models_depend_on_instance_order(name, with_coords):
     original, shuffled, _ = shuffled_outputs(name, with_coords)

@@ -170,3 +170,18 @@ def test_branched_block_with_segmambas_three_scans_fwd_bwd():
     assert torch.isfinite(x.grad).all()
     assert all(branch.A_log.grad is not None and branch.A_log.grad.abs().sum() > 0 for branch in block.branches)
 
+
+
+def test_explicit_order_applies_its_permutation_and_undoes_it():
+    from wsi_pipeline.ssm import Explicit
+
+    index = torch.tensor([2, 0, 3, 1])
+    x = torch.arange(8.0).view(1, 4, 2)
+    for order, expected in ((Explicit(index), [2, 0, 3, 1]), (Explicit(index, reverse=True), [1, 3, 0, 2])):
+        scanned = order.apply(x)
+        assert scanned[0, :, 0].div(2).long().tolist() == expected
+        assert torch.equal(order.undo(scanned, 4), x)
+    with pytest.raises(ValueError, match="permutation"):
+        Explicit([0, 0, 1])
+    with pytest.raises(ValueError, match="sequence of 5"):
+        Explicit(index).apply(torch.zeros(1, 5, 2))

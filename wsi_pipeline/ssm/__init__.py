@@ -5,12 +5,13 @@ kernels on GPU."""
 from wsi_pipeline.ssm.backend import resolve_backend, set_backend, use_backend
 from wsi_pipeline.ssm.conv1d import causal_conv1d
 from wsi_pipeline.ssm.mamba_block import BranchedMambaBlock, MambaBlock, MultiOrderMamba, SSMBranch
-from wsi_pipeline.ssm.orders import (Identity, Raster2D, Raster3D, Reverse, ScanOrder, SliceStride, Stride,
+from wsi_pipeline.ssm.orders import (Explicit, Identity, Raster2D, Raster3D, Reverse, ScanOrder, SliceStride, Stride,
                                      raster3d_orders, segmamba_orders, ss2d_orders)
 from wsi_pipeline.ssm.scan import selective_scan, selective_scan_native, selective_scan_ref
 
 __all__ = [
     "BranchedMambaBlock",
+    "Explicit",
     "Identity",
     "MambaBlock",
     "MultiOrderMamba",

@@ -14,6 +14,8 @@ An order maps a length-L sequence to a (possibly zero-padded) length-L' sequence
   forwards or backwards; ``"zyx"`` is the identity.
 - :class:`SliceStride`: SegMamba's inter-slice scan: the tokens at one in-slice position (y, x) in
   every slice, one after the other (``Raster3D`` ``"yxz"``; ``Stride(h * w)`` without padding).
+- :class:`Explicit`: a stored permutation (MamMIL's graph orders: DFS / BFS over a spanning tree),
+  optionally read back to front.
 """
 
 from __future__ import annotations
@@ -186,3 +188,35 @@ def segmamba_orders(depth: int, height: int, width: int) -> list[ScanOrder]:
     return [Raster3D(depth, height, width, "zyx"), Raster3D(depth, height, width, "zyx_rev"),
             SliceStride(depth, height, width)]
 
+
+
+class Explicit(ScanOrder):
+    """A given permutation of the L positions: scanned position j reads input position ``index[j]``.
+
+    For orders computed from data (MamMIL's DFS / BFS traversals of a patch graph), so an order is
+    built per bag. ``reverse`` reads it back to front (the backward branch of a bidirectional scan).
+    No padding; the permutation must hold each of 0 .. L-1 exactly once (checked once, here).
+    """
+
+    def __init__(self, index, reverse: bool = False):
+        index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+        if not torch.equal(torch.sort(index).values, torch.arange(len(index))):
+            raise ValueError(f"Explicit order needs a permutation of 0..{len(index) - 1}")
+        self.index = index.flip(0) if reverse else index
+        self.reverse = reverse
+        self._inverse = torch.argsort(self.index)
+
+    def _check(self, length):
+        if length != len(self.index):
+            raise ValueError(f"Explicit order of {len(self.index)} positions applied to a sequence of {length}")
+
+    def forward_index(self, length):
+        self._check(length)
+        return self.index
+
+    def inverse_index(self, length):
+        self._check(length)
+        return self._inverse
+
+    def __repr__(self) -> str:
+        return f"Explicit(length={len(self.index)}, reverse={self.reverse})"
