@@ -18,6 +18,7 @@ SMALL_CONFIGS = {
     "mamba_mil": SSM_SMALL,
     "gmmamba": {**SSM_SMALL, "n_groups": 4, "n_heads": 4, "attention_dim": 16},
     "fmamil": {**SSM_SMALL, "filter_size": 8, "attention_dim": 16},
+    "twodmamba": {**SSM_SMALL, "attention_dim": 16},
 }
 
 

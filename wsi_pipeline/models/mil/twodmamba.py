@@ -74,13 +74,14 @@ class Mamba2DMixer(MambaBlock):
         x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", backend=self.backend)
         dt, B, C = torch.split(self.x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt @ self.dt_proj.weight.t()                                           # (B, H·W, d_inner)
+        # A and D in fp32 as upstream (and mamba-ssm); dt_proj's bias in the layer's dtype, as its Linear.
 
         def to_grid(t):   # (B, H·W, X) -> (B, X, H, W)
             return t.transpose(1, 2).reshape(batch, -1, height, width)
 
         y = selective_scan_2d(x.reshape(batch, -1, height, width), to_grid(delta), -torch.exp(self.A_log.float()),
                               to_grid(B), to_grid(C), self.D.float(), z=z.reshape(batch, -1, height, width),
-                              delta_bias=self.dt_proj.bias.float(), delta_softplus=True, backend=self.backend)
+                              delta_bias=self.dt_proj.bias, delta_softplus=True, backend=self.backend)
         return self.out_proj(y.permute(0, 2, 3, 1))
 
 
