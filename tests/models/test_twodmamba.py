@@ -245,3 +245,18 @@ def test_trains_the_pad_token_and_every_layer(small):
     assert model.pad_token.grad is not None and model.pad_token.grad.abs().sum() > 0
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_paper_preset_is_upstreams_model_and_recipe():
+    from pathlib import Path
+
+    from wsi_pipeline.config import load_config
+
+    text = (Path(__file__).resolve().parents[2] / "configs" / "models" / "twodmamba_paper.yaml")
+    train = load_config(text).train
+    assert "github.com/AtlasAnalyticsLab/2DMamba @ 9fe12aa" in text.read_text()
+    ours = create_aggregator(train.model, 1024, 3, **train.model_args)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in UpMambaMIL2D(n_classes=3).parameters())
+    assert all(m.mixer.dt_proj.bias.abs().max() == 0 for m in ours.layers)      # upstream's init wipes it
+    assert (train.optimizer, train.lr, train.weight_decay, train.lr_schedule, train.epochs, train.patience) \
+        == ("adamw", 1e-4, 1e-5, "cosine", 20, 20)
