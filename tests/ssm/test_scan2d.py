@@ -43,7 +43,10 @@ def test_fast_scan_equals_the_recurrence_fp64(shape):
         torch.testing.assert_close(fast[1][name], ref[1][name], rtol=1e-11, atol=1e-11, msg=name)
 
 
-def test_fast_scan_in_fp32_through_the_cpu_kernel_matches_the_fp64_recurrence():
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["cpu_kernel", "pytorch_scan"])
+def test_fast_scan_in_fp32_matches_the_fp64_recurrence(kernel, monkeypatch):
+    """Through the CPU kernel (default) and through torch ops alone (the path a GPU without mamba-ssm runs)."""
+    monkeypatch.setenv("WSI_SSM_CPU_KERNEL", kernel)
     inputs64 = make_inputs(height=6, width=11, seed=3)
     inputs32 = {k: v.detach().float() for k, v in inputs64.items()}
     fast, ref = outputs_and_grads(selective_scan_2d, inputs32), outputs_and_grads(selective_scan_2d_ref, inputs64)
