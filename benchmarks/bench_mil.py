@@ -6,8 +6,10 @@ Run: .venv/bin/python benchmarks/bench_mil.py [--lengths 1000 10000 100000] [--m
 Every (model, bag length) is measured in a fresh subprocess, so its peak resident memory
 (``getrusage(RUSAGE_SELF).ru_maxrss``) belongs to that measurement alone; tracemalloc would miss
 torch's allocations. Models: mambamil, gmmamba, transmil, abmil at in_dim 1024 and width 512 (their
-defaults otherwise), plus ``mambamil_noscan``: MambaMIL with the selective scan replaced by
-``u * silu(z)`` (same shapes, no recurrence) — MambaMIL / no-scan is the cost of the scan itself.
+defaults otherwise), twodmamba at its own defaults (d_model 128, 1 layer, as upstream; bags up to
+30k), plus ``mambamil_noscan``: MambaMIL with the selective scan replaced by ``u * silu(z)``
+(same shapes, no recurrence) — MambaMIL / no-scan is the cost of the scan itself. The scan runs as
+by default (the CPU kernel where it builds; ``WSI_SSM_CPU_KERNEL=0`` measures the PyTorch scan).
 
 Each child builds the model and a bag (features (1, L, 1024), distinct grid coordinates), runs one
 warm-up pass on a 1,000-instance bag, then times forward + backward of the full bag (fastest of 3
@@ -31,7 +33,10 @@ from pathlib import Path
 
 IN_DIM = 1024
 WIDTH = 512
-MODELS = ("mambamil", "mambamil_noscan", "gmmamba", "transmil", "abmil", "mammil", "mammil_scan")
+MODELS = ("mambamil", "mambamil_noscan", "gmmamba", "transmil", "abmil", "mammil", "mammil_scan", "twodmamba")
+# The 2-D scan holds d_inner * d_state values per grid cell (a bag of L here has ~2L cells) a few
+# times over: at 100k instances ~10 GB at its default width. Longer bags are skipped (noted).
+TWOD_MAX_LENGTH = 30_000
 MODEL_CONFIGS = {
     # context_drop 0: its default (0.5) skips each Mamba layer on half the training passes at random,
     # so the timed pass would sometimes run no scan at all.
@@ -44,6 +49,8 @@ MODEL_CONFIGS = {
     # (default) and by our selective scan with the heads' A and dt broadcast (ssd_impl "scan").
     "mammil": ("mammil", {"d_model": WIDTH}),
     "mammil_scan": ("mammil", {"d_model": WIDTH, "ssd_impl": "scan"}),
+    # 2DMamba at upstream's own width (d_model 128, 1 layer; main.py), its tight grid (the bag's box).
+    "twodmamba": ("twodmamba", {}),
 }
 MILLION_RSS_LIMIT_MB = 16 * 1024
 MILLION_TIME_LIMIT_S = 300
@@ -160,6 +167,12 @@ def render(results: list[dict], machine: dict, notes: list[str]) -> str:
         lines += ["", "MambaMIL vs the same model without the selective scan (goal ≤ 1.5×):", "",
                   "| L | MambaMIL / no-scan |", "|---:|---:|"]
         lines += [f"| {length_label(length)} | {ratio:.2f}× |" for length, ratio in sorted(ratios)]
+    twod = [(length, ok[("twodmamba", length)]["seconds"] / ok[("mambamil", length)]["seconds"])
+            for (model, length) in ok if model == "twodmamba" and ("mambamil", length) in ok]
+    if twod:
+        lines += ["", "2DMamba (d_model 128, 1 layer, its defaults) vs MambaMIL (d_model 512, 2 layers):", "",
+                  "| L | 2DMamba / MambaMIL |", "|---:|---:|"]
+        lines += [f"| {length_label(length)} | {ratio:.2f}× |" for length, ratio in sorted(twod)]
     kmeans = [r for r in ok.values() if r.get("kmeans_s") is not None]
     if kmeans:
         lines += ["", "GMMamba's k-means grouping (once per slide, then cached; not in the timings above): "
@@ -201,6 +214,10 @@ def main() -> None:
     results, notes = [], []
     for length in sorted(args.lengths):
         for model in args.models:
+            if model == "twodmamba" and length > TWOD_MAX_LENGTH:
+                notes.append(f"twodmamba at {length_label(length)} was not run (over {TWOD_MAX_LENGTH} instances: "
+                             "the 2-D scan's per-cell states need ~0.1 MB per instance at d_model 128).")
+                continue
             result = measure(model, length, args.timeout)
             results.append(result)
             print(json.dumps(result), flush=True)

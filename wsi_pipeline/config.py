@@ -148,11 +148,14 @@ class ExtractConfig:
 # stage's module documents its keys in configs/default.yaml.
 # Optimizers train.optimizer may name (training/trainer.py builds them).
 OPTIMIZERS = ("adamw", "adam", "radam")
+# Learning-rate schedules train.lr_schedule may name (training/trainer.py).
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Registered aggregator: mambamil, bimamba_mil, mamba_mil, gmmamba, fmamil, abmil, transmil, mean, max.
+    # Registered aggregator: mambamil, bimamba_mil, mamba_mil, gmmamba, fmamil, twodmamba, abmil, transmil,
+    # mean, max.
     # It names the folders RUN/mil/{model}/ and RUN/heatmaps/{model}/ (name rule: wsi_pipeline.names).
     model: str = "mambamil"
     # Extra keyword arguments for the aggregator (e.g. {rate: 10, d_model: 512}).
@@ -171,6 +174,9 @@ class TrainConfig:
     min_epochs: int = 0
     # Linear learning-rate warm-up over the first this many epochs (0: none).
     warmup_epochs: int = 0
+    # constant, or cosine: lr * (1 + cos(pi * k / epochs)) / 2 in epoch k = 0, 1, ... (PyTorch's
+    # CosineAnnealingLR stepped per epoch, T_max = epochs, eta_min 0: 2DMamba's recipe).
+    lr_schedule: str = "constant"
     # Instance-level top-k cross-entropy added to the slide loss with this weight (0: off); needs
     # instance logits (fmamil, mean, max). instance_topk: instances averaged per class.
     instance_loss_weight: float = 0.0
@@ -250,6 +256,8 @@ class TrainConfig:
             raise ConfigError("train.min_delta: must be >= 0")
         if self.min_epochs < 0:
             raise ConfigError("train.min_epochs: must be >= 0 (0: early stopping at any epoch)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule: must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer: must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.instance_loss_weight < 0:

@@ -19,6 +19,7 @@ SMALL_CONFIGS = {
     "gmmamba": {**SSM_SMALL, "n_groups": 4, "n_heads": 4, "attention_dim": 16},
     "fmamil": {**SSM_SMALL, "filter_size": 8, "attention_dim": 16},
     "mammil": {"d_model": 16, "d_state": 4, "expand": 1, "headdim": 8, "attention_dim": 16, "active_layers": 1},
+    "twodmamba": {**SSM_SMALL, "attention_dim": 16},
 }
 
 

@@ -12,7 +12,7 @@ from .small_models import grid_coords, make_small
 
 IN_DIM = 24
 N_CLASSES = 3
-MAMBA_MODELS = ("mambamil", "bimamba_mil", "mamba_mil", "gmmamba", "fmamil", "mammil")
+MAMBA_MODELS = ("mambamil", "bimamba_mil", "mamba_mil", "gmmamba", "fmamil", "mammil", "twodmamba")
 
 
 def test_issue_5_models_are_registered():

@@ -1,7 +1,9 @@
-"""The opt-in fused CPU scan (WSI_SSM_CPU_KERNEL=1): same results as ref (and the PyTorch scan) in
-every flag combination, across its chunk boundaries, with a carried initial state; off by default;
-inputs it does not cover run the PyTorch scan."""
+"""The fused CPU scan (on by default; WSI_SSM_CPU_KERNEL=0 forces the PyTorch scan): same results as
+ref (and the PyTorch scan) in every flag combination, across its chunk boundaries, with a carried
+initial state; NaN propagates despite -ffast-math; concurrent builds share nothing; inputs it does not
+cover run the PyTorch scan."""
 
+import os
 import shutil
 
 import pytest
@@ -22,10 +24,59 @@ def kernel_on(monkeypatch):
         pytest.fail("a C compiler is present but the kernel did not build")
 
 
-def test_off_by_default(monkeypatch):
-    monkeypatch.delenv(cpu_kernel.ENV_VAR, raising=False)
+@needs_compiler
+def test_on_by_default_and_off_by_the_env_var(monkeypatch):
     inputs = make_inputs(1, 4, 10, 3, True, True, True, True, True)
-    assert not cpu_kernel.applies(**inputs, initial_state=None)
+    monkeypatch.delenv(cpu_kernel.ENV_VAR, raising=False)
+    assert cpu_kernel.applies(**inputs, initial_state=None)
+    for off in ("0", "off", "False", " no "):
+        monkeypatch.setenv(cpu_kernel.ENV_VAR, off)
+        assert not cpu_kernel.applies(**inputs, initial_state=None), off
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["u", "delta", "A", "B", "C", "z", "delta_bias"])
+def test_a_nan_input_gives_nan_outputs_as_the_pytorch_scan(kernel_on, monkeypatch, name):
+    """-ffast-math lets gcc assume no NaN; the kernel's exp and log clamp their arguments, which
+    turned a NaN delta into a finite output (a diverged run looked healthy). NaN is tested on bits."""
+    inputs = {k: v.detach().clone() if v is not None else None
+              for k, v in make_inputs(1, 8, 40, 4, True, True, True, True, True, seed=3).items()}
+    inputs[name].view(-1)[5] = float("nan")
+    kernel = selective_scan_native(**inputs, delta_softplus=True)
+    monkeypatch.setenv(cpu_kernel.ENV_VAR, "0")
+    torch_scan = selective_scan_native(**inputs, delta_softplus=True)
+    assert torch.isnan(torch_scan).any()
+    assert torch.equal(torch.isnan(kernel), torch.isnan(torch_scan))
+
+
+@needs_compiler
+def test_concurrent_first_builds_share_no_file(monkeypatch, tmp_path):
+    """Parallel jobs start at once: each build is private (its own 0700 temp dir, removed after
+    loading), so none reads another's half-written library and nothing is left behind."""
+    import concurrent.futures
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def recording_mkdtemp(*args, **kwargs):
+        path = real_mkdtemp(*args, **kwargs)
+        seen.append((path, os.stat(path).st_mode & 0o777))
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:      # ctypes and cc release the GIL
+        libs = list(pool.map(lambda _: cpu_kernel._build_and_load(), range(3)))
+    assert all(lib is not None for lib in libs)
+    assert len({path for path, _ in seen}) == 3 and all(mode == 0o700 for _, mode in seen)
+    assert list(tmp_path.iterdir()) == []
+    inputs = make_inputs(1, 4, 20, 3, True, True, True, True, True)
+    outs = []
+    for lib in libs:
+        monkeypatch.setattr(cpu_kernel, "load", lambda lib=lib: lib)
+        outs.append(selective_scan_native(**inputs, delta_softplus=True).detach())
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @needs_compiler

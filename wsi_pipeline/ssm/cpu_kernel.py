@@ -1,4 +1,4 @@
-"""Opt-in fused CPU selective scan: one C function for the forward, one for the backward.
+"""Fused CPU selective scan, on by default: one C function for the forward, one for the backward.
 
 Why: the ``native`` scan in PyTorch makes ~21 passes over every (T, N, D) chunk per forward +
 backward (each op is one pass), which bounds it at ~1 CPU-s per 10k x 1024 x 16 scan on one core.
@@ -6,18 +6,24 @@ Fused, the state stays in cache and each step is one sweep: 0.35-0.40 CPU-s for 
 (2.5-3x), which brings MambaMIL's CPU fwd+bwd to 1.2-1.3x the no-scan model, from 1.8-2.0x
 (benchmarks/results/scan_round2.md).
 
-Off by default: it needs a C compiler at run time. ``WSI_SSM_CPU_KERNEL=1`` turns it on; the first
-scan in a process then compiles the source below with ``$CC`` (else ``cc``) into a private temporary
-directory (mode 0700, removed after loading; ~0.2 s) and loads it with ctypes. Nothing is cached on
-disk, so parallel jobs never share or race on a build. If it cannot be built or loaded (no
-compiler, a compile error, an unwritable or noexec temp dir, a broken library), one warning says why
-and the PyTorch scan runs, as it does for everything the kernel does not cover: tensors not on the
-CPU, dtypes other than fp32, input-independent (2-D) B or C.
+Default on (issue 29 item 6); ``WSI_SSM_CPU_KERNEL=0`` (or off / false / no) forces the PyTorch
+scan. The first scan in a process compiles the source below with ``$CC`` (else ``cc``) into a
+private temporary directory (``tempfile``, mode 0700, under ``$TMPDIR``; removed after loading;
+~0.2 s) and loads it with ctypes. Nothing is cached on disk and no path is shared, so parallel jobs
+(Snakemake, SLURM arrays) starting at once never share, race on or half-read a build: each process
+owns its copy (tested with concurrent builds). If it cannot be built or loaded (no compiler, a
+compile error, an unwritable or noexec temp dir, a broken library), ONE warning per process says
+why and the PyTorch scan runs, as it does for everything the kernel does not cover: tensors not on
+the CPU, dtypes other than fp32, input-independent (2-D) B or C.
 
-Numerics: fp32 throughout, compiled with ``-ffast-math`` (gcc vectorises the exp loops only so) and
-a Cephes-style exp (~2 ulp); it matches ``ref`` within mamba-ssm's fp32 tolerances in every flag
-combination (tests/ssm/test_cpu_kernel.py), and the PyTorch scan to ~3e-6 relative on MambaMIL-sized
-gradients. Single-threaded per sequence (a bag is one sequence); deterministic.
+Numerics: fp32 throughout, compiled with ``-ffast-math`` (gcc vectorises the exp loops only so;
+without it the scan is ~4x slower) and a Cephes-style exp (~2 ulp); it matches ``ref`` within
+mamba-ssm's fp32 tolerances in every flag combination (tests/ssm/test_cpu_kernel.py), and the
+PyTorch scan to ~3e-6 relative on MambaMIL-sized gradients. What fast-math could break is kept
+safe: the library is linked without it (no crtfastmath.o, whose constructor would set
+flush-to-zero for the whole process), and NaN is tested on the bits, not with float comparisons the
+compiler may fold, so a NaN anywhere in the inputs gives NaN outputs as the PyTorch scan does (a
+diverged run stays visible). Single-threaded per sequence (a bag is one sequence); deterministic.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 
 import torch
@@ -40,12 +47,33 @@ CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC")
 # constructor sets flush-to-zero / denormals-are-zero for the whole process when the library loads,
 # which would silently change every other float computation of the run (torch's included).
 LDFLAGS = ("-shared",)
+# Every fallback warning names the switch (tests find the warning by it) and how to silence it.
+FALLBACK_HINT = f"same results, slower; {ENV_VAR}=0 silences this"
 
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
+/* NaN tests on the bits: -ffast-math lets the compiler assume no float is NaN, so a float
+   comparison (x != x) could be folded away; an integer one cannot. */
+static inline int32_t is_nan(float v) {
+    union { float f; int32_t i; } b;
+    b.f = v;
+    return (b.i & 0x7fffffff) > 0x7f800000;
+}
+
+/* when ? a : b as a bit blend, so the loops stay branch-free (and vectorised) */
+static inline float pick(int32_t when, float a, float b) {
+    union { float f; int32_t i; } ua, ub;
+    ua.f = a;
+    ub.f = b;
+    const int32_t m = -when;
+    ub.i = (ua.i & m) | (ub.i & ~m);
+    return ub.f;
+}
+
 static inline float fexp(float x) {
+    const float x_in = x;
     x = x < -87.f ? -87.f : x;
     x = x > 88.f ? 88.f : x;
     float fx = x * 1.44269504088896341f + 0.5f;
@@ -62,12 +90,13 @@ static inline float fexp(float x) {
     p = p * r * r + r + 1.0f;
     union { int32_t i; float f; } e;
     e.i = (ni + 127) << 23;
-    return p * e.f;
+    return pick(is_nan(x_in), x_in, p * e.f);    /* the clamps above would turn a NaN into a number */
 }
 
-static inline float flog(float v) {   /* natural log for v >= 1 (1 + exp(x)) */
+static inline float flog(float v) {   /* natural log for v >= 1 (1 + exp(x)); NaN and inf pass through */
     union { float f; int32_t i; } b;
     b.f = v;
+    const int32_t special = ((b.i >> 23) & 255) == 255;
     int32_t ex = ((b.i >> 23) & 255) - 127;
     b.i = (b.i & 0x007fffff) | 0x3f800000;
     float m = b.f;
@@ -77,7 +106,7 @@ static inline float flog(float v) {   /* natural log for v >= 1 (1 + exp(x)) */
     float r = (m - 1.f) / (m + 1.f), r2 = r * r;
     float s = r * (2.f + r2 * (0.6666666667f + r2 * (0.4f + r2 * (0.2857142857f + r2 * (0.2222222222f
               + r2 * (0.1818181818f + r2 * 0.1538461538f))))));
-    return s + (float)ex * 0.69314718056f;
+    return pick(special, v, s + (float)ex * 0.69314718056f);
 }
 
 static inline float sigm(float x) { return 1.f / (1.f + fexp(-x)); }
@@ -236,30 +265,45 @@ void wsi_scan_bwd(int64_t L, int64_t D, int64_t N, int64_t T, const float *u, co
 """
 
 
+OFF_VALUES = ("0", "off", "false", "no")
+
+
 def requested() -> bool:
-    """Whether the environment asks for the kernel (``WSI_SSM_CPU_KERNEL`` = 1 / on / true / yes)."""
-    return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "on", "true", "yes")
+    """Whether the kernel is wanted: yes unless ``WSI_SSM_CPU_KERNEL`` is 0 / off / false / no."""
+    return os.environ.get(ENV_VAR, "").strip().lower() not in OFF_VALUES
 
 
-@functools.lru_cache(maxsize=1)
+_LOAD_LOCK = threading.Lock()
+
+
 def load():
     """The compiled library, or None (with one warning) when it cannot be built or loaded here:
     no compiler, a compile error, a temp dir that cannot be written or is mounted noexec, a
     library the loader refuses (a broken compiler's output) or that lacks the kernel's symbols.
-    Any of these falls back to the PyTorch scan; it never fails the caller's training."""
+    Any of these falls back to the PyTorch scan; it never fails the caller's training. Built once
+    per process: threads scanning at once wait for the one build (and its one warning)."""
+    with _LOAD_LOCK:
+        return _load_once()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_once():
     try:
         return _build_and_load()
     except Exception as exc:  # noqa: BLE001 — whatever the build or the loader raised: fall back
-        warnings.warn(f"{ENV_VAR}=1 but the scan kernel could not be loaded: {type(exc).__name__}: {exc}; "
-                      "using the PyTorch scan", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"the CPU scan kernel could not be loaded: {type(exc).__name__}: {exc}; using the "
+                      f"PyTorch scan ({FALLBACK_HINT})", RuntimeWarning, stacklevel=2)
         return None
+
+
+load.cache_clear = _load_once.cache_clear   # forget the build (tests; a changed $CC)
 
 
 def _build_and_load():
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        warnings.warn(f"{ENV_VAR}=1 but no C compiler (cc, gcc or $CC) was found; using the PyTorch scan",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(f"the CPU scan kernel needs a C compiler (cc, gcc or $CC) and none was found; using the "
+                      f"PyTorch scan ({FALLBACK_HINT})", RuntimeWarning, stacklevel=3)
         return None
     with tempfile.TemporaryDirectory(prefix="wsi_ssm_kernel_") as build:
         source, objects = os.path.join(build, "scan.c"), os.path.join(build, "scan.o")
@@ -277,8 +321,8 @@ def _build_and_load():
         except OSError as exc:    # e.g. $CC names no executable
             error = str(exc)
         if error is not None:
-            warnings.warn(f"{ENV_VAR}=1 but the scan kernel did not compile ({compiler}): {error}; "
-                          "using the PyTorch scan", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"the CPU scan kernel did not compile ({compiler}): {error}; using the PyTorch scan "
+                          f"({FALLBACK_HINT})", RuntimeWarning, stacklevel=3)
             return None
         lib = ctypes.CDLL(library)   # mapped in memory: the file can go with the directory
     p, i, c = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -290,7 +334,7 @@ def _build_and_load():
 
 
 def applies(u, delta, A, B, C, D, z, delta_bias, initial_state) -> bool:
-    """Whether the kernel is asked for, built, and covers these inputs (else the PyTorch scan runs)."""
+    """Whether the kernel is wanted (default), built, and covers these inputs (else the PyTorch scan runs)."""
     if not requested():
         return False
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]

@@ -182,6 +182,7 @@ def fold_config_hash(*, model_name: str, model_args: dict, classes, encoder: str
         **({"center_per_slide": True if train.center_per_slide == "mean" else train.center_per_slide}
            if train.center_per_slide else {}),
         **({"instance_dropout": train.instance_dropout} if train.instance_dropout else {}),
+        **({"lr_schedule": train.lr_schedule} if train.lr_schedule != "constant" else {}),
         **({"shuffle_instances": True} if train.shuffle_instances else {}),
         **({"optimizer": train.optimizer} if train.optimizer != "adamw" else {}),
         **({"min_epochs": train.min_epochs} if train.min_epochs else {}),
@@ -278,7 +279,7 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
                     instance_loss_weight=train.instance_loss_weight, instance_topk=train.instance_topk,
                     min_delta=train.min_delta, instance_dropout=train.instance_dropout,
                     shuffle_instances=train.shuffle_instances, optimizer=train.optimizer,
-                    min_epochs=train.min_epochs)
+                    min_epochs=train.min_epochs, lr_schedule=train.lr_schedule)
             meta = {
                 "format_version": FOLD_FORMAT_VERSION,
                 "model": model_name, "in_dim": in_dim, "n_classes": len(classes), "classes": classes,

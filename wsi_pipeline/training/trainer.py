@@ -20,7 +20,8 @@ lesions of one or two patches it asks the instance CAM itself to single them out
 only the attention-pooled slide logits.
 Learning-rate warm-up: with `warmup_epochs` > 0 the rate rises linearly from lr/steps to lr over
 the optimizer steps of the first `warmup_epochs` epochs (a rare-positive cohort's first few bags
-otherwise push the attention towards whatever they happen to contain), then stays at lr.
+otherwise push the attention towards whatever they happen to contain), then stays at lr, or
+follows `lr_schedule: cosine` (per epoch, to 0 at the last, as PyTorch's CosineAnnealingLR).
 Bag augmentation (training passes only; validation, test and every consumer see whole bags in
 their order): `instance_dropout` drops that fraction of each bag's instances afresh every pass
 (at least one kept), `shuffle_instances` feeds them in a random order (for order-dependent scans).
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import logging
 import os
 import random
@@ -177,12 +179,22 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.
     raise ValueError(f"optimizer must be adamw, adam or radam, got {name!r}")
 
 
+def lr_factor(step: int, warmup_steps: int, steps_per_epoch: int, epochs: int, schedule: str) -> float:
+    """The multiplier of lr at optimizer step ``step`` (0-based): the warm-up ramp times the schedule;
+    cosine follows the epoch, as CosineAnnealingLR(T_max=epochs) stepped once per epoch."""
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "cosine":
+        factor *= 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch) / epochs))
+    return factor
+
+
 def train_fold(model, train_bags, val_bags, *, n_classes: int,
                lr: float, weight_decay: float, epochs: int, patience: int, balance: str,
                grad_accumulation: int, seed: int, device: torch.device, progress: bool = False,
                desc: str = "train", warmup_epochs: int = 0, instance_loss_weight: float = 0.0,
                instance_topk: int = 2, min_delta: float = 0.0, instance_dropout: float = 0.0,
-               shuffle_instances: bool = False, optimizer: str = "adamw", min_epochs: int = 0) -> TrainResult:
+               shuffle_instances: bool = False, optimizer: str = "adamw", min_epochs: int = 0,
+               lr_schedule: str = "constant") -> TrainResult:
     """Fit `model` in place; on return it holds the best epoch's weights and is in eval mode.
 
     `train_bags` / `val_bags`: sequences of `Bag` or `BagSet`s (bags read from disk per step,
@@ -209,7 +221,7 @@ def train_fold(model, train_bags, val_bags, *, n_classes: int,
     steps_per_epoch = -(-len(train_bags) // grad_accumulation)
     warmup_steps = max(0, warmup_epochs) * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0)
+        optimizer, lambda step: lr_factor(step, warmup_steps, steps_per_epoch, epochs, lr_schedule))
     rng = np.random.default_rng(seed)
     sample_p = weights[labels] / weights[labels].sum()
 
