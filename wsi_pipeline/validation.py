@@ -180,14 +180,15 @@ def volume_encoder_problems(manifest: Manifest, cfg: Config) -> list[str]:
         return []
     spec = get_spec(name)
     params = cfg.volumes.instance_params()
-    smallest = params.smallest_box_vox()
+    smallest = params.smallest_box_vox(in_plane=spec.input_dims == 2)
     # Learned 2-D entries see the box resized to their input size; the others at its own size.
     if spec.input_dims == 2 and not spec.parameter_free:
         return []
     if smallest >= spec.min_input_px:
         return []
     v = cfg.volumes
-    geometry = (f"box_mm {v.box_mm}, slab_mm {v.slab_mm} at target_spacing_mm {v.target_spacing_mm}"
+    geometry = (f"box_mm {v.box_mm}, slab_mm {v.slab_mm}, coarse_scale_mm {v.coarse_scale_mm} at "
+                f"target_spacing_mm {v.target_spacing_mm}"
                 if v.patch_size_vox is None else f"patch_size_vox {v.patch_size_vox}, slice_step {v.slice_step}")
     return [f"volumes: the smallest instance box is {smallest} voxels ({geometry}), below the "
             f"{spec.min_input_px} {'voxels' if spec.input_dims == 3 else 'px'} encoder {name!r} accepts "

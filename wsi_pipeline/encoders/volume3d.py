@@ -14,11 +14,12 @@ the central box B (the instance) and the context shell S around it (the rest of 
   first order  mean, std, 10/50/90th percentile, min, max of B                       7
   context      mean, std, median of S; mean(B) - mean(S), mean(B) - median(S),
                mean(core) - mean(B) with core the central half of B (a focal blob
-               is brighter or darker at its centre than at the box's edge)             6
+               is brighter or darker at its centre than at the box's edge), and the
+               magnitudes of the last three (hypo- and hyperdense alike)               9
   texture      mean gradient magnitude and mean |Laplacian| (3-D central differences)
                in B, and log of the std of 2-voxel block means in B (structure
                beyond the voxel noise)                                                  3
-16 per channel (48 for three windows). Why context: a lesion is a focal difference from the organ
+19 per channel (57 for three windows). Why context: a lesion is a focal difference from the organ
 around it, and lesions in different organs span the same HU as other normal organs, so the box
 alone cannot tell a hyperdense kidney lesion from liver; its contrast with its own surroundings can.
 No weights, deterministic, cheap on a CPU; not a substitute for a trained 3-D network.
@@ -31,7 +32,7 @@ from torch import nn
 
 from .registry import EncoderSpec, register_encoder
 
-VOLUME_TEXTURE_PER_CHANNEL = 16
+VOLUME_TEXTURE_PER_CHANNEL = 19
 VOLUME_TEXTURE_CHANNELS = 3
 _EPS = 1e-6
 
@@ -59,7 +60,7 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class VolumeTextureFeatures(nn.Module):
-    """(B, C, D, H, W) in window units → (B, 16·C) descriptors (module docstring)."""
+    """(B, C, D, H, W) in window units → (B, 19·C) descriptors (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -91,9 +92,11 @@ class VolumeTextureFeatures(nn.Module):
         feats = [mean_b, inner.std(-1, unbiased=False), q[0], q[1], q[2], inner.amin(-1), inner.amax(-1),
                  mean_s, ring.std(-1, unbiased=False), median_s, mean_b - mean_s, mean_b - median_s,
                  centre.mean(-1) - mean_b,
+                 # Magnitudes too: hypo- and hyperdense lesions differ from their context in either sign.
+                 (mean_b - mean_s).abs(), (mean_b - median_s).abs(), (centre.mean(-1) - mean_b).abs(),
                  _masked(magnitude, box).mean(-1), _masked(laplacian.abs(), box).mean(-1),
                  torch.log(block_std + 1e-3)]
-        out = torch.stack(feats, dim=-1)                                 # (B, C, 16)
+        out = torch.stack(feats, dim=-1)                                 # (B, C, 19)
         return out.reshape(b, c * VOLUME_TEXTURE_PER_CHANNEL)
 
 

@@ -99,9 +99,10 @@ class VolumeInstanceParams:
         fine = (self.patch_size_vox, self.stride_vox, self.slice_step)
         return [fine] + ([tuple(int(v) for v in self.coarse)] if self.coarse is not None else [])
 
-    def smallest_box_vox(self) -> int:
-        """The smallest side of any scale's box, voxels (what an encoder's minimum input is checked against)."""
-        return min(min(p, t) for p, _, t in self.scales())
+    def smallest_box_vox(self, in_plane: bool = False) -> int:
+        """The smallest side of any scale's box, voxels (what an encoder's minimum input is checked
+        against); `in_plane`: of the in-plane box only (what a 2-D encoder's image is)."""
+        return min(p if in_plane else min(p, t) for p, _, t in self.scales())
 
     def config_hash(self) -> str:
         fields = asdict(self)
