@@ -532,14 +532,14 @@ class VolumesConfig:
     def __post_init__(self):
         if self.target_spacing_mm is not None:
             _positive("volumes.target_spacing_mm", self.target_spacing_mm)
-        vox = [getattr(self, n) for n in ("patch_size_vox", "stride_vox", "slice_step")]
-        if any(v is not None for v in vox) and any(v is None for v in vox):
-            raise ConfigError("volumes.patch_size_vox, stride_vox, slice_step: give all three (voxel "
-                              "geometry) or none (geometry from box_mm, stride_mm, slab_mm)")
         for name in ("patch_size_vox", "stride_vox", "slice_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"volumes.{name}: must be >= 1, got {value!r}")
+        vox = [getattr(self, n) for n in ("patch_size_vox", "stride_vox", "slice_step")]
+        if any(v is not None for v in vox) and any(v is None for v in vox):
+            raise ConfigError("volumes.patch_size_vox, stride_vox, slice_step: give all three (voxel "
+                              "geometry) or none (geometry from box_mm, stride_mm, slab_mm)")
         for name in ("box_mm", "stride_mm", "slab_mm"):
             _positive(f"volumes.{name}", getattr(self, name))
         if vox[0] is None and self.target_spacing_mm is None:

@@ -114,6 +114,13 @@ register_encoder(EncoderSpec(
 def _monai_resnet10(**overrides) -> nn.Module:
     """MONAI's ResNet-10 for 3-D single-channel input, no classification head (512-d pooled trunk),
     in the MedicalNet layout its `resnet10(pretrained=True)` loads: shortcut B, no downsample bias."""
+    import sys
+
+    if torch.get_default_device().type == "meta" and "monai" not in sys.modules:
+        # The checkpoint search (weights.meta_shapes, naming which entry a wrong file fits) builds
+        # every entry on the meta device; importing MONAI only for that costs ~10-20 s, so the
+        # entry joins the search once MONAI is loaded (the search skips builds that raise).
+        raise RuntimeError("MONAI not imported: left out of the checkpoint search")
     try:
         from monai.networks.nets import resnet10
     except ImportError:  # optional, as MONAI's own optional imports
