@@ -105,7 +105,8 @@ register_encoder(EncoderSpec(
     out_dim=VOLUME_TEXTURE_PER_CHANNEL * VOLUME_TEXTURE_CHANNELS,
     # Window units as they come: Encoder.normalise subtracts 0 and divides by 1.
     mean=(0.0,) * VOLUME_TEXTURE_CHANNELS, std=(1.0,) * VOLUME_TEXTURE_CHANNELS, parameter_free=True,
-    input_dims=3, min_input_px=2, input_size_px=0,  # min: box side, voxels
+    # input_size_px: the default geometry's input side (8-voxel box + context); fed at its own size.
+    input_dims=3, min_input_px=2, input_size_px=16,  # min: box side, voxels
     notes="3-D intensity, context-contrast and texture descriptors of a CT/MR instance, no weights "
           "(checkpoint: none); the offline volume demo's encoder",
     license="Apache-2.0", weights_license="none (no weights)", reference="this project"))
@@ -147,7 +148,7 @@ register_encoder(EncoderSpec(
     name="monai_resnet10_3d", build=_monai_resnet10, out_dim=512,
     # One channel: the first CT window of volumes.windows (instances.py), as [0, 1]; MedicalNet
     # normalised each scan to zero mean / unit std, which (x - 0.5) / 0.25 approximates in a window.
-    mean=(0.5,), std=(0.25,), input_dims=3, min_input_px=4, input_size_px=0,  # box 4: input 8, pooled to 1
+    mean=(0.5,), std=(0.25,), input_dims=3, min_input_px=4, input_size_px=16,  # box 4: input 8, pooled to 1
     convert_state_dict=_medicalnet_keys,
     notes="MONAI ResNet-10 3-D trunk (global average pooled, 512-d); weights from a local file, e.g. "
           "MedicalNet's resnet_10_23dataset.pth re-saved as safetensors, or MONAI's own state_dict",

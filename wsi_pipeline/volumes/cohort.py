@@ -124,7 +124,10 @@ def demo_config(epochs: int = 20, folds: int = 5, model: str = DEMO_MODEL, seed:
     train = raw.setdefault("train", {})
     train.update({"model": model, "folds": folds, "epochs": epochs, "seed": seed})
     if "mamba" not in model:
+        # The Mamba width and instance head (and so the instance top-k loss) are MambaMIL's.
         train["model_args"] = {}
+        train.pop("instance_loss_weight", None)
+        train.pop("instance_topk", None)
     return config_from_dict(raw, source=str(path))
 
 
