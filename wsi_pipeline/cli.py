@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cores", type=int, default=None, help="cores for the workflow (default: all)")
     p.add_argument("--generate-only", action="store_true", help="only write the cohort and its manifest")
+    p.add_argument("--hard", action="store_true",
+                   help="hard cohort: lesions of 6-12 mm radius, 25-40 HU, in liver, spleen or kidney; fluid, "
+                        "vessels and calcifications in every scan; calibration offsets; fine anisotropic grids")
 
     # One subcommand per stage, built from its description (stages/base.py: name, help, arguments).
     # Stage modules import torch lazily, inside run(), so `wsi-pipeline --help` stays fast.
@@ -105,9 +108,10 @@ def _dispatch(args) -> int:
         from .names import check_name
 
         result = run_volume_demo(args.out, n_patients=args.n, epochs=args.epochs, model=check_name(args.model, "--model"),
-                                 seed=args.seed, generate_only=args.generate_only, cores=args.cores)
+                                 seed=args.seed, generate_only=args.generate_only, cores=args.cores,
+                                 hard=args.hard)
         if args.generate_only:
-            print(f"demo volumes: {args.n} CT volumes; manifest {result}")
+            print(f"demo volumes: {args.n} {'hard ' if args.hard else ''}CT volumes; manifest {result}")
             return 0
         summary, code = result
         if summary is None:

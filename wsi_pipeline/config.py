@@ -510,13 +510,25 @@ class VolumesConfig:
     2.5-D instances (wsi_pipeline/volumes/instances.py) and how the heatmap stage explains it.
     The encoder is extract.encoder (any 2-D encoder sees each instance as one RGB image)."""
     # Isotropic voxel size the volume is resampled to before instances are cut (mm); null keeps
-    # the file's own spacing.
-    target_spacing_mm: float | None = 2.0
-    # In-plane box side and step (voxels of the resampled grid); slab thickness and step along the
-    # axial axis (slices).
-    patch_size_vox: int = 16
-    stride_vox: int = 8
-    slice_step: int = 4
+    # the file's own spacing (then the geometry must be given in voxels).
+    target_spacing_mm: float | None = 1.5
+    # Instance geometry in mm: in-plane box side and step, slab thickness (= its step) along the
+    # axial axis. The voxel numbers are derived on the target grid (rounded) and recorded in
+    # coords.h5 with these. 12 / 6 / 6 mm suits lesions of about 1 cm (a 1-2 cm lesion fills a box);
+    # whole-organ labels can take larger boxes (e.g. 32 / 16 / 8).
+    box_mm: float = 12.0
+    stride_mm: float = 6.0
+    slab_mm: float = 6.0
+    # Optional second, coarser scale in the same bag: [box_mm, stride_mm, slab_mm] (null: none).
+    # Each instance's scale is the coords.h5 dataset `scale`; heatmaps paint each with its own box.
+    coarse_scale_mm: list | None = None
+    # The geometry in voxels instead (all three, or none): overrides the mm keys when given.
+    patch_size_vox: int | None = None
+    stride_vox: int | None = None
+    slice_step: int | None = None
+    # CT windows in absolute HU, or relative to the scan (body_median: each window's centre moves by
+    # the body's median HU - 40, so a calibration offset moves the windows with the scan).
+    window_reference: str = "absolute"
     # windows: three CT windows of the slab's centre slice as RGB; slices: three neighbouring slices
     # in the first window. MR: the normalised slice(s).
     channels: str = "windows"
@@ -536,8 +548,30 @@ class VolumesConfig:
         if self.target_spacing_mm is not None:
             _positive("volumes.target_spacing_mm", self.target_spacing_mm)
         for name in ("patch_size_vox", "stride_vox", "slice_step"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"volumes.{name}: must be >= 1, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"volumes.{name}: must be >= 1, got {value!r}")
+        vox = [getattr(self, n) for n in ("patch_size_vox", "stride_vox", "slice_step")]
+        if any(v is not None for v in vox) and any(v is None for v in vox):
+            raise ConfigError("volumes.patch_size_vox, stride_vox, slice_step: give all three (voxel "
+                              "geometry) or none (geometry from box_mm, stride_mm, slab_mm)")
+        for name in ("box_mm", "stride_mm", "slab_mm"):
+            _positive(f"volumes.{name}", getattr(self, name))
+        if vox[0] is None and self.target_spacing_mm is None:
+            raise ConfigError("volumes.box_mm: geometry in mm needs volumes.target_spacing_mm (null keeps "
+                              "each file's spacing: give patch_size_vox, stride_vox, slice_step instead)")
+        if self.coarse_scale_mm is not None:
+            c = self.coarse_scale_mm
+            if not (isinstance(c, list) and len(c) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                and v > 0 for v in c)):
+                raise ConfigError(f"volumes.coarse_scale_mm: [box_mm, stride_mm, slab_mm] > 0 or null, got {c!r}")
+            if self.target_spacing_mm is None:
+                raise ConfigError("volumes.coarse_scale_mm: needs volumes.target_spacing_mm")
+            if c[0] <= self.box_mm:
+                raise ConfigError(f"volumes.coarse_scale_mm: its box ({c[0]} mm) must be larger than box_mm "
+                                  f"({self.box_mm} mm)")
+        if self.window_reference not in ("absolute", "body_median"):
+            raise ConfigError(f"volumes.window_reference: must be absolute or body_median, got {self.window_reference!r}")
         if self.channels not in ("windows", "slices"):
             raise ConfigError(f"volumes.channels: must be windows or slices, got {self.channels!r}")
         if not self.windows:
@@ -564,12 +598,18 @@ class VolumesConfig:
         """The instance settings as `volumes.instances.VolumeInstanceParams`."""
         from .volumes.instances import VolumeInstanceParams
 
-        return VolumeInstanceParams(
-            target_spacing_mm=self.target_spacing_mm, patch_size_vox=self.patch_size_vox,
-            stride_vox=self.stride_vox, slice_step=self.slice_step, channels=self.channels,
+        common = dict(
+            channels=self.channels,
             windows=tuple(w if isinstance(w, str) else tuple(float(v) for v in w) for w in self.windows),
             min_body_fraction=self.min_body_fraction, min_hu=self.min_hu,
-            mri_normalisation=self.mri_normalisation)
+            mri_normalisation=self.mri_normalisation, window_reference=self.window_reference)
+        if self.patch_size_vox is not None:
+            return VolumeInstanceParams(
+                target_spacing_mm=self.target_spacing_mm, patch_size_vox=self.patch_size_vox,
+                stride_vox=self.stride_vox, slice_step=self.slice_step, **common)
+        return VolumeInstanceParams.from_mm(
+            self.target_spacing_mm, self.box_mm, self.stride_mm, self.slab_mm,
+            coarse_mm=tuple(self.coarse_scale_mm) if self.coarse_scale_mm is not None else None, **common)
 
 
 @dataclass(frozen=True)

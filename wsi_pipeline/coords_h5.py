@@ -76,11 +76,12 @@ def write_coords_h5(path: str | Path, grid: TileGrid, *, slide_id: str, level0_w
 
 
 def write_instance_coords_h5(path: str | Path, coords: np.ndarray, tissue_fraction: np.ndarray,
-                             attrs: dict) -> None:
+                             attrs: dict, per_instance: dict | None = None) -> None:
     """Any source's instance coordinates: coords (N, k) int64 with k = 2 or 3, tissue_fraction (N,).
 
     `attrs` go on the `coords` dataset and on the file root (TRIDENT and CLAM read the dataset's,
-    other readers the root's); `coord_dims`, `n_patches` and `format_version` are added."""
+    other readers the root's); `coord_dims`, `n_patches` and `format_version` are added.
+    `per_instance`: more (N,) datasets by name (a volume's instance `scale`)."""
     coords = np.asarray(coords)
     if coords.ndim != 2 or coords.shape[1] not in COORD_DIMS:
         raise ValueError(f"coords must be (N, 2) or (N, 3), got {coords.shape}")
@@ -90,6 +91,10 @@ def write_instance_coords_h5(path: str | Path, coords: np.ndarray, tissue_fracti
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("coords", data=coords.astype(np.int64))
             f.create_dataset("tissue_fraction", data=np.asarray(tissue_fraction, dtype=np.float32))
+            for name, values in (per_instance or {}).items():
+                if len(values) != len(coords):
+                    raise ValueError(f"{len(values)} values of {name!r} for {len(coords)} coords")
+                f.create_dataset(name, data=np.asarray(values))
             for key, value in {**attrs, "coord_dims": int(coords.shape[1]), "n_patches": int(len(coords)),
                                "format_version": FORMAT_VERSION}.items():
                 ds.attrs[key] = value

@@ -52,6 +52,8 @@ def validate_run_inputs(manifest_path: str | Path, config_path: str | Path | Non
         if manifest is not None and model_ok:
             problems += volume_model_problems(manifest, model or cfg.train.model,
                                               model_key if model else "train.model")
+        if manifest is not None and not problems:
+            problems += volume_encoder_problems(manifest, cfg)
     if problems:
         raise InputsError(problems)
     return manifest, cfg
@@ -114,6 +116,8 @@ def stage_problems(stage, cfg: Config, manifest: Manifest, args) -> list[str]:
         problems += train_model_problems(cfg, model=model)
     if stage.name == "extract":  # the stages after it read features by the encoder's folder name only
         problems += [p for p in [encoder_problem(cfg.extract.encoder)] if p]
+        if not problems:
+            problems += volume_encoder_problems(manifest, cfg)
     if "segment" in stage.sections:
         problems += [p for p in [segmenter_problem(cfg.segment.model)] if p]
     if stage.name == "train" and not problems:
@@ -162,6 +166,34 @@ def volume_model_problems(manifest: Manifest, model: str, key: str) -> list[str]
     return [f"{key}: {model!r} takes 2-D slide coords only, but the manifest has volume rows "
             f"({', '.join(r.slide_id for r in volumes[:3])}{' ...' if len(volumes) > 3 else ''}); "
             f"aggregators for volumes: {', '.join(fit)}"]
+
+
+def volume_encoder_problems(manifest: Manifest, cfg: Config) -> list[str]:
+    """A manifest with volume rows: the instance box (volumes geometry on the target grid) must be
+    at least the encoder's smallest input (`min_input_px` of its registry entry), else every scan
+    would fail alone with non-finite features; the coarse scale's too."""
+    from .encoders import get_spec, list_encoders
+
+    volumes = [r for r in manifest if r.is_volume]
+    name = cfg.extract.encoder
+    if not volumes or name not in list_encoders():
+        return []
+    spec = get_spec(name)
+    params = cfg.volumes.instance_params()
+    smallest = params.smallest_box_vox(in_plane=spec.input_dims == 2)
+    # Learned 2-D entries see the box resized to their input size; the others at its own size.
+    if spec.input_dims == 2 and not spec.parameter_free:
+        return []
+    if smallest >= spec.min_input_px:
+        return []
+    v = cfg.volumes
+    geometry = (f"box_mm {v.box_mm}, slab_mm {v.slab_mm}, coarse_scale_mm {v.coarse_scale_mm} at "
+                f"target_spacing_mm {v.target_spacing_mm}"
+                if v.patch_size_vox is None else f"patch_size_vox {v.patch_size_vox}, slice_step {v.slice_step}")
+    return [f"volumes: the smallest instance box is {smallest} voxels ({geometry}), below the "
+            f"{spec.min_input_px} {'voxels' if spec.input_dims == 3 else 'px'} encoder {name!r} accepts "
+            f"(extract.encoder); use a larger box, a finer target_spacing_mm, or another encoder "
+            f"(volume_texture_3d takes boxes from 2 voxels)"]
 
 
 def aggregator_problem(name: str, key: str = "train.model") -> str | None:

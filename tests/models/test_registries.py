@@ -124,7 +124,8 @@ def test_entry_metadata_is_present_and_well_formed(kind, name):
         if meta["patch_size_px"] is not None:
             assert meta["patch_size_px"] > 0 and meta["input_size_px"] % meta["patch_size_px"] == 0
         assert meta["native_mpp"] is None or meta["native_mpp"] > 0
-        assert len(meta["mean"]) == len(meta["std"]) == 3 and min(meta["std"]) > 0
+        channels = len(meta["mean"]) if meta.get("input_dims", 2) == 3 else 3   # 3-D entries: their own count
+        assert len(meta["mean"]) == len(meta["std"]) == channels and min(meta["std"]) > 0
         assert meta["weights_license"].strip()
     elif kind == "aggregator":
         dims = meta["coord_dims"]
@@ -141,8 +142,10 @@ def test_entry_builds_tiny_and_gives_its_declared_output_dim(kind, name):
     meta = REGISTRIES[kind].get_metadata(name)
     if kind == "encoder":
         model = ENCODERS.create(name, **TINY_ENCODERS.get(name, {})).eval()
+        # Sub-volume (3-D) entries take (B, C, D, H, W) with C = their channel count.
+        shape = (2, len(meta["mean"]), 8, 16, 16) if meta.get("input_dims", 2) == 3 else (2, 3, 32, 32)
         with torch.no_grad():
-            features = model(torch.rand(2, 3, 32, 32))
+            features = model(torch.rand(*shape))
         assert features.shape == (2, meta["out_dim"])
         assert torch.isfinite(features).all()
     elif kind == "aggregator":

@@ -179,8 +179,14 @@ def test_volumes_config_section_is_validated_and_matches_the_window_presets():
     cfg = config_from_dict({"volumes": {"windows": ["liver", [40, 400], "bone"], "target_spacing_mm": 3}})
     params = cfg.volumes.instance_params()
     assert params.windows == ("liver", (40.0, 400.0), "bone") and params.target_spacing_mm == 3.0
-    # The defaults are the instance defaults the Python API (and its earlier outputs) used.
-    assert config_from_dict({}).volumes.instance_params().config_hash() == VolumeInstanceParams().config_hash()
+    # The earlier voxel settings give the Python API's defaults (and its earlier outputs' hash).
+    earlier = {"target_spacing_mm": 2.0, "patch_size_vox": 16, "stride_vox": 8, "slice_step": 4}
+    assert config_from_dict({"volumes": earlier}).volumes.instance_params().config_hash() \
+        == VolumeInstanceParams().config_hash()
+    # The default geometry is in mm (12 / 6 / 6 mm at 1.5 mm: 8 / 4 / 4 voxels).
+    default = config_from_dict({}).volumes.instance_params()
+    assert (default.patch_size_vox, default.stride_vox, default.slice_step) == (8, 4, 4)
+    assert default.geometry_mm == (12.0, 6.0, 6.0)
     for bad, message in [({"windows": ["soft", "liver", "bone"]}, "unknown preset 'soft'"),
                          ({"windows": ["liver"]}, "needs exactly 3 windows"),
                          ({"stride_vox": 0}, "volumes.stride_vox"), ({"cam_threshold": 1.5}, "volumes.cam_threshold"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import conch, ctranspath, handcrafted, hf_family, musk, vim4path, vit_family  # noqa: F401  (register their entries)
+from . import conch, ctranspath, handcrafted, hf_family, musk, vim4path, vit_family, volume3d  # noqa: F401  (register their entries)
 from .registry import EncoderSpec, register_encoder
 
 TIMM_LICENSE = "Apache-2.0"  # the architectures are built by timm

@@ -141,6 +141,8 @@ register_encoder(EncoderSpec(
     name="stain_texture", build=StainTextureFeatures, out_dim=STAIN_TEXTURE_DIM,
     # The descriptors take RGB in [0, 1]: Encoder.normalise divides by 255 and nothing else.
     mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), parameter_free=True, version=STAIN_TEXTURE_VERSION,
+    # Below 16 px its 8-px block statistics have one block (non-finite spreads).
+    min_input_px=16,
     notes="colour-deconvolution and texture descriptors, no weights (checkpoint: none); "
           "the offline demo's encoder, not a foundation-model substitute",
     license="Apache-2.0", weights_license="none (no weights)",

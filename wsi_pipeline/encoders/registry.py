@@ -64,6 +64,12 @@ class EncoderSpec:
     # names); applied after the generic unwrapping of weights.read_state_dict. None: keys as built.
     convert_state_dict: Callable[[dict], dict] | None = None
     aliases: tuple[str, ...] = ()         # other registry names for the same entry
+    # -- volumes (wsi_pipeline/volumes/instances.py) -----------------------------------------------
+    # 2: images (B, 3, H, W) uint8; 3: sub-volumes (B, C, D, H, W) float in [0, 1] (mean/std per
+    # channel, C = len(mean)). min_input_px: the smallest instance box side (px or voxels) the entry gives
+    # finite, meaningful features for at its own size; a volume geometry below it is a config error.
+    input_dims: int = 2
+    min_input_px: int = 1
 
     def __call__(self, **overrides) -> nn.Module:
         """The registry's builder: the architecture with random init (``overrides`` go to ``build``)."""
@@ -78,7 +84,7 @@ class EncoderSpec:
                 "antialias": self.antialias, "crop_px": self.crop_px, "output": self.output,
                 "recommended_patch_px": self.recommended_patch_px, "precision": self.precision,
                 "gated": self.gated, "hub_repo": self.hub_repo, "files": tuple(self.files),
-                "aliases": tuple(self.aliases)}
+                "aliases": tuple(self.aliases), "input_dims": self.input_dims, "min_input_px": self.min_input_px}
 
 
 ENCODERS = Registry("encoder", fields={
@@ -133,8 +139,10 @@ class Encoder(nn.Module):
         self.spec = spec
         self.weights_source = weights_source
         self.weights_sha256 = weights_sha256
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        # 2-D entries take uint8 (0-255), 3-D entries float sub-volumes in [0, 1].
+        shape, scale = ((1, -1, 1, 1, 1), 1.0) if spec.input_dims == 3 else ((1, 3, 1, 1), 255.0)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(*shape) * scale, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(*shape) * scale, persistent=False)
 
     @property
     def out_dim(self) -> int:
@@ -148,7 +156,10 @@ class Encoder(nn.Module):
         return (images_uint8.float() - self.mean) / self.std
 
     def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 -> (B, 3, S, S) normalised float: the spec's resize, crop, mean/std."""
+        """(B, 3, H, W) uint8 -> (B, 3, S, S) normalised float: the spec's resize, crop, mean/std.
+        3-D entries: (B, C, D, H, W) float in [0, 1] -> normalised (the volume path sizes them)."""
+        if self.spec.input_dims == 3:
+            return self.normalise(images_uint8)
         return self.normalise(resize_and_crop(images_uint8, self.spec))
 
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:

@@ -136,7 +136,8 @@ def _bag_loss(out, label: int, device: torch.device, instance_loss_weight: float
     if instance_loss_weight > 0:
         if out.instance_logits is None:
             raise PipelineError("train.instance_loss_weight > 0 needs an aggregator with instance logits "
-                                "(fmamil, mean, max)")
+                                "(fmamil, mean, max; mambamil / mambamil_3d with model_args "
+                                "instance_head: true)")
         il = out.instance_logits.float()                                    # (1, L, C)
         pooled = il.topk(min(instance_topk, il.shape[1]), dim=1).values.mean(dim=1)
         loss = loss + instance_loss_weight * F.cross_entropy(pooled, target)

@@ -18,6 +18,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from ..config import Config, config_from_dict
@@ -123,7 +124,10 @@ def demo_config(epochs: int = 20, folds: int = 5, model: str = DEMO_MODEL, seed:
     train = raw.setdefault("train", {})
     train.update({"model": model, "folds": folds, "epochs": epochs, "seed": seed})
     if "mamba" not in model:
+        # The Mamba width and instance head (and so the instance top-k loss) are MambaMIL's.
         train["model_args"] = {}
+        train.pop("instance_loss_weight", None)
+        train.pop("instance_topk", None)
     return config_from_dict(raw, source=str(path))
 
 
@@ -163,9 +167,11 @@ def summarise_volume_run(run_dir: str | Path, manifest: Manifest, model: str) ->
 
 
 def run_volume_demo(out: str | Path, n_patients: int = 40, epochs: int = 20, model: str = DEMO_MODEL,
-                    seed: int = 0, generate_only: bool = False, cores: int | None = None) -> tuple[dict | None, int] | Path:
-    """Generate the cohort under `out`, write its config (out/volumes_demo.yaml) and run it through
-    the workflow (`wsi-pipeline run`) into out/run; returns (volumes summary, run exit code)."""
+                    seed: int = 0, generate_only: bool = False, cores: int | None = None,
+                    hard: bool = False) -> tuple[dict | None, int] | Path:
+    """Generate the cohort (`hard`: the hard one, demo.py) under `out`, write its config
+    (out/volumes_demo.yaml) and run it through the workflow (`wsi-pipeline run`) into out/run;
+    returns (volumes summary, run exit code)."""
     import argparse
 
     from stages import run as workflow
@@ -173,7 +179,7 @@ def run_volume_demo(out: str | Path, n_patients: int = 40, epochs: int = 20, mod
     from .demo import write_demo_volumes
 
     out = Path(out)
-    manifest_path = write_demo_volumes(out, n_patients=n_patients, seed=seed)
+    manifest_path = write_demo_volumes(out, n_patients=n_patients, seed=seed, hard=hard)
     if generate_only:
         return manifest_path
     config_path = out / "volumes_demo.yaml"
@@ -188,6 +194,62 @@ def run_volume_demo(out: str | Path, n_patients: int = 40, epochs: int = 20, mod
     summary_path = out / "run" / "volumes_summary.json"
     summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
     return summary, code
+
+
+def instance_probe_auc(run_dir: str | Path, manifest: Manifest, encoder: str, params, folds: int = 5,
+                       seed: int = 0, min_lesion_fraction: float = 0.3) -> dict:
+    """How well the features alone tell lesion instances from the rest, on held-out scans: a
+    logistic-regression probe (scans split into `folds` groups) on each scan's median-centred,
+    standardised features; an instance is a lesion one when its box is at least
+    `min_lesion_fraction` lesion (truth mask on the resampled grid), and every instance of a
+    negative scan is a negative. A high probe AUC with a low CV AUC places a failure in the
+    aggregator, a low one in the encoder or the geometry."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold
+
+    from ..features_h5 import read_features_h5
+    from .checks import load_truth_mask
+    from .instances import instance_box_sizes, prepare
+    from .pipeline import read_instance_scale
+    from .readers import open_volume
+    from .resample import to_grid
+
+    run = RunFolder(run_dir)
+    xs, ys, groups = [], [], []
+    for n, record in enumerate(r for r in manifest if r.is_volume):
+        path = run.features_h5(encoder, record.slide_id)
+        if not path.is_file() or record.truth_mask is None or not record.truth_mask.is_file():
+            continue
+        features, coords, _ = read_features_h5(path)
+        volume = open_volume(record.path, volume_id=record.slide_id, modality=record.modality, frame=record.frame)
+        truth = load_truth_mask(volume, record.truth_mask)
+        grid, _, _ = prepare(volume, params)
+        on_grid = to_grid(truth.astype(np.float32), volume.source_affine, grid.shape, grid.affine, order=0) > 0.5
+        integral = np.pad(on_grid.cumsum(0).cumsum(1).cumsum(2), ((1, 0), (1, 0), (1, 0)))
+        sizes = instance_box_sizes(params, read_instance_scale(run.coords_h5(record.slide_id), len(coords)), len(coords))
+        (i0, j0, k0), (bi, bj, bk) = coords.T, sizes.T
+        i1, j1, k1 = i0 + bi, j0 + bj, k0 + bk
+        inside = (integral[i1, j1, k1] - integral[i0, j1, k1] - integral[i1, j0, k1] - integral[i1, j1, k0]
+                  + integral[i0, j0, k1] + integral[i0, j1, k0] + integral[i1, j0, k0] - integral[i0, j0, k0])
+        fraction = inside / (bi * bj * bk)
+        centred = features - np.median(features, axis=0, keepdims=True)
+        xs.append(centred)
+        ys.append(fraction >= min_lesion_fraction)
+        groups.append(np.full(len(coords), n))
+    if not xs:
+        return {"auc": None, "n_lesion_instances": 0}
+    x, y, g = np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    scores = np.zeros(len(y))
+    splits = GroupKFold(n_splits=min(folds, len(np.unique(g))))
+    for train, test in splits.split(x, y, g):
+        if y[train].any() and not y[train].all():
+            probe = LogisticRegression(max_iter=500, class_weight="balanced", C=1.0)
+            probe.fit(x[train], y[train])
+            scores[test] = probe.decision_function(x[test])
+    auc = float(roc_auc_score(y, scores)) if y.any() and not y.all() else None
+    return {"auc": auc, "n_lesion_instances": int(y.sum()), "n_instances": int(len(y))}
 
 
 def _changed_sections(cfg: Config) -> dict:

@@ -23,12 +23,14 @@ from .resample import to_grid
 
 
 def instance_heatmap(coords: np.ndarray, scores: np.ndarray, grid_shape, box_size) -> np.ndarray:
-    """(I, J, K) float32: per voxel the mean score of the boxes (coords (N, 3) corners, `box_size`)
-    covering it; 0 where none does."""
+    """(I, J, K) float32: per voxel the mean score of the boxes (coords (N, 3) corners; `box_size`
+    one (bi, bj, bk) for all, or (N, 3), each instance's own scale's) covering it; 0 where none does."""
     total = np.zeros(tuple(grid_shape), dtype=np.float64)
     count = np.zeros(tuple(grid_shape), dtype=np.float64)
-    bi, bj, bk = box_size
-    for (i0, j0, k0), score in zip(np.asarray(coords), np.asarray(scores, dtype=np.float64)):
+    coords = np.asarray(coords)
+    sizes = np.asarray(box_size, dtype=np.int64)
+    sizes = np.broadcast_to(sizes, coords.shape) if sizes.ndim == 1 else sizes
+    for (i0, j0, k0), (bi, bj, bk), score in zip(coords, sizes, np.asarray(scores, dtype=np.float64)):
         total[i0:i0 + bi, j0:j0 + bj, k0:k0 + bk] += score
         count[i0:i0 + bi, j0:j0 + bj, k0:k0 + bk] += 1
     return (total / np.maximum(count, 1)).astype(np.float32)

@@ -22,7 +22,7 @@ from ..run_folder import RunFolder
 from .checks import load_truth_mask
 from .explain import (axial_montage, cam_mask, dice, heatmap_peak_vox, instance_heatmap, smooth_heatmap, to_source_grid,
                       write_nifti)
-from .instances import VolumeInstanceParams, encode_instances, prepare, volume_instances
+from .instances import VolumeInstanceParams, encode_instances, instance_box_sizes, prepare, volume_instances
 from .readers import open_volume
 
 
@@ -34,13 +34,28 @@ def extract_volume(record, run: RunFolder, encoder, encoder_name: str,
     attrs = instances.attrs()
     config_hash = f"{params.config_hash()}-{encoder.weights_sha256[:12]}-{encoder_name}"
     write_instance_coords_h5(run.coords_h5(record.slide_id), instances.coords, instances.body_fraction,
-                             {**attrs, "config_hash": params.config_hash()})
+                             {**attrs, "config_hash": params.config_hash()}, {"scale": instances.scale})
     features = encode_instances(instances, encoder)
     out = run.features_h5(encoder_name, record.slide_id)
     write_features_h5(out, features, instances.coords, {
         **attrs, "encoder": encoder_name, "weights_source": encoder.weights_source,
         "weights_sha256": encoder.weights_sha256, "out_dim": int(encoder.out_dim), "config_hash": config_hash})
     return out
+
+
+def read_instance_scale(coords_path: Path, n: int) -> np.ndarray | None:
+    """The `scale` of each instance from coords.h5 (None: one scale, or a file from before scales)."""
+    import h5py
+
+    if not Path(coords_path).is_file():
+        return None
+    with h5py.File(coords_path, "r") as f:
+        if "scale" not in f:
+            return None
+        scale = f["scale"][()]
+    if len(scale) != n:
+        raise ValueError(f"{coords_path}: {len(scale)} instance scales for {n} features (re-extract)")
+    return scale
 
 
 @dataclass
@@ -73,8 +88,9 @@ def explain_volume(record, run: RunFolder, models, model_name: str, encoder_name
     grid, _, _ = prepare(volume, params)
     if not np.allclose(grid.affine, np.asarray(attrs["affine"])):
         raise ValueError(f"{record.slide_id}: the volume's grid differs from its features.h5 (re-extract)")
-    box = (params.patch_size_vox, params.patch_size_vox, params.slice_step)
-    heat_grid = instance_heatmap(coords, result.instance_scores, grid.shape, box)
+    # Each instance painted with its own scale's box (coords.h5 `scale`); smoothed at the fine lattice.
+    scale = read_instance_scale(run.coords_h5(record.slide_id), len(coords))
+    heat_grid = instance_heatmap(coords, result.instance_scores, grid.shape, instance_box_sizes(params, scale, len(coords)))
     if smooth:
         heat_grid = smooth_heatmap(heat_grid, (params.stride_vox / 2, params.stride_vox / 2, params.slice_step / 2))
     heat = to_source_grid(heat_grid, grid.affine, volume.source_shape, volume.source_affine)

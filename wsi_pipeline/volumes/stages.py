@@ -88,7 +88,8 @@ def tile_volume(record, cfg, run: RunFolder, *, force: bool = False) -> str:
     instances = volume_instances(volume, cfg.volumes.instance_params())
     run.tiles_dir.mkdir(parents=True, exist_ok=True)
     write_instance_coords_h5(out, instances.coords, instances.body_fraction,
-                             {**instances.attrs(), "config_hash": config_hash, **identity.to_attrs()})
+                             {**instances.attrs(), "config_hash": config_hash, **identity.to_attrs()},
+                             {"scale": instances.scale})
     return "done"
 
 
@@ -132,7 +133,8 @@ def extract_volume(extractor, record, *, force: bool = False) -> str:
         raise VolumeError(record.slide_id, f"the resampled grid differs from {coords_path}: re-run the tile stage")
     with h5py.File(coords_path, "r") as f:
         body_fraction = f["tissue_fraction"][()]
-    instances = VolumeInstances(grid, coords, body_fraction, channels, body, params)
+        scale = f["scale"][()] if "scale" in f else None
+    instances = VolumeInstances(grid, coords, body_fraction, channels, body, params, scale)
     encoder = extractor.encoder
     batch = e.batch_size or 256
     features = encode_instances(instances, encoder, batch_size=batch, device=_encoder_device(encoder))

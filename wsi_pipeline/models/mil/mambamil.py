@@ -50,6 +50,14 @@ piece step, a constant (benchmarks/results/scan_round2.md). It costs about 1.4x 
 pass on CPU, as layer checkpointing does. The pieces use the native scan (mamba-ssm's kernel
 cannot start from a carried state), so on a GPU this trades much more time for memory.
 
+Instance head (``instance_head``, default False = the reference): True also returns
+``instance_logits`` (B, L, C) = head(h_i), whose attention-weighted sum is exactly the slide logits
+(affine head, attention summing to 1), so the trainer's instance top-k loss
+(``train.instance_loss_weight``) applies, as it does for FMaMIL: on volumes, where a lesion is a few
+boxes among thousands, it asks the per-instance scores themselves to single the lesion out.
+``instance_score="cam"`` (needs the head) makes ``instance_scores`` the min-max normalised CAM of the
+last class instead of the attention.
+
 Final LayerNorm (``final_norm``, default True = the reference): ``final_norm=False`` feeds the
 attention and the head the residual stream as it is. On the hard demo (centred, standardised
 features; lesions of 1-4 patches) the per-instance LayerNorm made MambaMIL memorise the training
@@ -78,10 +86,16 @@ class MambaMIL(nn.Module):
                  dropout: float = 0.25, attention_dim: int = 128, init: str = "mamba", scan: str = "bag",
                  layer_scale: float | None = None, context_drop: float = 0.5,
                  checkpoint_above: int | None = None, final_norm: bool = True,
-                 checkpoint_chunk: int | None = None):
+                 checkpoint_chunk: int | None = None, instance_head: bool = False,
+                 instance_score: str = "attention"):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        if instance_score not in ("attention", "cam"):
+            raise ValueError(f"instance_score must be attention or cam, got {instance_score!r}")
+        if instance_score == "cam" and not instance_head:
+            raise ValueError("instance_score='cam' needs instance_head=True")
+        self.instance_head, self.instance_score = instance_head, instance_score
         if scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {scan!r}")
         self.scan = scan
@@ -110,8 +124,19 @@ class MambaMIL(nn.Module):
             h = layer(h)
         if order is not None:   # back to bag order, so instance_scores line up with the bag
             h = h.gather(1, torch.argsort(order, dim=1)[..., None].expand(-1, -1, h.shape[-1]))
-        bag_embedding, attention = self.attention(self.norm(h))
-        return MILOutput(logits=self.head(bag_embedding), instance_scores=attention)
+        h = self.norm(h)
+        bag_embedding, attention = self.attention(h)
+        if not self.instance_head:
+            return MILOutput(logits=self.head(bag_embedding), instance_scores=attention)
+        # The head is affine and the attention sums to 1, so head(Σ A h) = Σ A head(h): the
+        # instance logits are the slide logits' own per-instance terms (module docstring).
+        instance_logits = self.head(h)                                          # (B, L, C)
+        scores = attention
+        if self.instance_score == "cam":
+            cam = instance_logits[..., -1]
+            low, high = cam.amin(dim=1, keepdim=True), cam.amax(dim=1, keepdim=True)
+            scores = (cam - low) / (high - low).clamp(min=1e-12)
+        return MILOutput(logits=self.head(bag_embedding), instance_scores=scores, instance_logits=instance_logits)
 
 
 @register_aggregator("mambamil", **IGNORES_COORDS, license=LICENSE, reference=REFERENCE)
