@@ -1,7 +1,7 @@
 """MIL aggregators: `create_aggregator(name, in_dim, n_classes, **cfg)`; one file per model.
 
 Importing this package registers the built-in aggregators: abmil, transmil, mean, max (baselines),
-mambamil, bimamba_mil, mamba_mil (MambaMIL), gmmamba (GMMamba), fmamil (FMaMIL stage 1) and
+mambamil, bimamba_mil, mamba_mil (MambaMIL), gmmamba (GMMamba), fmamil (FMaMIL stage 1),
 mammil (MamMIL) and twodmamba (2DMamba).
 """
 
