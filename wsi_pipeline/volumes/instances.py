@@ -35,8 +35,6 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .intensity import CT_WINDOWS, DEFAULT_CT_WINDOWS, ct_windows, normalise_mri
 from .mask import body_mask
@@ -257,13 +255,23 @@ def instance_subvolumes(instances: VolumeInstances, index: np.ndarray | None = N
     return out
 
 
-@torch.no_grad()
 def encode_instances(instances: VolumeInstances, encoder, batch_size: int = 256, device="cpu") -> np.ndarray:
     """(N, D) float32 features of every instance with an `Encoder` (encoders/registry.py), scale by scale.
 
     2-D encoders see the instances as RGB images (`instance_images`), those with learned weights
     resized to their input size, the parameter-free descriptors as they are; 3-D encoders see the
     sub-volumes with context (`instance_subvolumes`), resized to their input size where they have one."""
+    # torch here, not at module level: tiling a volume (this module's grid code) needs no torch,
+    # and a tile job would pay its ~2 s import.
+    import torch
+
+    with torch.no_grad():
+        return _encode_instances(torch, instances, encoder, batch_size, device)
+
+
+def _encode_instances(torch, instances: VolumeInstances, encoder, batch_size: int, device) -> np.ndarray:
+    import torch.nn.functional as F
+
     spec = encoder.spec
     three_d = getattr(spec, "input_dims", 2) == 3
     size = None if getattr(spec, "parameter_free", False) or (three_d and spec.resize_px is None) \
