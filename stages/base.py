@@ -117,6 +117,16 @@ EXCLUDE = arg("--exclude-slides", default=None, metavar="A,B",
               help="comma-separated slide_ids to leave out (e.g. slides whose extraction failed)")
 FORCE = arg("--force", action="store_true", help="redo slides whose outputs are complete")
 NO_PROGRESS = arg("--no-progress", action="store_true", help="no progress bar")
+# A workflow job that runs several slides (cluster.slides_per_job > 1; workflow/rules/batches.smk).
+BATCH = (
+    arg("--batch-record", default=None, metavar="RUN/batches/STAGE/NAME.json",
+        help="(workflow) write the per-slide outcome of this call there and exit 0 when every slide "
+             "either finished or failed with its failure record (the job itself succeeded)"),
+    arg("--batch-token", default="", help="(workflow) the job's rerun token, kept in the record"),
+    arg("--after-batch", default=None, metavar="RUN/batches/STAGE/NAME.json",
+        help="(workflow) leave out the slides this upstream batch record lists as failed: they have "
+             "their failure record already"),
+)
 
 
 @dataclass(frozen=True)
@@ -229,13 +239,23 @@ def invoke(stage: Stage, args: argparse.Namespace) -> int:
         manifest = manifest.without(split_list(args.exclude_slides))
     if getattr(args, "slides", None):
         manifest = manifest.select(split_list(args.slides))
+    run_dir = Path(next(v for v in (getattr(args, a) for a in stage.run_arg) if v))
+    upstream_failed: list[str] = []
+    if getattr(args, "batch_record", None):
+        from .batch_record import record_path
+
+        record_path(run_dir, args.batch_record)   # refused before anything is written
+    if getattr(args, "after_batch", None):
+        from .batch_record import failed_in
+
+        upstream_failed = [s for s in failed_in(run_dir, args.after_batch) if s in manifest.by_id()]
+        manifest = manifest.without(upstream_failed)
     if stage.check is not None:
         stage.check(cfg, args)
     # The checks `wsi-pipeline run` makes (validation.py), before any record is written.
     problems = stage_problems(stage, cfg, manifest, args)
     if problems:
         raise InputsError(problems)
-    run_dir = Path(next(v for v in (getattr(args, a) for a in stage.run_arg) if v))
     options = stage.options(args)
     if hasattr(args, "force"):
         options["force"] = args.force
@@ -249,4 +269,10 @@ def invoke(stage: Stage, args: argparse.Namespace) -> int:
         print(line, file=sys.stderr)
     if report.failed and report.failures_csv and not any("failures.csv" in p for p in report.problems):
         print(f"failed slides are listed in {run_dir}/failures.csv", file=sys.stderr)
+    if getattr(args, "batch_record", None):
+        from .batch_record import write_batch_record
+
+        write_batch_record(run_dir, args.batch_record, stage.name, args.batch_token, report, upstream_failed)
+        # The slides' failures are recorded one by one; the job failed only if the bookkeeping did.
+        return 1 if report.problems else 0
     return report.exit_code

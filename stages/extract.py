@@ -18,7 +18,7 @@ from wsi_pipeline.io import remove_stale_temps
 from wsi_pipeline.manifest import Manifest
 from wsi_pipeline.run_folder import RunFolder
 
-from .base import CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
+from .base import BATCH, CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
 from .batch import run_batch
 
 __all__ = ["EXTRACT", "Extractor", "run_extract", "weights_identity"]
@@ -60,6 +60,6 @@ EXTRACT = Stage(
     help="stage 2: patch features with a pretrained encoder",
     args=(MANIFEST, CONFIG, arg("--out", required=True, help="run folder"), SLIDES, FORCE, NO_PROGRESS,
           arg("--encoder", default=None, help="override extract.encoder"),
-          arg("--checkpoint", default=None, help="override extract.checkpoint (file, hf-hub:id, random)")),
+          arg("--checkpoint", default=None, help="override extract.checkpoint (file, hf-hub:id, random)"), *BATCH),
     overrides={"encoder": "extract.encoder", "checkpoint": "extract.checkpoint"},
     check_args=_check_encoder_name, check=_check_encoder)

@@ -30,7 +30,7 @@ from wsi_pipeline.manifest import Manifest
 from wsi_pipeline.names import check_name
 from wsi_pipeline.run_folder import RunFolder
 
-from .base import CONFIG, check_model_arg, FORCE, MANIFEST, NO_PROGRESS, Stage, StageReport, arg
+from .base import BATCH, CONFIG, check_model_arg, FORCE, MANIFEST, NO_PROGRESS, Stage, StageReport, arg
 from .batch import run_batch
 
 STAGE = "heatmap"
@@ -69,5 +69,5 @@ HEATMAP = Stage(
                                             "go to RUN/heatmaps/MODEL/"),
           arg("--model-dir", default=None,
               help="fold ensemble folder (fold_*/); default RUN/mil/MODEL/{slide's cohort}"),
-          arg("--slides", default=None, help="comma-separated slide_ids (default: all)"), FORCE, NO_PROGRESS),
+          arg("--slides", default=None, help="comma-separated slide_ids (default: all)"), FORCE, NO_PROGRESS, *BATCH),
     options=lambda a: {"model": a.model, "model_dir": a.model_dir}, check_args=check_model_arg)

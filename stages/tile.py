@@ -28,7 +28,7 @@ from wsi_pipeline.slides import open_slide
 from wsi_pipeline.slides.identity import SlideIdentity, slide_identity
 from wsi_pipeline.tiling import plan_geometry, tile_tissue, upsampling_needed
 
-from .base import CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
+from .base import BATCH, CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
 from .batch import run_batch
 
 STAGE = "tile"
@@ -154,4 +154,4 @@ def run_tile(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: boo
 OUT = arg("--out", required=True, help="run folder")
 TILE = Stage(name=STAGE, sections=("slides", "tissue", "tiling"), volume_sections=("volumes",), run=run_tile, record_root_config=True,
              help="stage 1: tissue detection and µm-exact patch coordinates",
-             args=(MANIFEST, CONFIG, OUT, SLIDES, FORCE, NO_PROGRESS))
+             args=(MANIFEST, CONFIG, OUT, SLIDES, FORCE, NO_PROGRESS, *BATCH))

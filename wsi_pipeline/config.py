@@ -613,6 +613,21 @@ class VolumesConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """How the workflow cuts its per-slide work into jobs (no output depends on it)."""
+    # Slides per tile / extract / heatmap job: 1 = one job per slide and stage (the default); K > 1
+    # = one job (one process, one cluster submission) runs K slides of one cohort in sequence, so a
+    # 10,000-slide cohort queues ~3 x 10,000 / K jobs instead of ~30,000. Per-slide resume and
+    # failure records stay per slide (workflow/rules/batches.smk).
+    slides_per_job: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.slides_per_job, bool) or not isinstance(self.slides_per_job, int) \
+                or self.slides_per_job < 1:
+            raise ConfigError(f"cluster.slides_per_job: must be an integer >= 1, got {self.slides_per_job!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     slides: SlideConfig = field(default_factory=SlideConfig)
     tissue: TissueConfig = field(default_factory=TissueConfig)
@@ -623,6 +638,7 @@ class Config:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     volumes: VolumesConfig = field(default_factory=VolumesConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self):
         if self.tiling.is_auto():   # the encoder's tiling; hashed and recorded as numbers

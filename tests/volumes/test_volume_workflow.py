@@ -1,8 +1,13 @@
 """Volume rows through the real workflow: `wsi-pipeline run` (Snakemake: tile -> extract -> train ->
 heatmap, the slides' own rules) on four tiny generated CT volumes named by `volume_id`, with truth
 masks. Checks the files each stage leaves (coords (N, 3) with the grid recorded, features.h5, fold
-checkpoints, predictions.csv, NIfTI heatmaps on each scan's own grid, volumes_summary.json), a no-op
-rerun, and the inputs refused before anything runs (exit 2). Numbers are not asserted (one epoch)."""
+checkpoints, predictions.csv, NIfTI heatmaps on each scan's own grid, volumes_summary.json), a
+rerun that redoes only a lost file's chain, and the inputs refused before anything runs (exit 2).
+Numbers are not asserted (one epoch).
+
+The run uses `--slides-per-job 4` (cluster.slides_per_job): one tile, one extract and one heatmap
+job per batch of a cohort's scans (tests/workflow/test_workflow.py runs one job per slide), so the
+batches' failure records, rerun tokens and per-scan resume are checked here."""
 
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ def volume_run(tmp_path_factory):
     config.write_text(TINY_CONFIG)
     run = root / "run"
     code, out, err = _run(["run", "--manifest", str(manifest), "--config", str(config), "--out", str(run),
-                           "--cores", "2"])
+                           "--cores", "2", "--slides-per-job", "4"])
     return {"root": root, "manifest": manifest, "config": config, "run": run, "code": code, "out": out, "err": err}
 
 
@@ -109,14 +114,24 @@ def test_run_on_volume_rows_writes_every_stage_output(volume_run):
     assert "volumes:  demo_ct: mambamil_3d CV AUC" in volume_run["out"]
 
 
-def test_rerun_redoes_nothing(volume_run):
+def test_rerun_redoes_only_a_lost_files_chain(volume_run):
     run = volume_run["run"]
-    outputs = {p: p.stat().st_mtime_ns for pat in ("tiles/*.h5", "features/*/*.h5", "mil/*/*/metrics.json",
-                                                   "heatmaps/*/*") for p in run.glob(pat)}
+    # One job per cohort and stage: the four scans of demo_ct are one batch, BAD-2D's cohort another.
+    assert sorted(p.name for p in (run / "batches" / "tile").glob("*.json")) == ["bad_ct-0000.json", "demo_ct-0000.json"]
+    assert len(list((run / "benchmarks" / "extract").rglob("*.tsv"))) == 2
+    lost = run / "features" / "stain_texture" / "VOL-001.h5"
+    lost.unlink()
+    outputs = {p: p.stat().st_mtime_ns for pat in ("tiles/*.h5", "features/*/*.h5", "mil/*/*/metrics.json")
+               for p in run.glob(pat)}
     code, out, _ = _run(["run", "--manifest", str(volume_run["manifest"]), "--config", str(volume_run["config"]),
-                         "--out", str(run), "--cores", "1"])
-    assert code == 1   # the bad volume is tried again and fails again; nothing else reruns
-    assert {p: p.stat().st_mtime_ns for p in outputs} == outputs
+                         "--out", str(run), "--cores", "1", "--slides-per-job", "4"])
+    assert code == 1   # the bad volume is tried again and fails again
+    # The lost features are made again, alone in their batch; the cohort retrains on them.
+    assert lost.is_file()
+    changed = {str(p.relative_to(run)) for p, t in outputs.items() if p.stat().st_mtime_ns != t}
+    assert changed == {"mil/mambamil_3d/demo_ct/metrics.json"}, changed
+    extract_log = (run / "logs" / "snakemake" / "extract" / "batches" / "demo_ct-0000.log").read_text()
+    assert "1 done, 3 already complete, 0 failed" in extract_log
 
 
 def _manifest(path: Path, header: str, rows: list[str]) -> Path:

@@ -70,7 +70,7 @@ def cohort(tmp_path_factory):
     return root
 
 
-def run_pipeline(manifest: Path, config: Path, out: Path) -> subprocess.CompletedProcess:
+def run_pipeline(manifest: Path, config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """`wsi-pipeline run --profile slurm --no-train` as a user types it (three slides are too few to
     cross-validate); the SLURM jobs run this checkout's code.
 
@@ -81,7 +81,7 @@ def run_pipeline(manifest: Path, config: Path, out: Path) -> subprocess.Complete
     group gets SIGTERM, then SIGKILL (Snakemake's graceful exit can wait on a job for ever)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "wsi_pipeline.cli", "run", "--manifest", str(manifest), "--config", str(config),
-           "--out", str(out), "--profile", "slurm", "--no-train",
+           "--out", str(out), "--profile", "slurm", "--no-train", *extra,
            "--", "--slurm-init-seconds-before-status-checks", "6"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -130,6 +130,30 @@ def test_slurm_profile_runs_slides_and_reports_a_failed_job(cluster, cohort, tmp
     failures = list(csv.DictReader(open(run / "failures.csv")))
     assert [(r["slide_id"], r["stage"]) for r in failures] == [("BAD", "tile")], failures
     assert "cannot open" in failures[0]["error"]
+    assert f"[tile] {failures[0]['error']}" in out
+
+
+def test_slides_per_job_puts_a_cohorts_slides_in_one_cluster_job_each_stage(cluster, cohort, tmp_path):
+    """`--slides-per-job 3` (cluster.slides_per_job): the three slides' tiling is one SLURM job and
+    their extraction another, BAD's failure is recorded inside the tile job (which succeeds, so the
+    good slides go on in the same run), and the run still exits 1 and names it."""
+    run = tmp_path / "run"
+    result = run_pipeline(cohort / "manifest.csv", cohort / "tiny.yaml", run, "--slides-per-job", "3",
+                          "--no-report")
+    out = result.stdout
+    assert result.returncode == 1, f"{out[-5000:]}\n{cluster.log('slurmctld.log')}"
+    assert sorted(submitted_rules(out)) == ["extract", "tile"], out[-5000:]
+    listed = subprocess.run(["squeue", "--states=all", "--noheader", "--format=%P %k %T"], capture_output=True,
+                            text=True, timeout=30).stdout.split("\n")
+    grouped = sorted(line.split() for line in listed if "demo-0000" in line)
+    assert grouped == [["cpu", "rule_tile_wildcards_demo-0000", "COMPLETED"],
+                       ["gpu", "rule_extract_wildcards_demo-0000", "COMPLETED"]], listed
+    assert len(grouped) < 3   # fewer cluster jobs than slides
+    for slide in ("S0", "S1"):
+        with h5py.File(run / "features" / "resnet18" / f"{slide}.h5", "r") as f:
+            assert f["features"].shape[0] == f["coords"].shape[0] > 0
+    failures = list(csv.DictReader(open(run / "failures.csv")))
+    assert [(r["slide_id"], r["stage"]) for r in failures] == [("BAD", "tile")], failures
     assert f"[tile] {failures[0]['error']}" in out
 
 

@@ -127,16 +127,109 @@ def features_path(slide):
     return f"features/{ENCODER}/{slide}.h5"
 
 
+# --- Several slides per job (cluster.slides_per_job K > 1; `wsi-pipeline run --slides-per-job K`) ---
+# Each cohort's slides, in manifest order, are cut into batches of K; one tile, one extract and one
+# heatmap job per batch run its slides one after the other in one process and leave a batch record
+# (stages/batch_record.py). Snakemake sees only the records; the slides' outputs and failure records
+# are those of the per-slide rules. A record is trusted only while it holds: when one of its slides
+# lost its output, or a slide failed (tried again each run, as a per-slide job is), the job's
+# `token` param changes and Snakemake runs it again; the stage skips the slides that are complete.
+SLIDES_PER_JOB = int(config.get("slides_per_job") or CFG.cluster.slides_per_job)
+BATCHED = SLIDES_PER_JOB > 1
+
+
+def _cut_batches():
+    batches = {}
+    for cohort in sorted({r.cohort for r in MANIFEST}):
+        # Every manifest row of the cohort: leaving failed slides out (--exclude-failed) keeps the
+        # batches (their names and rows) as they were, so nothing finished runs again.
+        ids = [r.slide_id for r in MANIFEST if r.cohort == cohort]
+        for n, start in enumerate(range(0, len(ids), SLIDES_PER_JOB)):
+            members = [s for s in ids[start:start + SLIDES_PER_JOB] if s in SLIDES]
+            if members:
+                batches[f"{cohort}-{n:04d}"] = {"cohort": cohort, "rows": ids[start:start + SLIDES_PER_JOB],
+                                                 "slides": members}
+    return batches
+
+
+BATCHES = _cut_batches() if BATCHED else {}
+
+
+def batch_record(stage, batch):
+    return f"batches/{stage}/{batch}.json"
+
+
+def cohort_batches(cohort):
+    return [b for b, v in BATCHES.items() if v["cohort"] == cohort]
+
+
+def batch_stage_hash(name):
+    """stage_hash for a batch: a volume's hash where the batch holds volumes (their rule reruns
+    when the `volumes` section changes), the slides' one otherwise."""
+    per_row = stage_hash(name)
+    if not callable(per_row):
+        return per_row
+    from types import SimpleNamespace
+
+    return lambda wc: "+".join(sorted({per_row(SimpleNamespace(slide=s)) for s in BATCHES[wc.batch]["slides"]}))
+
+
+def batch_slides_arg(wc):
+    return ",".join(BATCHES[wc.batch]["slides"])
+
+
+def batch_rows_hash(wc):
+    by_id = {r.slide_id: r for r in MANIFEST}
+    rows = [[s, str(by_id[s].path), by_id[s].mpp, by_id[s].frame] for s in BATCHES[wc.batch]["rows"]]
+    return hashlib.sha256(json.dumps(rows, default=str).encode()).hexdigest()[:16]
+
+
+def batch_token(stage, output_of):
+    """The `token` param of a batch job: the token its record holds while the record holds (every
+    slide finished and still has its output, or an upstream batch failed it), else a new one."""
+    def token(wc):
+        path = batch_record(stage, wc.batch)
+        try:
+            mtime = os.stat(path).st_mtime_ns
+            with open(path, encoding="utf-8") as fh:
+                record = json.load(fh)
+            finished = set(record["done"]) | set(record["skipped"])
+            upstream_failed = set(record.get("upstream_failed", []))
+            held = all(s in upstream_failed or (s in finished and os.path.exists(output_of(s)))
+                       for s in BATCHES[wc.batch]["slides"])
+            if held and not record["failed"]:
+                return str(record.get("token", ""))
+            return f"stale@{mtime}"
+        except FileNotFoundError:
+            return "new"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unreadable"
+    return token
+
+
+def train_inputs(cohort):
+    if BATCHED:
+        return [batch_record("extract", b) for b in cohort_batches(cohort)]
+    return [features_path(s) for s in cohort_slides(cohort)]
+
+
+def all_features_inputs():
+    if BATCHED:
+        return [batch_record("extract", b) for b in BATCHES]
+    return [features_path(s) for s in SLIDES]
+
+
 def metrics_path(cohort):
     return f"mil/{MODEL}/{cohort}/metrics.json"
 
 
 def all_targets():
-    targets = [features_path(s) for s in SLIDES]
+    targets = all_features_inputs()
     if trainable():
         targets += [metrics_path(c) for c in COHORTS]
         if config.get("heatmaps", True):
-            targets += [heatmap_done_path(s) for s in SLIDES]
+            targets += ([batch_record(f"heatmap/{MODEL}", b) for b in BATCHES] if BATCHED
+                        else [heatmap_done_path(s) for s in SLIDES])
         if config.get("segment", False):
             targets.append(SEGMENT_DONE)
     if config.get("detect", False):

@@ -9,7 +9,7 @@ rule segment:
     unchanged segmenter are skipped, so a rerun after a failure redoes only what is missing; its
     per-slide failures go to failures.csv like every other stage's."""
     input:
-        features=[features_path(s) for s in SLIDES],
+        features=all_features_inputs(),
         metrics=[metrics_path(c) for c in COHORTS],
     output:
         SEGMENT_DONE,

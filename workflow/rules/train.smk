@@ -1,7 +1,7 @@
 rule train:
     """Patient-level k-fold CV of one MIL aggregator on one cohort -> mil/{model}/{cohort}/."""
     input:
-        lambda wc: [features_path(s) for s in cohort_slides(wc.cohort)],
+        lambda wc: train_inputs(wc.cohort),
     output:
         f"mil/{MODEL}/{{cohort}}/metrics.json",
         f"mil/{MODEL}/{{cohort}}/predictions.csv",
