@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_pipeline import tissue
+from wsi_pipeline.tiling import tissue
 from wsi_pipeline.slides import open_slide
 
 

@@ -151,7 +151,7 @@ def test_rare_group_has_its_own_suppression_radius():
 
 
 def test_suppression_radii_must_fit_in_the_tile_margin():
-    from wsi_pipeline.config import DetectConfig
+    from wsi_pipeline.run.config import DetectConfig
     from wsi_pipeline.errors import ConfigError
     assert DetectConfig().rare_nms_um <= DetectConfig().max_object_um
     for name in ("nms_um", "rare_nms_um"):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import config_from_dict, load_config
+from wsi_pipeline.run.config import config_from_dict, load_config
 from wsi_pipeline.encoders import catalog, get_spec
 
 ROOT = Path(__file__).resolve().parents[2]

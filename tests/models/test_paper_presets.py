@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsi_pipeline.config import load_config
+from wsi_pipeline.run.config import load_config
 from wsi_pipeline.models.mil import create_aggregator
 from wsi_pipeline.models.mil.coord_groups import GroupCache
 

@@ -8,7 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..config import Config
+from ..run.config import Config
 from ..errors import ConfigError
 from ..io import atomic_path, write_json_atomic
 

@@ -33,7 +33,7 @@ def add_view_parser(sub) -> None:
 def load_run_manifest(run: Path, manifest: str | None):
     """The Manifest given, else the one run.json records, else None."""
     from ..errors import PipelineError
-    from ..manifest import load_manifest
+    from ..run.manifest import load_manifest
     from ..report.collect import read_json
 
     if manifest is None:
