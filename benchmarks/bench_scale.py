@@ -80,9 +80,9 @@ def train_once(folder: Path, n_bags: int, model_name: str, mode: str, cache_gb: 
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from wsi_pipeline.run.manifest import SlideRecord
     from wsi_pipeline.models.mil import create_aggregator
     from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import SlideRecord
     from wsi_pipeline.training.bag_source import BagSource
     from wsi_pipeline.training.bags import Bag, load_bag
     from wsi_pipeline.training.cv import _scan_bags
@@ -143,9 +143,9 @@ def ratio_once(folder: Path, n_bags: int, model_name: str, reps: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from wsi_pipeline.run.manifest import SlideRecord
     from wsi_pipeline.models.mil import create_aggregator
     from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import SlideRecord
     from wsi_pipeline.training.bag_source import BagSource
     from wsi_pipeline.training.bags import Bag, load_bag
     from wsi_pipeline.training.cv import _scan_bags

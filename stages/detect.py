@@ -17,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-from wsi_pipeline.run.config import Config
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.run.manifest import Manifest
+from wsi_pipeline.run.config import Config
 from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest
 
 from .base import CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg, split_list
 from .batch import run_batch

@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from wsi_pipeline.run.config import Config
 from wsi_pipeline.errors import ConfigError, ManifestError
 from wsi_pipeline.interop import TARGETS, ExportOut, get_target, load_export_slide
 from wsi_pipeline.interop.common import EXPORT_RECORD, files_present, read_export_record, write_export_record
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
 from wsi_pipeline.run.manifest import Manifest
 from wsi_pipeline.run.names import check_name
-from wsi_pipeline.run.folder import RunFolder
 
 from .base import CONFIG, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg, split_list
 from .batch import run_batch

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsi_pipeline.run.config import Config
 from wsi_pipeline.features.extractor import Extractor, weights_identity
 from wsi_pipeline.io import remove_stale_temps
-from wsi_pipeline.run.manifest import Manifest
+from wsi_pipeline.run.config import Config
 from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest
 
 from .base import CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
 from .batch import run_batch

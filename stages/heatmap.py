@@ -22,13 +22,13 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from wsi_pipeline.run.config import Config
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.exports import list_colormaps
 from wsi_pipeline.exports.heatmaps import HeatmapRunner
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
 from wsi_pipeline.run.manifest import Manifest
 from wsi_pipeline.run.names import check_name
-from wsi_pipeline.run.folder import RunFolder
 
 from .base import CONFIG, check_model_arg, FORCE, MANIFEST, NO_PROGRESS, Stage, StageReport, arg
 from .batch import run_batch

@@ -35,10 +35,10 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
     from tqdm import tqdm
 
     from wsi_pipeline.errors import SlideError
-    from wsi_pipeline.io import write_csv_atomic
-    from wsi_pipeline.run.names import check_name
     from wsi_pipeline.features.provenance import check_features, model_training_features
+    from wsi_pipeline.io import write_csv_atomic
     from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.names import check_name
     from wsi_pipeline.training.bags import read_bag
     from wsi_pipeline.training.ensemble import EnsembleCache
     from wsi_pipeline.training.inference import ensemble_predict

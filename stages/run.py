@@ -214,8 +214,8 @@ def _report(args, run_dir: Path, code: int) -> None:
     if code != 0 or not index.is_file():
         import logging
 
-        from wsi_pipeline.run.manifest import load_manifest
         from wsi_pipeline.report import build_report
+        from wsi_pipeline.run.manifest import load_manifest
 
         try:
             index = build_report(run_dir, load_manifest(args.manifest))

@@ -44,11 +44,11 @@ import json
 import os
 from typing import Iterable
 
-from wsi_pipeline.run.config import Config
 from wsi_pipeline.io import remove_stale_temps, sha256_file, write_json_atomic
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
 from wsi_pipeline.run.manifest import Manifest, SlideRecord
 from wsi_pipeline.run.names import check_name
-from wsi_pipeline.run.folder import RunFolder
 from wsi_pipeline.segmentation.outputs import collect_metrics, hash_json, remove_slide_temps
 from wsi_pipeline.segmentation.slide_work import CamProvider, is_negative, load_slide_work
 

@@ -34,8 +34,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsi_pipeline.run.config import Config
-from wsi_pipeline.run.manifest import Manifest
 from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest
 from wsi_pipeline.training.cv import FOLD_FORMAT_VERSION, fold_config_hash  # noqa: F401 (public names)
 
 from .base import CONFIG, check_model_arg, NO_PROGRESS, Stage, StageReport, arg, split_list

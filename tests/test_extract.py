@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 
 from stages.extract import run_extract
 from wsi_pipeline.cli import main
-from wsi_pipeline.run.config import config_from_dict
 from wsi_pipeline.encoders import EncoderWeightsError, create_encoder, get_spec, list_encoders
 from wsi_pipeline.features.patches import PatchDataset, PatchSource, _row_runs
+from wsi_pipeline.run.config import config_from_dict
 from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 

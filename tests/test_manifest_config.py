@@ -1,7 +1,7 @@
 import pytest
 
-from wsi_pipeline.run.config import Config, config_from_dict, load_config
 from wsi_pipeline.errors import ConfigError, ManifestError
+from wsi_pipeline.run.config import Config, config_from_dict, load_config
 from wsi_pipeline.run.manifest import load_manifest
 
 HEADER = "slide_id,path,patient_id,label,cohort\n"

@@ -11,8 +11,8 @@ import torch
 from wsi_pipeline.errors import SlideError
 from wsi_pipeline.features.patches import PatchDataset, PatchSource, plan_reader
 from wsi_pipeline.slides import open_slide
-from wsi_pipeline.slides.tile_reader import TiledLevel, direct_read_problem
 from wsi_pipeline.slides.tiff_writer import write_plain_tiff
+from wsi_pipeline.slides.tile_reader import TiledLevel, direct_read_problem
 
 # Not a multiple of the 256 px tile: the last tile column and row are partial at both levels.
 ODD = {"width_px": 2000, "height_px": 1500}

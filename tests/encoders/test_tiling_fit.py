@@ -15,11 +15,11 @@ import yaml
 from stages.extract import run_extract
 from stages.tile import run_tile
 from wsi_pipeline.cli import main
-from wsi_pipeline.run.config import config_from_dict, load_config
 from wsi_pipeline.encoders import ENCODERS, EncoderSpec, register_encoder
 from wsi_pipeline.encoders.fit import effective_precision, tiling_fit_warning
 from wsi_pipeline.encoders.vim4path import VisionMamba
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.run.config import config_from_dict, load_config
 from wsi_pipeline.run.manifest import load_manifest
 
 AUTO = {"target_mpp": "auto", "patch_size_px": "auto"}

@@ -172,8 +172,8 @@ def test_extract_on_cuda_matches_cpu(demo_cohort, tmp_path):
 
     from stages.extract import run_extract
     from wsi_pipeline.cli import main
-    from wsi_pipeline.run.config import config_from_dict
     from wsi_pipeline.encoders import create_encoder
+    from wsi_pipeline.run.config import config_from_dict
     from wsi_pipeline.run.manifest import load_manifest
 
     torch.manual_seed(1)

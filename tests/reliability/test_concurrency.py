@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from wsi_pipeline.run.config import config_from_dict
-from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 
 from .writers import REPO_ROOT, HeldWriter, child_env, dead_pid, leave_dead_temp, temp_name_of
 

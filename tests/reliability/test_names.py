@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.run.config import Config, TrainConfig, config_from_dict
 from wsi_pipeline.errors import ConfigError, ManifestError, UnsafePathError
+from wsi_pipeline.run.config import Config, TrainConfig, config_from_dict
+from wsi_pipeline.run.folder import RunFolder
 from wsi_pipeline.run.manifest import Manifest, SlideRecord, load_manifest
 from wsi_pipeline.run.names import MAX_NAME_LEN, name_problem
-from wsi_pipeline.run.folder import RunFolder
 
 HEADER = "slide_id,path,patient_id,label,cohort\n"
 EVIL = ["../../../outside", "/abs/path", "a/b", "..", ".hidden", "-rf", "a b", "$(touch X)", "x;y",

@@ -58,8 +58,8 @@ def seg_cohort(tmp_path_factory):
     """(manifest path, run folder) for a 2-slide demo cohort (DEMO-000 normal, DEMO-001 tumor,
     2048 x 1536 px at 0.5 µm/px) with simulated CAMs in RUN/segment/cams/."""
     from wsi_pipeline.demo.slides import make_demo_cohort
-    from wsi_pipeline.run.manifest import load_manifest
     from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import load_manifest
     from wsi_pipeline.segmentation import save_patch_cams
 
     root = tmp_path_factory.mktemp("seg_cohort")
@@ -78,8 +78,8 @@ def toy_fmamil_run(seg_cohort, root):
     """A run folder for the cohort's tumour slide with random 8-d features on its CAM patches, and
     where its one-fold fmamil ensemble goes → (record, RunFolder, coords, fold dir, fold meta)."""
     from wsi_pipeline.features.features_h5 import write_features_h5
-    from wsi_pipeline.run.manifest import load_manifest
     from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import load_manifest
     from wsi_pipeline.segmentation import load_patch_cams
 
     manifest, seg_run = seg_cohort

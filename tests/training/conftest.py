@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_pipeline.run.config import Config, ExtractConfig, TrainConfig
 from wsi_pipeline.features.features_h5 import write_features_h5
+from wsi_pipeline.run.config import Config, ExtractConfig, TrainConfig
 from wsi_pipeline.run.folder import RunFolder
 
 ENCODER = "test_encoder"

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from stages.train import run_train
-from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.training.bags import load_bag
 from wsi_pipeline.training.checkpoints import load_ensemble, load_fold_model
 from wsi_pipeline.training.inference import ensemble_predict

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_pipeline.run.config import HeatmapConfig
 from wsi_pipeline.exports import export_heatmaps
+from wsi_pipeline.run.config import HeatmapConfig
 from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.viewer.deepzoom import DeepZoom, TileRequestError

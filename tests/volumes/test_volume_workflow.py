@@ -170,8 +170,8 @@ def test_bad_volume_columns_are_named(tmp_path, header, row, problem):
 
 
 def test_volumes_config_section_is_validated_and_matches_the_window_presets():
-    from wsi_pipeline.run.config import CT_WINDOW_PRESETS, config_from_dict
     from wsi_pipeline.errors import ConfigError
+    from wsi_pipeline.run.config import CT_WINDOW_PRESETS, config_from_dict
     from wsi_pipeline.volumes.instances import VolumeInstanceParams
     from wsi_pipeline.volumes.intensity import CT_WINDOWS
 

@@ -21,8 +21,8 @@ import math
 from pathlib import Path
 
 from ..errors import PipelineError
-from ..io import write_json_atomic
 from ..features.provenance import checkpoint_mismatch, identity_difference, source_identity
+from ..io import write_json_atomic
 from ..run.folder import RunFolder
 from ..slides import open_slide
 from .annotations import AnnotationError, read_truth

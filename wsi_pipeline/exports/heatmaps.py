@@ -21,14 +21,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..run.config import Config
 from ..errors import ConfigError, PipelineError, SlideError
-from . import export_heatmaps, export_paths
 from ..io import remove_stale_temps, write_json_atomic
-from ..run.manifest import SlideRecord
+from ..run.config import Config
 from ..run.folder import RunFolder
+from ..run.manifest import SlideRecord
 from ..slides import open_slide
 from ..training.ensemble import EnsembleCache
+from . import export_heatmaps, export_paths
 
 DONE_FORMAT_VERSION = 1
 

@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..run.config import Config
-from ..tiling.coords_h5 import coords_h5_is_valid, magnification_attrs, read_coords_h5
 from ..errors import PipelineError, SlideError
-from .features_h5 import features_h5_is_valid, write_features_h5
-from ..run.manifest import SlideRecord
+from ..run.config import Config
 from ..run.folder import RunFolder
+from ..run.manifest import SlideRecord
 from ..slides import open_slide
 from ..slides.identity import SlideIdentity, slide_identity
+from ..tiling.coords_h5 import coords_h5_is_valid, magnification_attrs, read_coords_h5
+from .features_h5 import features_h5_is_valid, write_features_h5
 
 log = logging.getLogger("wsi_pipeline")
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from ..tiling.coords_h5 import magnification_attrs
 from ..io import atomic_path, write_csv_atomic
 from ..run.manifest import Manifest
+from ..tiling.coords_h5 import magnification_attrs
 from .common import ExportOut, ExportSlide, extra_columns
 from .targets import register
 

@@ -17,8 +17,8 @@ import yaml
 
 from ..detection.params import DetectTrainParams
 from ..errors import ConfigError
-from .names import check_name
 from ..segmentation.params import SegmenterFitParams
+from .names import check_name
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from .config import Config, load_config
 from ..errors import ConfigError, InputsError, ManifestError
+from .config import Config, load_config
 from .manifest import Manifest, load_manifest
 from .names import name_problem
 

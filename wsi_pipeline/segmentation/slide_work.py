@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..run.config import Config
 from ..errors import ConfigError, SlideError
-from ..run.manifest import SlideRecord
+from ..run.config import Config
 from ..run.folder import RunFolder
+from ..run.manifest import SlideRecord
 
 METRIC_COLUMNS = ("dice_cam", "iou_cam", "dice", "iou", "truth_lesion_um2")
 # CAM sources of the ensemble path: per-patch lesion-class probabilities (models with instance

@@ -28,8 +28,8 @@ import h5py
 import numpy as np
 
 from ..io import atomic_path
-from ..sources import COORD_DIMS
 from ..slides.identity import SlideIdentity
+from ..sources import COORD_DIMS
 from .grid import TileGrid
 
 FORMAT_VERSION = 1

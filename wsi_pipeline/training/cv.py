@@ -17,12 +17,12 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from ..run.config import Config
 from ..errors import PipelineError, SlideError
-from ..io import STORAGE_ERRNOS, describe_os_error
-from ..run.manifest import Manifest, SlideRecord
 from ..features.provenance import features_provenance, merge_provenance
+from ..io import STORAGE_ERRNOS, describe_os_error
+from ..run.config import Config
 from ..run.folder import RunFolder
+from ..run.manifest import Manifest, SlideRecord
 
 STAGE = "train"
 FOLD_FORMAT_VERSION = 1
@@ -210,9 +210,9 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
     from ..models.mil import create_aggregator
     from .checkpoints import (fold_dirs, fold_is_complete, load_fold_model, read_fold_meta,
                               record_training_features, save_fold_model, stamp_training_run)
+    from .bag_source import BagSource, cache_bytes_from_config
     from .metrics import classification_metrics
     from .runs import RUN_ID_KEY
-    from .bag_source import BagSource, cache_bytes_from_config
     from .splits import load_or_make_splits
     from .standardize import InputStandardizer
     from .trainer import (deterministic_algorithms, predict_probs, resolve_device,

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..run.names import is_safe_name
 from ..report.assets import polygon_rings
+from ..run.names import is_safe_name
 
 
 class OutsideRun(LookupError):

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..run.config import Config, config_from_dict
 from ..errors import PipelineError
 from ..io import write_json_atomic
-from ..run.manifest import Manifest
+from ..run.config import Config, config_from_dict
 from ..run.folder import RunFolder
+from ..run.manifest import Manifest
 
 
 log = logging.getLogger("wsi_pipeline")

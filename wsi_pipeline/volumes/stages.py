@@ -27,11 +27,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..tiling.coords_h5 import coords_h5_is_valid, read_coords_h5, read_slide_identity, write_instance_coords_h5
 from ..features.features_h5 import features_h5_is_valid, write_features_h5
 from ..io import remove_stale_temps, write_json_atomic
 from ..run.folder import RunFolder
 from ..slides.identity import SlideIdentity, file_fingerprint
+from ..tiling.coords_h5 import coords_h5_is_valid, read_coords_h5, read_slide_identity, write_instance_coords_h5
 from .volume import VolumeError
 
 log = logging.getLogger("wsi_pipeline")
