@@ -40,9 +40,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsi_pipeline.config import load_config  # noqa: E402
-from wsi_pipeline.manifest import load_manifest  # noqa: E402
-from wsi_pipeline.run_folder import RunFolder  # noqa: E402
+from wsi_pipeline.run.config import load_config  # noqa: E402
+from wsi_pipeline.run.manifest import load_manifest  # noqa: E402
+from wsi_pipeline.run.folder import RunFolder  # noqa: E402
 from wsi_pipeline.training import cv  # noqa: E402
 
 DEFAULT_MODELS = ("mambamil", "gmmamba", "fmamil", "mammil")

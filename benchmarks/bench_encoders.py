@@ -25,7 +25,7 @@ import torch
 from wsi_pipeline.encoders import create_encoder, get_spec
 from wsi_pipeline.encoders.catalog import primary_names
 from wsi_pipeline.encoders.fit import effective_precision
-from wsi_pipeline.extraction import autocast_for
+from wsi_pipeline.features.patches import autocast_for
 
 
 def tile_px(name: str) -> int:

@@ -20,7 +20,7 @@ import openslide
 from tests.interop import conftest as fixtures
 from tests.interop import readers
 from wsi_pipeline.cli import main
-from wsi_pipeline.demo import DemoSlideSpec, write_demo_slide
+from wsi_pipeline.demo.slides import DemoSlideSpec, write_demo_slide
 
 
 def measure(folder: Path) -> None:

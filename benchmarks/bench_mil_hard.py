@@ -30,8 +30,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsi_pipeline.manifest import load_manifest  # noqa: E402
-from wsi_pipeline.run_folder import RunFolder  # noqa: E402
+from wsi_pipeline.run.manifest import load_manifest  # noqa: E402
+from wsi_pipeline.run.folder import RunFolder  # noqa: E402
 
 
 def truth_of(slide_path: Path):

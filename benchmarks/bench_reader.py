@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsi_pipeline.config import Config
-from wsi_pipeline.demo import DemoSlideSpec, write_demo_slide
-from wsi_pipeline.extraction import PatchDataset, PatchSource, extract_features, plan_reader
+from wsi_pipeline.demo.slides import DemoSlideSpec, write_demo_slide
+from wsi_pipeline.features.patches import PatchDataset, PatchSource, extract_features, plan_reader
+from wsi_pipeline.run.config import Config
 from wsi_pipeline.slides import open_slide
-from wsi_pipeline import tissue
-from wsi_pipeline.tiling import plan_geometry, tile_tissue
+from wsi_pipeline.tiling import tissue
+from wsi_pipeline.tiling.grid import plan_geometry, tile_tissue
 
 
 def patch_source(path: Path, n: int, target_mpp: float, patch_px: int = 224) -> PatchSource:

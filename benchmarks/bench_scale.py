@@ -56,7 +56,7 @@ def peak_rss_mb() -> float:
 def write_cohort(folder: Path, n_bags: int, patches: int, dim: int, seed: int = 0) -> float:
     """n_bags float16 features.h5 of `patches` x `dim` (lengths vary +-20 %) → GiB written."""
     sys.path.insert(0, str(ROOT))
-    from wsi_pipeline.features_h5 import write_features_h5
+    from wsi_pipeline.features.features_h5 import write_features_h5
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,9 +80,9 @@ def train_once(folder: Path, n_bags: int, model_name: str, mode: str, cache_gb: 
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from wsi_pipeline.manifest import SlideRecord
     from wsi_pipeline.models.mil import create_aggregator
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import SlideRecord
     from wsi_pipeline.training.bag_source import BagSource
     from wsi_pipeline.training.bags import Bag, load_bag
     from wsi_pipeline.training.cv import _scan_bags
@@ -143,9 +143,9 @@ def ratio_once(folder: Path, n_bags: int, model_name: str, reps: int) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from wsi_pipeline.manifest import SlideRecord
     from wsi_pipeline.models.mil import create_aggregator
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import SlideRecord
     from wsi_pipeline.training.bag_source import BagSource
     from wsi_pipeline.training.bags import Bag, load_bag
     from wsi_pipeline.training.cv import _scan_bags
@@ -287,7 +287,7 @@ def cmd_plan(args) -> list[dict]:
     work.mkdir(parents=True, exist_ok=True)
     demo = work / "demo"
     if not any(demo.glob("**/*.tif*")):
-        subprocess.run([sys.executable, "-c", "from wsi_pipeline.demo import make_demo_cohort; "
+        subprocess.run([sys.executable, "-c", "from wsi_pipeline.demo.slides import make_demo_cohort; "
                         f"make_demo_cohort({str(demo)!r}, 4, width_px=1024, height_px=768)"], check=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     slides = sorted(p.resolve() for p in demo.glob("**/*") if p.suffix in (".tif", ".tiff", ".svs"))[:4]

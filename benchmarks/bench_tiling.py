@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_pipeline import tissue
-from wsi_pipeline.config import Config
-from wsi_pipeline.demo import DemoSlideSpec, write_demo_slide
+from wsi_pipeline.demo.slides import DemoSlideSpec, write_demo_slide
+from wsi_pipeline.run.config import Config
 from wsi_pipeline.slides import open_slide
-from wsi_pipeline.tiling import plan_geometry, tile_tissue
+from wsi_pipeline.tiling import tissue
+from wsi_pipeline.tiling.grid import plan_geometry, tile_tissue
 
 
 def bench_tile_one(path: Path, cfg: Config) -> tuple[float, int]:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wsi_pipeline.volumes.cohort import demo_config, format_summary, instance_probe_auc, run_volume_demo  # noqa: E402
+from stages.volume_demo import run_volume_demo  # noqa: E402
+from wsi_pipeline.volumes.cohort import demo_config, format_summary, instance_probe_auc  # noqa: E402
 
 
 def main() -> int:
@@ -43,7 +44,7 @@ def main() -> int:
     seconds = time.perf_counter() - t0
     print(format_summary(summary))
     print(f"total {seconds:.0f} s through `wsi-pipeline run` (CPU)")
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     cfg = demo_config(epochs=args.epochs, model=args.model, seed=args.seed)
     manifest = load_manifest(Path(args.out) / "manifest.csv")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from wsi_pipeline.config import Config
+from wsi_pipeline.run.config import Config
 
 
 @dataclass
@@ -159,7 +159,7 @@ class Stage:
         """The config file (or defaults) with this stage's CLI overrides applied."""
         import dataclasses
 
-        from wsi_pipeline.config import load_config
+        from wsi_pipeline.run.config import load_config
 
         def replace(obj, path: list[str], value):   # "detect.train.epochs": nested parameter objects
             inner = value if len(path) == 1 else replace(getattr(obj, path[0]), path[1:], value)
@@ -174,7 +174,7 @@ class Stage:
 
 def check_model_arg(args: argparse.Namespace) -> None:
     """--model names a folder under RUN: a safe name, checked before anything is written."""
-    from wsi_pipeline.names import check_name
+    from wsi_pipeline.run.names import check_name
 
     if getattr(args, "model", None) is not None:
         check_name(args.model, "--model")
@@ -221,11 +221,11 @@ SPLITTING_STAGES = ("train", "train-detector")
 
 def invoke(stage: Stage, args: argparse.Namespace) -> int:
     """`wsi-pipeline {stage.name} ...`: the stage's `run` on the inputs the arguments name."""
-    from wsi_pipeline.config import save_resolved_config
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.config import save_resolved_config
+    from wsi_pipeline.run.manifest import load_manifest
 
     from wsi_pipeline.errors import InputsError
-    from wsi_pipeline.validation import stage_problems
+    from wsi_pipeline.run.validation import stage_problems
 
     if stage.check_args is not None:
         stage.check_args(args)
@@ -252,7 +252,7 @@ def invoke(stage: Stage, args: argparse.Namespace) -> int:
         manifest = manifest.without(upstream_failed)
     if stage.check is not None:
         stage.check(cfg, args)
-    # The checks `wsi-pipeline run` makes (validation.py), before any record is written.
+    # The checks `wsi-pipeline run` makes (wsi_pipeline/run/validation.py), before any record is written.
     problems = stage_problems(stage, cfg, manifest, args)
     if problems:
         raise InputsError(problems)

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from wsi_pipeline.errors import PipelineError
 from wsi_pipeline.io import STORAGE_ERRNOS, describe_os_error
-from wsi_pipeline.manifest import SlideRecord
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import SlideRecord
 
 from .base import StageReport
 

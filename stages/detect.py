@@ -17,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-from wsi_pipeline.config import Config
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.manifest import Manifest
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest
 
 from .base import CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg, split_list
 from .batch import run_batch
@@ -41,7 +41,7 @@ def _check_truths(cfg: Config, args: argparse.Namespace, slide_lists, classes) -
     """The annotations of the slides a command will read, placed before anything is written (the
     run places them again: slide headers and annotation files only)."""
     from wsi_pipeline.detection.pipeline import place_truths
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     wanted = [s for ids in slide_lists if ids for s in ids]
@@ -56,7 +56,7 @@ def _check_train_detector(cfg: Config, args: argparse.Namespace) -> None:
     train, val = split_list(args.train_slides), split_list(args.val_slides)
     _check_truths(cfg, args, [train, val] if train else [], cfg.detect.train.classes)
     if not val:
-        from wsi_pipeline.manifest import load_manifest
+        from wsi_pipeline.run.manifest import load_manifest
 
         manifest = load_manifest(args.manifest)
         patient_split(manifest.select(train) if train else manifest, cfg.detect.train.val_fraction,

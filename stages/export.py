@@ -19,13 +19,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from wsi_pipeline.config import Config
 from wsi_pipeline.errors import ConfigError, ManifestError
 from wsi_pipeline.interop import TARGETS, ExportOut, get_target, load_export_slide
 from wsi_pipeline.interop.common import EXPORT_RECORD, files_present, read_export_record, write_export_record
-from wsi_pipeline.manifest import Manifest
-from wsi_pipeline.names import check_name
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest
+from wsi_pipeline.run.names import check_name
 
 from .base import CONFIG, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg, split_list
 from .batch import run_batch
@@ -139,7 +139,7 @@ def _check_args(args) -> None:
 
 def _check(cfg: Config, args) -> None:
     """Before OUT/configs/export.yaml is written: the same checks run_export makes first."""
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     if args.slides:

@@ -1,6 +1,6 @@
 """Stage 2 — extract: coords.h5 → patches → encoder → RUN/features/{encoder}/{slide_id}.h5.
 
-Wiring only: one slide's work is `wsi_pipeline.extractor.Extractor`. The encoder is built once per
+Wiring only: one slide's work is `wsi_pipeline.features.extractor.Extractor`. The encoder is built once per
 batch and only if some slide needs it, so a rerun over a finished run loads no model. A features.h5 is trusted when it is complete, its coords equal the current
 coords.h5, and its config hash (encoder, weights sha256, precision, dtype, tiling, and the content
 fingerprint of the slide file coords.h5 was tiled from) matches. Before that, the slide file must
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsi_pipeline.config import Config
-from wsi_pipeline.extractor import Extractor, weights_identity
+from wsi_pipeline.features.extractor import Extractor, weights_identity
 from wsi_pipeline.io import remove_stale_temps
-from wsi_pipeline.manifest import Manifest
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest
 
 from .base import BATCH, CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
 from .batch import run_batch
@@ -39,7 +39,7 @@ def run_extract(manifest: Manifest, cfg: Config, run_dir: str | Path, *, force: 
 
 
 def _check_encoder_name(args) -> None:
-    from wsi_pipeline.names import check_name
+    from wsi_pipeline.run.names import check_name
 
     if args.encoder:
         check_name(args.encoder, "--encoder")
@@ -48,7 +48,7 @@ def _check_encoder_name(args) -> None:
 def _check_encoder(cfg: Config, args) -> None:
     """Before any slide: else every slide fails with the same message."""
     from wsi_pipeline.errors import ConfigError
-    from wsi_pipeline.validation import encoder_problem
+    from wsi_pipeline.run.validation import encoder_problem
 
     problem = encoder_problem(cfg.extract.encoder, "--encoder" if args.encoder else "extract.encoder")
     if problem:

@@ -8,12 +8,12 @@ were made from (checkpoint sha256s, features file, heatmap config hash, slide fi
 slide whose done file matches and whose outputs all exist, and redoes it otherwise. Features are
 read from the model's encoder folder; features it cannot use (made otherwise than its training
 features, or from another file than the manifest's) refuse the command before anything is written
-(exit 2; wsi_pipeline/provenance.py).
+(exit 2; wsi_pipeline/features/provenance.py).
 A volume row gets {id}.heatmap.nii.gz (on the scan's own grid and affine), .montage.png and
 .cam_mask.nii.gz instead, and Dice against its truth_mask where the manifest gives one
 (wsi_pipeline/volumes/stages.py).
 
-Wiring only: one slide's work is `wsi_pipeline.heatmaps.HeatmapRunner` (torch loads only when a
+Wiring only: one slide's work is `wsi_pipeline.exports.heatmaps.HeatmapRunner` (torch loads only when a
 slide needs scores). The ensemble runs on `train.device`, loaded once per model folder per batch.
 """
 
@@ -22,13 +22,13 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from wsi_pipeline.config import Config
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.exports import list_colormaps
-from wsi_pipeline.heatmaps import HeatmapRunner
-from wsi_pipeline.manifest import Manifest
-from wsi_pipeline.names import check_name
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.exports.heatmaps import HeatmapRunner
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest
+from wsi_pipeline.run.names import check_name
 
 from .base import BATCH, CONFIG, check_model_arg, FORCE, MANIFEST, NO_PROGRESS, Stage, StageReport, arg
 from .batch import run_batch

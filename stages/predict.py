@@ -7,7 +7,7 @@ softmax outputs (`training.inference.ensemble_predict`); `predicted` is the clas
 Slides without usable features (missing, unreadable, non-finite, wrong dimension) are reported and
 skipped: the CSV holds the others and the command exits 1. Features the model cannot use (made by
 another encoder, weights, µm/px, patch size or modality than its training features, or from another
-file than the manifest's: `wsi_pipeline.provenance`) refuse the whole command before the CSV is
+file than the manifest's: `wsi_pipeline.features.provenance`) refuse the whole command before the CSV is
 written: one line per slide naming both sides, exit 2.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsi_pipeline.errors import PipelineError
-from wsi_pipeline.manifest import Manifest
+from wsi_pipeline.run.manifest import Manifest
 
 from .base import CONFIG, NO_PROGRESS, Stage, StageReport, arg
 
@@ -35,10 +35,10 @@ def run_predict(manifest: Manifest, run_dir: str | Path, model_dir: str | Path, 
     from tqdm import tqdm
 
     from wsi_pipeline.errors import SlideError
+    from wsi_pipeline.features.provenance import check_features, model_training_features
     from wsi_pipeline.io import write_csv_atomic
-    from wsi_pipeline.names import check_name
-    from wsi_pipeline.provenance import check_features, model_training_features
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.names import check_name
     from wsi_pipeline.training.bags import read_bag
     from wsi_pipeline.training.ensemble import EnsembleCache
     from wsi_pipeline.training.inference import ensemble_predict

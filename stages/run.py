@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from wsi_pipeline.run_lock import one_run_per_folder
-from wsi_pipeline.workflow_summary import failed_before_training, summarise_metrics, summarise_segmentation
+from wsi_pipeline.run.lock import one_run_per_folder
+from wsi_pipeline.run.summary import failed_before_training, summarise_metrics, summarise_segmentation
 
 __all__ = ["HELP", "add_arguments", "cli", "failed_before_training", "snakemake_command", "summarise_metrics",
            "summarise_segmentation", "workflow_dir"]
@@ -133,7 +133,7 @@ def snakemake_command(args) -> list[str]:
 
 
 def cli(args) -> int:
-    from wsi_pipeline.validation import validate_run_inputs
+    from wsi_pipeline.run.validation import validate_run_inputs
 
     # Before the lock, before Snakemake starts and before RUN is created: every manifest/config/
     # name/registry problem at once, as InputsError -> exit 2 (even when RUN is in use by a run).
@@ -156,10 +156,10 @@ def cli(args) -> int:
     return _run_workflow(args)
 
 
-@one_run_per_folder  # RUN/.wsi-pipeline.lock for the whole run (wsi_pipeline/run_lock.py)
+@one_run_per_folder  # RUN/.wsi-pipeline.lock for the whole run (wsi_pipeline/run/lock.py)
 def _run_workflow(args) -> int:
-    from wsi_pipeline.config import load_config
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.run.config import load_config
+    from wsi_pipeline.run.folder import RunFolder
 
     cmd = snakemake_command(args)
     run_dir = Path(args.out).resolve()
@@ -204,8 +204,8 @@ def _run_workflow(args) -> int:
     if left_out:
         print(f"\nleft out (--exclude-failed): {', '.join(left_out)}")
     if not args.no_train:   # every cohort without metrics.json, and why
-        from wsi_pipeline.manifest import load_manifest
-        from wsi_pipeline.workflow_summary import untrained_cohorts
+        from wsi_pipeline.run.manifest import load_manifest
+        from wsi_pipeline.run.summary import untrained_cohorts
 
         reasons = untrained_cohorts(run_dir, load_manifest(args.manifest), model, failures,
                                     exclude_failed=args.exclude_failed, snakemake_code=code)
@@ -239,8 +239,8 @@ def _report(args, run_dir: Path, code: int) -> None:
     if code != 0 or not index.is_file():
         import logging
 
-        from wsi_pipeline.manifest import load_manifest
         from wsi_pipeline.report import build_report
+        from wsi_pipeline.run.manifest import load_manifest
 
         try:
             index = build_report(run_dir, load_manifest(args.manifest))
@@ -252,11 +252,11 @@ def _report(args, run_dir: Path, code: int) -> None:
 
 def _left_out(args, run) -> list[str]:
     """The slides --exclude-failed leaves out now: tile/extract failures on record that still
-    describe the manifest's files (workflow_summary.excluded_failures, as common.smk decides)."""
+    describe the manifest's files (wsi_pipeline.run.summary.excluded_failures, as common.smk decides)."""
     if not args.exclude_failed:
         return []
-    from wsi_pipeline.manifest import load_manifest
-    from wsi_pipeline.workflow_summary import excluded_failures
+    from wsi_pipeline.run.manifest import load_manifest
+    from wsi_pipeline.run.summary import excluded_failures
 
     return excluded_failures(load_manifest(args.manifest), run.failures())
 
@@ -264,7 +264,7 @@ def _left_out(args, run) -> list[str]:
 def _summarise_volumes(args, run_dir: Path, model: str) -> None:
     """A manifest with volume rows: RUN/volumes_summary.json (CV AUC, heatmap peak in lesion, CAM
     Dice per volume cohort, from metrics.json and the heatmap stage's done files), one line each."""
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     manifest = load_manifest(args.manifest)
     if args.no_train or not any(r.is_volume for r in manifest):

@@ -13,7 +13,7 @@ Inputs, per slide of the manifest:
                                     Any other CAM source can write this file instead. Features the
                                     ensemble cannot use (made otherwise than its training features,
                                     or from another file than the manifest's) refuse the command
-                                    before anything is written (exit 2; wsi_pipeline/provenance.py).
+                                    before anything is written (exit 2; wsi_pipeline/features/provenance.py).
   the slide itself                  read once at segment.work_mpp (the working grid).
 CAM thresholds: segment.cam_high (and with segment.gate_negatives the gate) raised above the CAM
 scores that the slides labelled negative reach (segment.negative_quantile; `segmentation.calibration`);
@@ -44,11 +44,11 @@ import json
 import os
 from typing import Iterable
 
-from wsi_pipeline.config import Config
 from wsi_pipeline.io import remove_stale_temps, sha256_file, write_json_atomic
-from wsi_pipeline.manifest import Manifest, SlideRecord
-from wsi_pipeline.names import check_name
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest, SlideRecord
+from wsi_pipeline.run.names import check_name
 from wsi_pipeline.segmentation.outputs import collect_metrics, hash_json, remove_slide_temps
 from wsi_pipeline.segmentation.slide_work import CamProvider, is_negative, load_slide_work
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from wsi_pipeline import tissue
-from wsi_pipeline.config import Config
-from wsi_pipeline.coords_h5 import coords_h5_is_valid, read_slide_identity, write_coords_h5
 from wsi_pipeline.errors import SlideError
 from wsi_pipeline.io import atomic_path, remove_stale_temps, write_text_atomic
-from wsi_pipeline.manifest import Manifest, SlideRecord
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest, SlideRecord
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.slides.identity import SlideIdentity, slide_identity
-from wsi_pipeline.tiling import plan_geometry, tile_tissue, upsampling_needed
+from wsi_pipeline.tiling import tissue
+from wsi_pipeline.tiling.coords_h5 import coords_h5_is_valid, read_slide_identity, write_coords_h5
+from wsi_pipeline.tiling.grid import plan_geometry, tile_tissue, upsampling_needed
 
 from .base import BATCH, CONFIG, FORCE, MANIFEST, NO_PROGRESS, SLIDES, Stage, StageReport, arg
 from .batch import run_batch

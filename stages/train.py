@@ -9,7 +9,8 @@ RUN/mil/{model}/{cohort}/:
   fold_{k}/config.json        model, in_dim, n_classes, classes, model_args, standardize, encoder,
                               training_features (what the features were made from: encoder, version,
                               weights sha256, µm/px, patch size, coord_dims, modality; wsi_pipeline/
-                              provenance.py; a cohort whose features differ in them is refused), fold, the
+                              features/provenance.py; a cohort whose features differ in them is
+                              refused), fold, the
                               train/val/test slide ids, best epoch, loss history, config hash, versions,
                               training_run_id (the training run the fold belongs to)
   predictions.csv             out-of-fold test predictions: slide_id, patient_id, cohort, fold, label,
@@ -32,9 +33,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wsi_pipeline.config import Config
-from wsi_pipeline.manifest import Manifest
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.config import Config
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest
 from wsi_pipeline.training.cv import FOLD_FORMAT_VERSION, fold_config_hash  # noqa: F401 (public names)
 
 from .base import CONFIG, check_model_arg, NO_PROGRESS, Stage, StageReport, arg, split_list
@@ -85,7 +86,7 @@ def format_pooled(pooled: dict) -> str:
 
 
 def _check_names(args) -> None:
-    from wsi_pipeline.names import check_name
+    from wsi_pipeline.run.names import check_name
 
     check_model_arg(args)
     for cohort in split_list(args.cohort) or []:

@@ -43,7 +43,7 @@ SMALL = {"width_px": 2048, "height_px": 1536, "mpp": 0.5}
 @pytest.fixture(scope="session")
 def demo_cohort(tmp_path_factory):
     """A 4-slide demo cohort (2 positive) at 2048×1536 px, 0.5 µm/px; returns the manifest path."""
-    from wsi_pipeline.demo import make_demo_cohort
+    from wsi_pipeline.demo.slides import make_demo_cohort
 
     out = tmp_path_factory.mktemp("cohort")
     return make_demo_cohort(out, 4, width_px=SMALL["width_px"], height_px=SMALL["height_px"],
@@ -53,7 +53,7 @@ def demo_cohort(tmp_path_factory):
 @pytest.fixture(scope="session")
 def make_slide(tmp_path_factory):
     """Factory: make_slide(name, **DemoSlideSpec fields) -> path of a small demo slide (cached)."""
-    from wsi_pipeline.demo import DemoSlideSpec, write_demo_slide
+    from wsi_pipeline.demo.slides import DemoSlideSpec, write_demo_slide
 
     folder = tmp_path_factory.mktemp("slides")
     cache = {}

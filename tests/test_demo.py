@@ -5,8 +5,8 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from wsi_pipeline.demo import GT_DOWNSAMPLE
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.demo.slides import GT_DOWNSAMPLE
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 
 

@@ -8,10 +8,10 @@ from safetensors.torch import save_file
 
 from stages.extract import run_extract
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import config_from_dict
 from wsi_pipeline.encoders import EncoderWeightsError, create_encoder, get_spec, list_encoders
-from wsi_pipeline.extraction import PatchDataset, PatchSource, _row_runs
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.features.patches import PatchDataset, PatchSource, _row_runs
+from wsi_pipeline.run.config import config_from_dict
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 
 # Small patches keep the CPU encoder fast: 64 px at 2 µm/px (a 128 µm field of view).
@@ -130,7 +130,7 @@ def test_resume_after_kill_and_skip_complete(demo_cohort, tiled_run, monkeypatch
     for f in out_dir.glob("*.h5"):
         f.unlink()
     # A run killed while writing the second slide's file: the write raises half-way.
-    import wsi_pipeline.features_h5 as fh5
+    import wsi_pipeline.features.features_h5 as fh5
 
     real = h5py.File.create_dataset
     calls = {"n": 0}
@@ -212,7 +212,7 @@ def test_batched_row_reads_give_the_per_patch_pixels(make_slide, backend, level,
 
 
 def test_reader_and_batch_defaults_per_device(monkeypatch):
-    from wsi_pipeline.extraction import default_batch_size, default_workers
+    from wsi_pipeline.features.patches import default_batch_size, default_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 32)
     assert default_workers(torch.device("cuda")) == 16 and default_workers(torch.device("cpu")) == 1
@@ -256,7 +256,7 @@ def test_read_error_in_a_worker_is_raised_as_the_slide_error(demo_cohort, tiled_
     """DataLoader re-raises a worker's exception as a RuntimeError carrying the worker's traceback;
     the read error comes back as data instead and is raised as the SlideError itself."""
     from wsi_pipeline.errors import SlideError
-    from wsi_pipeline.extraction import extract_features
+    from wsi_pipeline.features.patches import extract_features
 
     record = load_manifest(demo_cohort).records[0]
     coords = np.array([[0, 0], [256, 0]], dtype=np.int64)

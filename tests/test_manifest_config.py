@@ -1,8 +1,8 @@
 import pytest
 
-from wsi_pipeline.config import Config, config_from_dict, load_config
 from wsi_pipeline.errors import ConfigError, ManifestError
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.config import Config, config_from_dict, load_config
+from wsi_pipeline.run.manifest import load_manifest
 
 HEADER = "slide_id,path,patient_id,label,cohort\n"
 

@@ -7,8 +7,8 @@ import yaml
 
 from stages import get_stage
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import config_from_dict
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.config import config_from_dict
+from wsi_pipeline.run.manifest import load_manifest
 
 TINY = {
     "tiling": {"target_mpp": 2.0, "patch_size_px": 32},

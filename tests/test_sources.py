@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from tests.models.small_models import make_small
-from wsi_pipeline.coords_h5 import coords_h5_is_valid, read_coords_h5, write_instance_coords_h5
 from wsi_pipeline.errors import SlideError
-from wsi_pipeline.features_h5 import features_h5_is_valid, read_features_h5, write_features_h5
+from wsi_pipeline.features.features_h5 import features_h5_is_valid, read_features_h5, write_features_h5
 from wsi_pipeline.models.mil import AGGREGATORS
 from wsi_pipeline.models.mil.coord_scan import coords_scan_permutation
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.sources import Source, physical_extent
+from wsi_pipeline.tiling.coords_h5 import coords_h5_is_valid, read_coords_h5, write_instance_coords_h5
 from wsi_pipeline.training.bags import load_bag
 
 K = [2, 3]

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from stages.extract import run_extract
-from wsi_pipeline.config import config_from_dict
 from wsi_pipeline.encoders import EncoderWeightsError, create_encoder, get_spec
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.config import config_from_dict
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 
 

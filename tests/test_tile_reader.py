@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from wsi_pipeline.errors import SlideError
-from wsi_pipeline.extraction import PatchDataset, PatchSource, plan_reader
+from wsi_pipeline.features.patches import PatchDataset, PatchSource, plan_reader
 from wsi_pipeline.slides import open_slide
-from wsi_pipeline.slides.tile_reader import TiledLevel, direct_read_problem
 from wsi_pipeline.slides.tiff_writer import write_plain_tiff
+from wsi_pipeline.slides.tile_reader import TiledLevel, direct_read_problem
 
 # Not a multiple of the 256 px tile: the last tile column and row are partial at both levels.
 ODD = {"width_px": 2000, "height_px": 1500}
@@ -115,7 +115,7 @@ def test_rgb_jpeg_tiles_as_aperio_writes_them(tmp_path, backend):
 
 def test_direct_reader_in_dataloader_workers(make_slide):
     """A worker process opens its own TIFF handles (as the region path reopens its slide per process)."""
-    from wsi_pipeline.extraction import _collate
+    from wsi_pipeline.features.patches import _collate
 
     path = make_slide("odd", **ODD)
     coords = _coords(ODD["width_px"], ODD["height_px"], 300, 1)[:40]
@@ -196,7 +196,7 @@ def test_a_corrupt_tile_is_one_error_naming_the_slide(make_slide, tmp_path):
 
 def test_extract_records_the_reader_in_features_h5(demo_cohort, tmp_path, monkeypatch):
     from wsi_pipeline.cli import main
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tiling:\n  target_mpp: 2.0\n  patch_size_px: 64\ntissue:\n  mask_mpp: 8.0\n"

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.coords_h5 import read_coords_h5
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.slides.tiff_writer import build_pyramid, write_aperio_tiff
+from wsi_pipeline.tiling.coords_h5 import read_coords_h5
 
 from .reliability.writers import leave_dead_temp
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from wsi_pipeline.tiling import grid_positions, plan_geometry, tile_tissue, tissue_fractions
+from wsi_pipeline.tiling.grid import grid_positions, plan_geometry, tile_tissue, tissue_fractions
 
 
 @pytest.mark.parametrize("slide_mpp,target_mpp,size,overlap", [

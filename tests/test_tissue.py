@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_pipeline import tissue
 from wsi_pipeline.slides import open_slide
+from wsi_pipeline.tiling import tissue
 
 
 def _disk(shape, centre, radius):

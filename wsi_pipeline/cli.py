@@ -1,7 +1,7 @@
 """`wsi-pipeline` command line. Wiring only: parse, load config/manifest, call a stage.
 
 Exit codes: 0 all slides fine; 1 some slides failed (see RUN/failures.csv), or `run` found RUN in use
-by another run (wsi_pipeline/run_lock.py); 2 bad usage, config or manifest (nothing was run).
+by another run (wsi_pipeline/run/lock.py); 2 bad usage, config or manifest (nothing was run).
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "demo-cohort":
-        from .demo import make_demo_cohort
+        from .demo.slides import make_demo_cohort
 
-        from .names import check_name
+        from .run.names import check_name
 
         cohorts = tuple(check_name(c.strip(), "--cohorts") for c in args.cohorts.split(",") if c.strip())
         manifest = make_demo_cohort(args.out, args.n, width_px=args.width, height_px=args.height,
@@ -103,9 +103,11 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "demo-volumes":
-        from .volumes.cohort import format_summary, run_volume_demo
+        from stages.volume_demo import run_volume_demo
 
-        from .names import check_name
+        from .volumes.cohort import format_summary
+
+        from .run.names import check_name
 
         result = run_volume_demo(args.out, n_patients=args.n, epochs=args.epochs, model=check_name(args.model, "--model"),
                                  seed=args.seed, generate_only=args.generate_only, cores=args.cores,
@@ -120,7 +122,7 @@ def _dispatch(args) -> int:
         return code if code else (0 if all(c["status"] == "done" for c in summary["cohorts"].values()) else 1)
 
     if args.command == "validate-manifest":
-        from .manifest import load_manifest
+        from .run.manifest import load_manifest
 
         m = load_manifest(args.manifest, require_labels=args.require_labels,
                           check_files=not args.no_check_files, check_same_files=not args.no_check_files)

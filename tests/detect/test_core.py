@@ -151,8 +151,8 @@ def test_rare_group_has_its_own_suppression_radius():
 
 
 def test_suppression_radii_must_fit_in_the_tile_margin():
-    from wsi_pipeline.config import DetectConfig
     from wsi_pipeline.errors import ConfigError
+    from wsi_pipeline.run.config import DetectConfig
     assert DetectConfig().rare_nms_um <= DetectConfig().max_object_um
     for name in ("nms_um", "rare_nms_um"):
         with pytest.raises(ConfigError, match=f"detect.{name}: must be <= detect.max_object_um"):

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import config_from_dict, load_config
 from wsi_pipeline.encoders import catalog, get_spec
+from wsi_pipeline.run.config import config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,12 +15,12 @@ import yaml
 from stages.extract import run_extract
 from stages.tile import run_tile
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import config_from_dict, load_config
 from wsi_pipeline.encoders import ENCODERS, EncoderSpec, register_encoder
 from wsi_pipeline.encoders.fit import effective_precision, tiling_fit_warning
 from wsi_pipeline.encoders.vim4path import VisionMamba
 from wsi_pipeline.errors import ConfigError
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.config import config_from_dict, load_config
+from wsi_pipeline.run.manifest import load_manifest
 
 AUTO = {"target_mpp": "auto", "patch_size_px": "auto"}
 
@@ -134,8 +134,8 @@ def test_precision_auto_redoes_features_only_where_its_meaning_changed(tiny_enco
     import torch
 
     import wsi_pipeline.devices
-    from wsi_pipeline.extractor import Extractor
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.features.extractor import Extractor
+    from wsi_pipeline.run.folder import RunFolder
 
     def extractor(encoder, device):
         monkeypatch.setattr(wsi_pipeline.devices, "resolve_device", lambda name, what="": torch.device(device))

@@ -182,7 +182,7 @@ def test_snapshot_folder_end_to_end_through_create_encoder(tmp_path, vits8_file)
     assert all(not v.any() for v in encoder.model.state_dict().values() if v.is_floating_point())
     # The extract stage accepts the folder too (it hashed only files) and hashes it as the encoder
     # records it, so features.h5 and the config hash name the same weights.
-    from wsi_pipeline.extractor import weights_identity
+    from wsi_pipeline.features.extractor import weights_identity
 
     assert weights_identity(str(folder), "kaiko_vits8") == encoder.weights_sha256
     empty = tmp_path / "empty"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_pipeline.demo import GT_DOWNSAMPLE
+from wsi_pipeline.demo.slides import GT_DOWNSAMPLE
 from wsi_pipeline.slides import open_slide
 
 PATCH_LEVEL0 = 128  # multiple of GT_DOWNSAMPLE: lesion fractions are exact on the truth grid

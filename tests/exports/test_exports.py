@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_pipeline.config import HeatmapConfig
 from wsi_pipeline.exports import export_heatmaps, get_colormap, patch_features, write_heatmap_tiff
 from wsi_pipeline.exports.topk import read_patch
+from wsi_pipeline.run.config import HeatmapConfig
 from wsi_pipeline.slides import open_slide
 
 from .conftest import PATCH_LEVEL0, lesion_mask

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from wsi_pipeline.config import HeatmapConfig, config_from_dict, load_config
 from wsi_pipeline.errors import ConfigError
 from wsi_pipeline.exports import list_colormaps
+from wsi_pipeline.run.config import HeatmapConfig, config_from_dict, load_config
 
 
 def test_default_yaml_heatmap_block_equals_the_dataclass():

@@ -13,12 +13,12 @@ import pytest
 from PIL import Image
 
 import stages.heatmap as heatmap_stage
-import wsi_pipeline.heatmaps as heatmap_library
+import wsi_pipeline.exports.heatmaps as heatmap_library
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import load_config
-from wsi_pipeline.features_h5 import write_features_h5
-from wsi_pipeline.manifest import load_manifest
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.features.features_h5 import write_features_h5
+from wsi_pipeline.run.config import load_config
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 
 from .conftest import PATCH_LEVEL0, planted_scores, tissue_grid
 

@@ -172,9 +172,9 @@ def test_extract_on_cuda_matches_cpu(demo_cohort, tmp_path):
 
     from stages.extract import run_extract
     from wsi_pipeline.cli import main
-    from wsi_pipeline.config import config_from_dict
     from wsi_pipeline.encoders import create_encoder
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.config import config_from_dict
+    from wsi_pipeline.run.manifest import load_manifest
 
     torch.manual_seed(1)
     ckpt = tmp_path / "vit.safetensors"

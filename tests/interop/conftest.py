@@ -45,8 +45,8 @@ def write_manifest(path: Path, rows: list[list], header=("slide_id", "path", "pa
 def _tiny_run(folder: Path, slide_paths: dict, target_mpp: float, patch_size_px: int, slide_ids) -> TinyRun:
     from stages.extract import EXTRACT
     from stages.tile import TILE
-    from wsi_pipeline.config import load_config
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.config import load_config
+    from wsi_pipeline.run.manifest import load_manifest
 
     # `wsi` beside `path` and a clinical column: both kept as extra columns and carried to exports.
     rows = [[sid, slide_paths[sid], f"P{i}", "tumor" if i == 0 else "normal", "demo",
@@ -63,7 +63,7 @@ def _tiny_run(folder: Path, slide_paths: dict, target_mpp: float, patch_size_px:
 
 @pytest.fixture(scope="session")
 def interop_slides(tmp_path_factory):
-    from wsi_pipeline.demo import DemoSlideSpec, write_demo_slide
+    from wsi_pipeline.demo.slides import DemoSlideSpec, write_demo_slide
 
     folder = tmp_path_factory.mktemp("interop_slides")
     paths = {}

@@ -14,8 +14,8 @@ import pytest
 
 from wsi_pipeline.cli import main
 from wsi_pipeline.errors import ManifestError
-from wsi_pipeline.features_h5 import read_features_h5, write_features_h5
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.features.features_h5 import read_features_h5, write_features_h5
+from wsi_pipeline.run.manifest import load_manifest
 
 from . import readers
 from .conftest import ENCODER, FOOTPRINT_UM, SLIDES, write_manifest

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi_pipeline.config import load_config
 from wsi_pipeline.models.mil import create_aggregator
 from wsi_pipeline.models.mil.genconv import GENConv
+from wsi_pipeline.run.config import load_config
 from wsi_pipeline.models.mil.graph_orders import (GraphCache, build_patch_graph, components, cosine_distance_weights,
                                                   knn_edges, seeded_roots)
 from wsi_pipeline.models.mil.mammil import scan_orders

@@ -33,9 +33,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsi_pipeline.config import load_config
 from wsi_pipeline.models.mil import create_aggregator
 from wsi_pipeline.models.mil.coord_groups import GroupCache
+from wsi_pipeline.run.config import load_config
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "models"
 N_CLASSES = 2

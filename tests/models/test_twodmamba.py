@@ -250,7 +250,7 @@ def test_trains_the_pad_token_and_every_layer(small):
 def test_paper_preset_is_upstreams_model_and_recipe():
     from pathlib import Path
 
-    from wsi_pipeline.config import load_config
+    from wsi_pipeline.run.config import load_config
 
     text = (Path(__file__).resolve().parents[2] / "configs" / "models" / "twodmamba_paper.yaml")
     train = load_config(text).train

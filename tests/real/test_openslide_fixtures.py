@@ -29,7 +29,7 @@ from PIL import Image
 from wsi_pipeline.cli import main
 from wsi_pipeline.encoders import create_encoder
 from wsi_pipeline.errors import SlideError
-from wsi_pipeline.extraction import PatchDataset, PatchSource, extract_features, plan_reader
+from wsi_pipeline.features.patches import PatchDataset, PatchSource, extract_features, plan_reader
 from wsi_pipeline.slides import open_slide
 
 SMILEY = "\N{NEUTRAL FACE}.svs"

@@ -25,12 +25,12 @@ from PIL import Image
 from stages.extract import run_extract
 from stages.heatmap import run_heatmap
 from stages.tile import run_tile
-from wsi_pipeline.config import config_from_dict
 from wsi_pipeline.encoders import ENCODERS, create_encoder, get_spec, register_encoder
 from wsi_pipeline.encoders.handcrafted import STAIN_TEXTURE_DIM
-from wsi_pipeline.extraction import PatchDataset, PatchSource, plan_reader
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.features.patches import PatchDataset, PatchSource, plan_reader
 from wsi_pipeline.models.mil import create_aggregator
+from wsi_pipeline.run.config import config_from_dict
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.training.checkpoints import save_fold_model
 

@@ -183,9 +183,9 @@ def export_run(tmp_path_factory):
     returns (manifest, config, run folder)."""
     from stages.extract import EXTRACT
     from stages.tile import TILE
-    from wsi_pipeline.config import load_config
-    from wsi_pipeline.demo import DemoSlideSpec, write_demo_slide
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.demo.slides import DemoSlideSpec, write_demo_slide
+    from wsi_pipeline.run.config import load_config
+    from wsi_pipeline.run.manifest import load_manifest
 
     folder = tmp_path_factory.mktemp("export_run")
     rows = []

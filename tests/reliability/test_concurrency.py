@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from wsi_pipeline.config import config_from_dict
-from wsi_pipeline.manifest import load_manifest
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.config import config_from_dict
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 
 from .writers import REPO_ROOT, HeldWriter, child_env, dead_pid, leave_dead_temp, temp_name_of
 
@@ -95,8 +95,8 @@ _SLOW_TILE_JOB = """
 import json, os, sys, time
 from pathlib import Path
 from stages.tile import run_tile
-from wsi_pipeline.config import config_from_dict
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.config import config_from_dict
+from wsi_pipeline.run.manifest import load_manifest
 
 manifest, run_dir, slide, holding, release = sys.argv[1:]
 real_replace = os.replace

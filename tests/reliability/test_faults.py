@@ -24,10 +24,10 @@ import pytest
 
 from stages.tile import run_tile
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import Config, config_from_dict
-from wsi_pipeline.coords_h5 import coords_h5_is_valid
 from wsi_pipeline.io import TMP_MARK
-from wsi_pipeline.manifest import Manifest, SlideRecord, load_manifest
+from wsi_pipeline.run.config import Config, config_from_dict
+from wsi_pipeline.run.manifest import Manifest, SlideRecord, load_manifest
+from wsi_pipeline.tiling.coords_h5 import coords_h5_is_valid
 
 HEADER = "slide_id,path,patient_id,label,cohort,mpp"
 REPO = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
 """Names that become paths (slide_id, cohort, encoder, model, segmenter) are safe: one rule
-(wsi_pipeline.names), checked when the manifest/config is validated (exit 2, row and field named),
+(wsi_pipeline.run.names), checked when the manifest/config is validated (exit 2, row and field named),
 and again by the run folder, which refuses any path outside RUN."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import Config, TrainConfig, config_from_dict
 from wsi_pipeline.errors import ConfigError, ManifestError, UnsafePathError
-from wsi_pipeline.manifest import Manifest, SlideRecord, load_manifest
-from wsi_pipeline.names import MAX_NAME_LEN, name_problem
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.config import Config, TrainConfig, config_from_dict
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import Manifest, SlideRecord, load_manifest
+from wsi_pipeline.run.names import MAX_NAME_LEN, name_problem
 
 HEADER = "slide_id,path,patient_id,label,cohort\n"
 EVIL = ["../../../outside", "/abs/path", "a/b", "..", ".hidden", "-rf", "a b", "$(touch X)", "x;y",
@@ -157,7 +157,7 @@ def test_published_row_schema_states_the_same_name_rule():
     import json
     from pathlib import Path
 
-    from wsi_pipeline.names import NAME_CHARS
+    from wsi_pipeline.run.names import NAME_CHARS
 
     schema = json.loads((Path(__file__).resolve().parents[2] / "manifests" / "schema.json").read_text())
     for column in ("slide_id", "cohort"):

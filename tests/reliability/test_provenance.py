@@ -3,7 +3,7 @@
 Fold models record their training features' provenance (encoder, version, weights sha256, µm/px,
 patch size, coord_dims, modality); predict / heatmap / segment refuse features made otherwise, or
 from another file than the manifest's, with one line naming both sides (exit 2, nothing written),
-all through `wsi_pipeline.provenance`. detect records the slide file's identity and redoes a
+all through `wsi_pipeline.features.provenance`. detect records the slide file's identity and redoes a
 replaced slide; eval-detect refuses candidates of another detector checkpoint.
 
 Inputs are real files made here: features.h5 written with the extractor's attrs, models trained by
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.features_h5 import write_features_h5
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.features.features_h5 import write_features_h5
+from wsi_pipeline.run.folder import RunFolder
 from wsi_pipeline.slides.identity import slide_identity
 
 ENCODER, OTHER_ENCODER, DIM = "test_encoder", "other_encoder", 16
@@ -62,7 +62,7 @@ def train_cohort(root, *, model, model_args, coord_dims=2, modality="", first_fi
     by the train stage -> (run_dir, model_dir, {slide_id: file})."""
     from stages.train import run_train
     from tests.training.conftest import small_config
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     rng = np.random.default_rng(0)
     run_dir, rows, files = root / "run", [], {}
@@ -142,7 +142,7 @@ def test_folds_trained_before_the_record_get_it_when_a_rerun_reuses_them(slide_m
         weights[fold.name] = (fold / "model.safetensors").read_bytes()
     from stages.train import run_train
     from tests.training.conftest import small_config
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     rows = [(sid, f, f"P{sid[4:6]}", ("neg", "pos")[int(sid[4:6]) % 2]) for sid, f in slide_model["files"].items()]
     manifest = load_manifest(write_manifest(tmp_path / "m.csv", rows), require_labels=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import Config, save_resolved_config
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.config import Config, save_resolved_config
+from wsi_pipeline.run.manifest import load_manifest
 
 HEADER = "slide_id,path,patient_id,label,cohort"
 
@@ -75,7 +75,7 @@ def test_refused_detect_without_a_detector_keeps_config_yaml(tmp_path, slide_pat
 
 def test_misspelt_per_model_key_is_refused_by_train_as_by_run(tmp_path, slide_paths, capsys):
     from wsi_pipeline.errors import InputsError
-    from wsi_pipeline.validation import validate_run_inputs
+    from wsi_pipeline.run.validation import validate_run_inputs
 
     config = tmp_path / "c.yaml"
     config.write_text("train:\n  model: abmil\n  per_model:\n    abmill: {model_args: {dropout: 0.5}}\n")
@@ -300,7 +300,7 @@ def test_exclude_failed_on_a_fresh_run_trains_the_cohort_and_says_why_another_wa
     import csv
 
     from stages import get_stage
-    from wsi_pipeline.config import load_config
+    from wsi_pipeline.run.config import load_config
 
     root, manifest, config = small_cohort
     run = tmp_path / "run"
@@ -322,8 +322,8 @@ def test_exclude_failed_tries_a_repaired_slide_again(small_cohort, make_slide, t
     record still describes its file; once the file is fixed or replaced, the slide is tried again."""
     import shutil
 
-    from wsi_pipeline.run_folder import RunFolder
-    from wsi_pipeline.workflow_summary import excluded_failures
+    from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.summary import excluded_failures
 
     root, manifest, config = small_cohort
     run = tmp_path / "run"

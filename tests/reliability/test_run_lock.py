@@ -18,14 +18,14 @@ import pytest
 
 import stages.run as run_stage
 from wsi_pipeline.cli import main
-from wsi_pipeline.run_lock import LOCK_NAME, RunLockHeld, acquire
+from wsi_pipeline.run.lock import LOCK_NAME, RunLockHeld, acquire
 
 from .writers import REPO_ROOT, child_env, dead_pid
 
 # Another `wsi-pipeline run`: takes RUN's lock, says so, holds it until told (or killed).
 _HOLDER = """
 import sys
-from wsi_pipeline.run_lock import acquire
+from wsi_pipeline.run.lock import acquire
 lock = acquire(sys.argv[1], "wsi-pipeline run --out " + sys.argv[1])
 print("held", flush=True)
 sys.stdin.readline()
@@ -168,7 +168,7 @@ def test_a_bad_manifest_is_exit_2_and_leaves_no_folder(tmp_path, snakemake):
 _RACER = """
 import sys, time
 from pathlib import Path
-from wsi_pipeline.run_lock import RunLockHeld, acquire
+from wsi_pipeline.run.lock import RunLockHeld, acquire
 run, go = Path(sys.argv[1]), Path(sys.argv[2])
 while not go.exists():
     time.sleep(0.005)

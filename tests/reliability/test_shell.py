@@ -116,8 +116,8 @@ def test_run_with_a_bad_manifest_and_config_lists_every_problem_and_exits_2(tmp_
 
 
 def test_a_timm_architecture_is_a_valid_encoder():
-    from wsi_pipeline.config import config_from_dict
-    from wsi_pipeline.validation import registry_problems
+    from wsi_pipeline.run.config import config_from_dict
+    from wsi_pipeline.run.validation import registry_problems
 
     assert registry_problems(config_from_dict({"extract": {"encoder": "resnet18"}})) == []
     assert registry_problems(config_from_dict({"extract": {"encoder": "stain_texture"}})) == []
@@ -141,8 +141,8 @@ def test_workflow_cli_word_list_stays_quoted(prepared_run):
 
 
 def test_a_misspelt_per_model_key_is_refused_with_the_closest_model():
-    from wsi_pipeline.config import config_from_dict
-    from wsi_pipeline.validation import registry_problems
+    from wsi_pipeline.run.config import config_from_dict
+    from wsi_pipeline.run.validation import registry_problems
 
     ok = config_from_dict({"train": {"per_model": {"fmamil": {"instance_loss_weight": 1.0}}}})
     assert registry_problems(ok) == []

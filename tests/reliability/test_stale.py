@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.coords_h5 import read_slide_identity
 from wsi_pipeline.errors import PipelineError
 from wsi_pipeline.slides.identity import file_fingerprint, slide_identity
+from wsi_pipeline.tiling.coords_h5 import read_slide_identity
 
 TILE_CFG = ("tiling:\n  target_mpp: 2.0\n  patch_size_px: 64\ntissue:\n  mask_mpp: 8.0\n"
             "extract:\n  encoder: stain_texture\n  batch_size: 64\n  num_workers: 0\n")
@@ -144,8 +144,8 @@ def test_killed_retrain_leaves_no_stale_metrics_and_the_mixed_ensemble_is_refuse
     import wsi_pipeline.training.trainer as trainer
     from stages.train import run_train
     from tests.training.conftest import make_cohort, small_config
-    from wsi_pipeline.manifest import load_manifest
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import load_manifest
     from wsi_pipeline.training.checkpoints import load_ensemble
 
     run_dir, manifest_path = make_cohort(tmp_path, n_patients=12)
@@ -230,11 +230,11 @@ def test_ensemble_missing_a_fold_of_splits_json_is_refused(tmp_path):
 def test_heatmap_refuses_a_mixed_ensemble_and_uses_a_consistent_one(tmp_path, make_slide, run_ids):
     import stages.heatmap as heatmap_stage
     from tests.exports.conftest import tissue_grid
-    from wsi_pipeline.config import load_config
-    from wsi_pipeline.features_h5 import write_features_h5
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.features.features_h5 import write_features_h5
     from wsi_pipeline.models.mil import create_aggregator
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.run.config import load_config
+    from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import load_manifest
     from wsi_pipeline.training.checkpoints import save_fold_model, stamp_training_run
 
     slide = make_slide("heatmap_lesion", positive=True, seed=3)

@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from wsi_pipeline.manifest import load_manifest
-from wsi_pipeline.run_folder import RunFolder
-from wsi_pipeline.volumes.demo import write_demo_volumes
+from wsi_pipeline.demo.volumes import write_demo_volumes
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.volumes.explain import write_nifti
 from wsi_pipeline.volumes.instances import VolumeInstanceParams
 from wsi_pipeline.volumes.volume import VolumeError

@@ -30,8 +30,8 @@ def simulated_cams(slide_path, lesion_class: str = "tumor", seed: int = 0, noise
 
     from wsi_pipeline.segmentation import PatchCams, SlideGrid, read_grid_image
     from wsi_pipeline.slides import open_slide
-    from wsi_pipeline.tiling import plan_geometry, tile_tissue, tissue_fractions
-    from wsi_pipeline.tissue import detect_tissue
+    from wsi_pipeline.tiling.grid import plan_geometry, tile_tissue, tissue_fractions
+    from wsi_pipeline.tiling.tissue import detect_tissue
 
     with open_slide(slide_path) as slide:
         grid = SlideGrid.for_mpp(slide.dimensions, slide.mpp, 8.0)
@@ -43,7 +43,7 @@ def simulated_cams(slide_path, lesion_class: str = "tumor", seed: int = 0, noise
     tiles = tile_tissue(level0_wh, geometry, tissue, scale, min_tissue_fraction=0.25)
     stem = str(slide_path)[: -len(".svs")]
     truth = np.asarray(Image.open(f"{stem}.lesion.png")) > 0
-    from wsi_pipeline.demo import GT_DOWNSAMPLE
+    from wsi_pipeline.demo.slides import GT_DOWNSAMPLE
 
     lesion_fraction = tissue_fractions(tiles.coords, geometry.patch_size_level0, truth,
                                        (float(GT_DOWNSAMPLE), float(GT_DOWNSAMPLE)))
@@ -57,9 +57,9 @@ def simulated_cams(slide_path, lesion_class: str = "tumor", seed: int = 0, noise
 def seg_cohort(tmp_path_factory):
     """(manifest path, run folder) for a 2-slide demo cohort (DEMO-000 normal, DEMO-001 tumor,
     2048 x 1536 px at 0.5 µm/px) with simulated CAMs in RUN/segment/cams/."""
-    from wsi_pipeline.demo import make_demo_cohort
-    from wsi_pipeline.manifest import load_manifest
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.demo.slides import make_demo_cohort
+    from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import load_manifest
     from wsi_pipeline.segmentation import save_patch_cams
 
     root = tmp_path_factory.mktemp("seg_cohort")
@@ -77,9 +77,9 @@ TOY_FMAMIL_ARGS = {"d_model": 16, "n_layers": 1, "d_state": 4, "attention_dim": 
 def toy_fmamil_run(seg_cohort, root):
     """A run folder for the cohort's tumour slide with random 8-d features on its CAM patches, and
     where its one-fold fmamil ensemble goes → (record, RunFolder, coords, fold dir, fold meta)."""
-    from wsi_pipeline.features_h5 import write_features_h5
-    from wsi_pipeline.manifest import load_manifest
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.features.features_h5 import write_features_h5
+    from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.manifest import load_manifest
     from wsi_pipeline.segmentation import load_patch_cams
 
     manifest, seg_run = seg_cohort

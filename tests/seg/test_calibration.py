@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from wsi_pipeline.config import Config, ConfigError, config_from_dict
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.config import Config, ConfigError, config_from_dict
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.segmentation import calibrate_thresholds
 
 from .conftest import save_toy_fmamil, simulated_cams, toy_fmamil_run
@@ -56,7 +56,7 @@ class _MarksEverything(nn.Module):
 
 
 def test_gate_keeps_the_mask_where_the_cam_supports_a_lesion(seg_cohort, tmp_path):
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.run.folder import RunFolder
     from wsi_pipeline.segmentation import CamThresholds
     from wsi_pipeline.segmentation.slide_work import load_slide_work, segment_slide
 
@@ -98,7 +98,7 @@ def test_stage_calibrates_on_the_negative_slides(seg_cohort):
 
 
 def _abmil_fold(run, record, coords, seed):
-    from wsi_pipeline.features_h5 import write_features_h5
+    from wsi_pipeline.features.features_h5 import write_features_h5
     from wsi_pipeline.models.mil import create_aggregator
     from wsi_pipeline.training.checkpoints import save_fold_model
 
@@ -118,7 +118,7 @@ def test_relative_cams_are_scaled_by_the_slide_probability(seg_cohort, tmp_path)
     """A model without instance logits (abmil): min-max scores times the ensemble's slide
     probability of the lesion class, so a slide the model calls normal gets low CAMs; CAM files
     of the old unscaled rule are made again."""
-    from wsi_pipeline.run_folder import RunFolder
+    from wsi_pipeline.run.folder import RunFolder
     from wsi_pipeline.segmentation import PatchCams, load_patch_cams, save_patch_cams
     from wsi_pipeline.segmentation.slide_work import OLD_RELATIVE_SOURCE, SLIDE_SCALED_SOURCE, CamProvider
     from wsi_pipeline.training.ensemble import EnsembleCache

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import Config, ConfigError, config_from_dict, load_config
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.config import Config, ConfigError, config_from_dict, load_config
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 
 from .conftest import save_toy_fmamil, toy_fmamil_run

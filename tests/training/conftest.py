@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_pipeline.config import Config, ExtractConfig, TrainConfig
-from wsi_pipeline.features_h5 import write_features_h5
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.features.features_h5 import write_features_h5
+from wsi_pipeline.run.config import Config, ExtractConfig, TrainConfig
+from wsi_pipeline.run.folder import RunFolder
 
 ENCODER = "test_encoder"
 DIM = 16
@@ -97,7 +97,7 @@ def cohort(tmp_path):
 def trained(tmp_path_factory):
     """One trained abmil CV run shared by the session's tests → dict(run_dir, manifest, cfg, result)."""
     from stages.train import run_train
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     root = tmp_path_factory.mktemp("trained")
     run_dir, manifest_path = make_cohort(root, n_patients=18)

@@ -9,8 +9,8 @@ import pytest
 
 from stages.train import run_train
 from wsi_pipeline.errors import PipelineError
-from wsi_pipeline.manifest import load_manifest
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 
 from .conftest import ENCODER, small_config, write_bag
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from wsi_pipeline.errors import SlideError
-from wsi_pipeline.features_h5 import write_features_h5
-from wsi_pipeline.manifest import load_manifest
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.features.features_h5 import write_features_h5
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.training.bag_source import BagRef, BagSource
 from wsi_pipeline.training.bags import Bag, load_bag
 

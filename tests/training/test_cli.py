@@ -7,8 +7,8 @@ import csv
 import yaml
 
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import load_config
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.config import load_config
+from wsi_pipeline.run.folder import RunFolder
 
 from .conftest import ENCODER
 

@@ -4,8 +4,8 @@ per epoch (2DMamba's recipe), also under warm-up; constant stays at lr; a bad na
 import pytest
 import torch
 
-from wsi_pipeline.config import TrainConfig
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.run.config import TrainConfig
 from wsi_pipeline.training.trainer import lr_factor
 
 

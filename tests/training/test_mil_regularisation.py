@@ -155,7 +155,7 @@ def test_median_centring_does_not_carry_the_lesion_into_a_lesion_slides_normal_p
 
 
 def test_center_per_slide_true_means_median_and_mean_keeps_the_old_fold_hash():
-    from wsi_pipeline.config import TrainConfig
+    from wsi_pipeline.run.config import TrainConfig
     assert TrainConfig(center_per_slide=True).center_per_slide == "median"
     assert TrainConfig(center_per_slide="mean").center_per_slide == "mean"
     assert TrainConfig(center_per_slide=False).center_per_slide == ""

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from stages.predict import run_predict
 from stages.train import run_train
-from wsi_pipeline.manifest import load_manifest
 from wsi_pipeline.models.mil import create_aggregator
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.training.bags import Bag, load_bag
 from wsi_pipeline.training.checkpoints import load_ensemble, load_fold_model, save_fold_model
 from wsi_pipeline.training.inference import ensemble_predict

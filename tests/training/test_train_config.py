@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wsi_pipeline.config import ConfigError, TrainConfig, config_from_dict
+from wsi_pipeline.run.config import ConfigError, TrainConfig, config_from_dict
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -63,7 +63,7 @@ def test_demo_config_gives_each_model_its_recipe():
     cannot take) and final_norm reach only the models they are for."""
     from pathlib import Path
 
-    from wsi_pipeline.config import load_config
+    from wsi_pipeline.run.config import load_config
 
     train = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").train
     fmamil, mambamil, abmil = (train.for_model(m) for m in ("fmamil", "mambamil", "abmil"))

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from stages.train import run_train
-from wsi_pipeline.manifest import load_manifest
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.training.bags import load_bag
 from wsi_pipeline.training.checkpoints import load_ensemble, load_fold_model
 from wsi_pipeline.training.inference import ensemble_predict
@@ -166,7 +166,7 @@ def test_paper_preset_trains_through_the_stage_with_its_optimizer(tmp_path):
     import dataclasses
     from pathlib import Path
 
-    from wsi_pipeline.config import load_config
+    from wsi_pipeline.run.config import load_config
 
     preset = load_config(Path(__file__).resolve().parents[2] / "configs" / "models" / "clam_abmil_paper.yaml").train
     assert (preset.optimizer, preset.min_epochs) == ("adam", 52)
@@ -187,7 +187,7 @@ def test_per_model_settings_reach_only_the_model_they_name(tmp_path):
     """An instance loss in train.per_model.mean: abmil (no instance logits, which would refuse it)
     trains with the same config, and mean's folds record mean's own settings."""
     from stages.train import run_train
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     run_dir, manifest_path = make_cohort(tmp_path, n_patients=9)
     manifest = load_manifest(manifest_path, require_labels=True)

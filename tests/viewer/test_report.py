@@ -13,7 +13,7 @@ import numpy as np
 from wsi_pipeline.detection.outputs import summarise
 from wsi_pipeline.io import write_json_atomic
 from wsi_pipeline.report import build_report
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.run.folder import RunFolder
 from wsi_pipeline.training.metrics import classification_metrics
 
 CLASSES = ["a", "b", "c"]

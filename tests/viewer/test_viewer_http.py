@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wsi_pipeline.config import HeatmapConfig
 from wsi_pipeline.exports import export_heatmaps
-from wsi_pipeline.manifest import load_manifest
+from wsi_pipeline.run.config import HeatmapConfig
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.slides import open_slide
 from wsi_pipeline.viewer.deepzoom import DeepZoom, TileRequestError
 from wsi_pipeline.viewer.server import make_server

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from wsi_pipeline.config import config_from_dict
 from wsi_pipeline.errors import ConfigError
+from wsi_pipeline.run.config import config_from_dict
 from wsi_pipeline.volumes import Volume
 from wsi_pipeline.volumes.explain import instance_heatmap
 from wsi_pipeline.volumes.instances import (VolumeInstanceParams, encode_instances, instance_subvolumes, prepare,

@@ -8,9 +8,9 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from PIL import Image
 
 from wsi_pipeline.encoders.registry import create_encoder
-from wsi_pipeline.features_h5 import read_features_h5
-from wsi_pipeline.manifest import load_manifest
-from wsi_pipeline.run_folder import RunFolder
+from wsi_pipeline.features.features_h5 import read_features_h5
+from wsi_pipeline.run.folder import RunFolder
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.training.bags import load_bag
 from wsi_pipeline.volumes import (VolumeInstanceParams, axial_montage, cam_mask, dice, encode_instances,
                                   heatmap_peak_vox, instance_heatmap, read_nifti, resample_to_spacing, smooth_heatmap,

@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from wsi_pipeline.demo.volumes import write_demo_volumes
+from wsi_pipeline.run.manifest import load_manifest
 from wsi_pipeline.volumes.cohort import demo_config, run_volumes
-from wsi_pipeline.manifest import load_manifest
-from wsi_pipeline.volumes.demo import write_demo_volumes
 from wsi_pipeline.volumes.instances import VolumeInstanceParams
 
 

@@ -56,7 +56,7 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def volume_run(tmp_path_factory):
-    from wsi_pipeline.volumes.demo import write_demo_volumes
+    from wsi_pipeline.demo.volumes import write_demo_volumes
 
     root = tmp_path_factory.mktemp("volume_workflow")
     manifest = write_demo_volumes(root / "cohort", n_patients=4, seed=3, spacing_scale=2.0)
@@ -148,7 +148,7 @@ def test_a_cohort_mixing_slides_and_volumes_is_refused_with_exit_2(tmp_path):
 
 
 def test_volume_rows_need_a_3d_model_and_no_slide_only_stage(tmp_path):
-    from wsi_pipeline.volumes.demo import write_demo_volumes
+    from wsi_pipeline.demo.volumes import write_demo_volumes
 
     manifest = write_demo_volumes(tmp_path / "c", n_patients=1, seed=0, spacing_scale=4.0)
     code, _, err = _run(["run", "--manifest", str(manifest), "--model", "fmamil", "--out", str(tmp_path / "r")])
@@ -159,7 +159,7 @@ def test_volume_rows_need_a_3d_model_and_no_slide_only_stage(tmp_path):
 
 
 def test_volume_id_alias_and_truth_mask_column(tmp_path):
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     manifest = _manifest(tmp_path / "m.csv", "volume_id,path,patient_id,label,cohort,modality,truth_mask",
                          ["V1,scans/v1.nii.gz,P1,a,c,CT,truth/v1.nii.gz", "V2,/abs/v2.nii.gz,P2,b,c,MR,"])
@@ -177,7 +177,7 @@ def test_volume_id_alias_and_truth_mask_column(tmp_path):
 ])
 def test_bad_volume_columns_are_named(tmp_path, header, row, problem):
     from wsi_pipeline.errors import ManifestError
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     with pytest.raises(ManifestError) as exc:
         load_manifest(_manifest(tmp_path / "m.csv", header, [row]))
@@ -185,8 +185,8 @@ def test_bad_volume_columns_are_named(tmp_path, header, row, problem):
 
 
 def test_volumes_config_section_is_validated_and_matches_the_window_presets():
-    from wsi_pipeline.config import CT_WINDOW_PRESETS, config_from_dict
     from wsi_pipeline.errors import ConfigError
+    from wsi_pipeline.run.config import CT_WINDOW_PRESETS, config_from_dict
     from wsi_pipeline.volumes.instances import VolumeInstanceParams
     from wsi_pipeline.volumes.intensity import CT_WINDOWS
 
@@ -211,7 +211,7 @@ def test_volumes_config_section_is_validated_and_matches_the_window_presets():
 
 
 def test_demo_config_file_is_valid_and_used_by_the_demo():
-    from wsi_pipeline.config import load_config
+    from wsi_pipeline.run.config import load_config
     from wsi_pipeline.volumes.cohort import demo_config, demo_config_path
 
     shipped = load_config(demo_config_path())

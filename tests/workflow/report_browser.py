@@ -160,7 +160,7 @@ def _top_patch_centre(run: Path, slide_id: str) -> tuple[float, float]:
 
 
 def check_report_and_viewer(workflow_run) -> None:
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     executable = browser_or_skip()
     run = Path(workflow_run["run"])

@@ -12,7 +12,7 @@ import pytest
 
 from stages.batch_record import failed_in, record_path
 from wsi_pipeline.cli import main
-from wsi_pipeline.config import config_from_dict
+from wsi_pipeline.run.config import config_from_dict
 from wsi_pipeline.errors import ConfigError, PipelineError
 
 

@@ -54,7 +54,7 @@ def cluster(tmp_path_factory):
 def cohort(tmp_path_factory):
     """Two 1024×768 px slides and a truncated TIFF (BAD), each its own patient; the config is the
     workflow test's tiny one."""
-    from wsi_pipeline.demo import DemoSlideSpec, write_demo_slide
+    from wsi_pipeline.demo.slides import DemoSlideSpec, write_demo_slide
 
     root = tmp_path_factory.mktemp("slurm_cohort")
     (root / "slides").mkdir()

@@ -13,7 +13,7 @@ from tests.workflow.test_workflow import TINY_CONFIG
 
 def test_slurm_profile_dry_run_plans_gpu_jobs(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    from wsi_pipeline.demo import make_demo_cohort
+    from wsi_pipeline.demo.slides import make_demo_cohort
 
     manifest = make_demo_cohort(tmp_path / "cohort", 4, width_px=512, height_px=384, mpp=0.5, seed=3)
     config = tmp_path / "tiny.yaml"

@@ -71,7 +71,7 @@ def _outputs(run: Path) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def workflow_run(tmp_path_factory):
-    from wsi_pipeline.demo import make_demo_cohort
+    from wsi_pipeline.demo.slides import make_demo_cohort
 
     root = tmp_path_factory.mktemp("workflow")
     manifest = make_demo_cohort(root / "cohort", 6, width_px=1024, height_px=768, mpp=0.5, seed=3)

@@ -9,15 +9,15 @@ import os
 import shlex
 
 from stages import get_stage
-from wsi_pipeline.names import NAME_CHARS
-from wsi_pipeline.validation import validate_run_inputs
+from wsi_pipeline.run.names import NAME_CHARS
+from wsi_pipeline.run.validation import validate_run_inputs
 
 MANIFEST_PATH = os.path.abspath(config["manifest"])
 PIPELINE_CONFIG = os.path.abspath(config["pipeline_config"]) if config.get("pipeline_config") else ""
 
 # The library's full validation first, before any job starts: every problem of the manifest and the
 # config at once (rows and fields named), names that become paths and shell words (slide_id,
-# cohort, encoder, models: wsi_pipeline.names), and the model names against their registries.
+# cohort, encoder, models: wsi_pipeline.run.names), and the model names against their registries.
 MANIFEST, CFG = validate_run_inputs(MANIFEST_PATH, PIPELINE_CONFIG or None, model=config.get("model") or None,
                                     model_key="workflow config model", train=bool(config.get("train", True)))
 
@@ -37,8 +37,8 @@ def previously_failed():
     """Slides whose tile or extract job failed in an earlier run of this run folder (the stages'
     failure records, RUN/failures/{stage}/{slide_id}.json; the working directory is RUN), and whose
     record still describes the manifest's file: a slide fixed or replaced since is tried again."""
-    from wsi_pipeline.run_folder import RunFolder
-    from wsi_pipeline.workflow_summary import excluded_failures
+    from wsi_pipeline.run.folder import RunFolder
+    from wsi_pipeline.run.summary import excluded_failures
 
     return excluded_failures(MANIFEST, RunFolder(".").failures())
 

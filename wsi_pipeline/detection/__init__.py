@@ -1,7 +1,7 @@
 """Dense point detection (cells, mitoses): annotations, targets, peaks, tiled whole-slide
 inference, outputs (QuPath GeoJSON, CSV, MIDOG JSON, summary with hotspot), MIDOG evaluation.
 
-The names below load on first use: `wsi_pipeline.config` imports `detection.params`, and every
+The names below load on first use: `wsi_pipeline.run.config` imports `detection.params`, and every
 workflow job reads a config, so importing the package must not pull in scipy.spatial (~0.5 s per
 job) through `matching`."""
 

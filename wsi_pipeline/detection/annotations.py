@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import PipelineError
-from ..manifest import open_csv
+from ..run.manifest import open_csv
 
 
 class AnnotationError(PipelineError):
@@ -244,7 +244,7 @@ def _read_coco(data: dict, col: _Collector, image) -> None:
         col.add(where, x + w / 2, y + h / 2, cats[ann["category_id"]])
 
 
-# The demo cohort's classes (wsi_pipeline.demo writes nuclei.csv with in_lesion and mitoses.csv).
+# The demo cohort's classes (wsi_pipeline.demo.slides writes nuclei.csv with in_lesion and mitoses.csv).
 DEMO_NORMAL, DEMO_TUMOUR, DEMO_MITOSIS = "nucleus-normal", "nucleus-tumour", "mitosis"
 DEMO_CLASSES = (DEMO_NORMAL, DEMO_TUMOUR, DEMO_MITOSIS)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..slides.slide import Slide
-from ..tiling import tissue_fractions
+from ..tiling.grid import tissue_fractions
 from .peaks import find_peaks
 from .region import read_work_region, work_size
 

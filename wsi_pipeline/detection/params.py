@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
-from ..names import check_name
+from ..run.names import check_name
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ A rerun skips a slide whose done file matches; when only the thresholds changed 
 new ones) it redoes step 2 alone. A slide file replaced at the same path, or another detector
 checkpoint, redoes step 1 (a done file from before identities were recorded, inference version 3, is
 redone once). eval-detect refuses candidates whose done file names another checkpoint or file
-(`check_candidates`, through `wsi_pipeline.provenance`).
+(`check_candidates`, through `wsi_pipeline.features.provenance`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import math
 from pathlib import Path
 
 from ..errors import PipelineError
+from ..features.provenance import checkpoint_mismatch, identity_difference, source_identity
 from ..io import write_json_atomic
-from ..provenance import checkpoint_mismatch, identity_difference, source_identity
-from ..run_folder import RunFolder
+from ..run.folder import RunFolder
 from ..slides import open_slide
 from .annotations import AnnotationError, read_truth
 from .density import DENSITY_EXPORTS, density_paths, write_slide_densities
@@ -54,7 +54,7 @@ def detect_one(record, run: RunFolder, model_name: str, model, ckpt: dict, ckpt_
     settings changed) or "skipped". heatmap_cfg: colormap / alpha / png_max_px of the density maps
     (a HeatmapConfig; default its defaults)."""
     if heatmap_cfg is None:
-        from ..config import HeatmapConfig
+        from ..run.config import HeatmapConfig
         heatmap_cfg = HeatmapConfig()
     classes = ckpt["classes"]
     thresholds = resolve_thresholds(classes, dcfg.thresholds, run.detect_dir(model_name) / "thresholds.json")

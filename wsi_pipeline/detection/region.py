@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..slides.slide import Slide, _box_resize
-from ..tissue import detect_tissue
+from ..tiling.tissue import detect_tissue
 
 
 def work_size(slide: Slide, work_mpp: float) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """How a tiling and a precision fit an encoder: `tiling: auto` resolved from the registry, the warning
 for a tiling far from the authors', and the autocast `extract.precision: auto` means.
 
-wsi_pipeline.config imports this module only for `auto` tiling, so plain configs stay torch-free.
+wsi_pipeline.run.config imports this module only for `auto` tiling, so plain configs stay torch-free.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from ..errors import ConfigError
 
 # A tiling more than this far (relative) from the encoder's recommended µm/px or tile side warns.
 FIT_TOLERANCE = 0.25
-# What `precision: auto` meant before encoders recorded a recommendation (extraction.autocast_for).
+# What `precision: auto` meant before encoders recorded a recommendation (features.patches.autocast_for).
 LEGACY_AUTO = {"cuda": "bf16", "cpu": "fp32"}
 
 

@@ -23,9 +23,9 @@ import h5py
 import numpy as np
 
 from ..io import atomic_path, write_csv_atomic
-from ..manifest import Manifest
-from .common import ExportOut, ExportSlide
-from .targets import extra_columns
+from ..run.manifest import Manifest
+from .common import ExportOut, ExportSlide, extra_columns
+from .targets import register
 
 DATASET_COLUMNS = ["case_id", "slide_id", "label", "cohort"]
 PROCESS_COLUMNS = ["slide_id", "process", "status", "patch_size", "patch_level", "downsample",
@@ -87,4 +87,4 @@ class ClamTarget:
         return [dataset, process]
 
 
-CLAM = ClamTarget()
+CLAM = register(ClamTarget())

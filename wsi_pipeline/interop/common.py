@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlideError, UnsafePathError
-from ..features_h5 import coords_attrs, read_features_h5
-from ..manifest import SlideRecord
-from ..names import name_problem
+from ..features.features_h5 import coords_attrs, read_features_h5
+from ..run.manifest import SlideRecord
+from ..run.names import name_problem
 
 # Tiling attrs an export needs (features.h5, on `coords` or, in older files, on the root).
 REQUIRED_ATTRS = ("patch_size", "patch_size_level0", "patch_level", "read_size_px", "target_mpp", "slide_mpp")
@@ -77,7 +77,7 @@ def load_export_slide(path: str | os.PathLike, record: SlideRecord) -> ExportSli
 
 class ExportOut:
     """The export folder: every file an export writes is built here, from safe names only, and
-    stays inside it (the run folder's rule, wsi_pipeline.run_folder, for OUT)."""
+    stays inside it (the run folder's rule, wsi_pipeline.run.folder, for OUT)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -142,3 +142,13 @@ def files_present(out: "ExportOut", row: dict) -> bool:
     """Whether every file the export wrote for the row's slide is still in OUT."""
     files = row.get("files")
     return bool(files) and all(out.path(*Path(f).parts).is_file() for f in files)
+
+
+def extra_columns(rows: list[dict], taken: set[str]) -> list[str]:
+    """The manifest's extra columns (carried in rows["extra"]), less those a table already has."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        for column in row["extra"]:
+            if column not in taken:
+                seen.setdefault(column)
+    return list(seen)

@@ -25,9 +25,9 @@ import h5py
 import numpy as np
 
 from ..io import atomic_path, write_csv_atomic
-from ..manifest import Manifest
-from .common import ExportOut, ExportSlide
-from .targets import extra_columns
+from ..run.manifest import Manifest
+from .common import ExportOut, ExportSlide, extra_columns
+from .targets import register
 
 CLINI_COLUMNS = ["PATIENT", "label", "cohort"]
 SLIDE_COLUMNS = ["PATIENT", "FILENAME", "slide_id"]
@@ -85,4 +85,4 @@ class StampTarget:
         return [clini, slide]
 
 
-STAMP = StampTarget()
+STAMP = register(StampTarget())

@@ -1,4 +1,8 @@
-"""The export targets, one registry: name -> writer (clam.py, trident.py, stamp.py).
+"""The export targets, one registry: name -> writer.
+
+Each writer module (clam.py, trident.py, stamp.py) registers its target here when it is imported
+(`register`), and the package's __init__ imports them: imports run one way, members -> registry,
+so this module never imports its members back (tests/test_layering.py checks there is no loop).
 
 A target writes each slide's files (`write_slide`, which returns the slide's table row, with the
 files it wrote under "files", relative to OUT) and then
@@ -10,7 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..errors import ConfigError
-from ..manifest import Manifest
+from ..run.manifest import Manifest
 from .common import ExportOut, ExportSlide
 
 
@@ -26,29 +30,23 @@ class ExportTarget(Protocol):
     def write_tables(self, out: ExportOut, rows: list[dict]) -> list: ...
 
 
-def _targets() -> dict[str, ExportTarget]:
-    from .clam import CLAM
-    from .stamp import STAMP
-    from .trident import TRIDENT
-
-    return {t.name: t for t in (CLAM, TRIDENT, STAMP)}
+_REGISTRY: dict[str, ExportTarget] = {}
 
 
-TARGETS = ("clam", "trident", "stamp")
+def register(target: ExportTarget) -> ExportTarget:
+    """Add a writer under its name (called once by each writer module, at its import)."""
+    if target.name in _REGISTRY:
+        raise ValueError(f"export target {target.name!r} registered twice")
+    _REGISTRY[target.name] = target
+    return target
+
+
+def target_names() -> tuple[str, ...]:
+    """The registered targets in registration order (the package imports clam, trident, stamp)."""
+    return tuple(_REGISTRY)
 
 
 def get_target(name: str) -> ExportTarget:
-    targets = _targets()
-    if name not in targets:
-        raise ConfigError(f"--to: unknown export target {name!r}; one of {', '.join(TARGETS)}")
-    return targets[name]
-
-
-def extra_columns(rows: list[dict], taken: set[str]) -> list[str]:
-    """The manifest's extra columns (carried in rows["extra"]), less those a table already has."""
-    seen: dict[str, None] = {}
-    for row in rows:
-        for column in row["extra"]:
-            if column not in taken:
-                seen.setdefault(column)
-    return list(seen)
+    if name not in _REGISTRY:
+        raise ConfigError(f"--to: unknown export target {name!r}; one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]

@@ -24,11 +24,11 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from ..coords_h5 import magnification_attrs
 from ..io import atomic_path, write_csv_atomic
-from ..manifest import Manifest
-from .common import ExportOut, ExportSlide
-from .targets import extra_columns
+from ..run.manifest import Manifest
+from ..tiling.coords_h5 import magnification_attrs
+from .common import ExportOut, ExportSlide, extra_columns
+from .targets import register
 
 LIST_COLUMNS = ["wsi", "mpp", "slide_id", "patient_id", "label", "cohort"]
 
@@ -95,4 +95,4 @@ class TridentTarget:
         return [path]
 
 
-TRIDENT = TridentTarget()
+TRIDENT = register(TridentTarget())

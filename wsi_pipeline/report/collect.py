@@ -1,7 +1,7 @@
 """What a run folder holds, read for the report and the viewer (read-only; every file optional).
 
 Models and cohorts are the folders RUN/mil/{model}/{cohort}/ that have a metrics.json; a folder
-name that is not a safe name (wsi_pipeline.names) is skipped, never turned into a path.
+name that is not a safe name (wsi_pipeline.run.names) is skipped, never turned into a path.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..names import is_safe_name
+from ..run.names import is_safe_name
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -101,7 +101,7 @@ def _fold_number(name: str) -> int:
 def failures(run: Path) -> list[dict]:
     """slide_id, stage, error of every failure: the per-slide records under RUN/failures/ (current
     while the workflow still runs) and RUN/failures.csv (which `wsi-pipeline run` rebuilds)."""
-    from ..run_folder import RunFolder
+    from ..run.folder import RunFolder
 
     merged = {(r.get("stage"), r.get("slide_id")): r for r in read_csv(run / "failures.csv")}
     for r in RunFolder(run).failures():

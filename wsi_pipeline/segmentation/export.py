@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..exports.pyramid_tiff import write_heatmap_tiff
-from ..tissue import mask_to_polygons, polygon_area, tissue_geojson
+from ..tiling.tissue import mask_to_polygons, polygon_area, tissue_geojson
 from .grid import SlideGrid, resample
 
 LESION_NAME = "Lesion"

@@ -10,7 +10,7 @@ from typing import Iterable
 import numpy as np
 
 from ..io import remove_stale_temps, write_csv_atomic
-from ..run_folder import RunFolder
+from ..run.folder import RunFolder
 from .slide_work import METRIC_COLUMNS
 
 

@@ -8,9 +8,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..config import Config
 from ..errors import ConfigError
 from ..io import atomic_path, write_json_atomic
+from ..run.config import Config
 
 # Keys that only shape the masks drawn from the probability map: changing them redoes the slides'
 # outputs but keeps the trained segmenter.

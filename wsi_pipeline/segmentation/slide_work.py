@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config
 from ..errors import ConfigError, SlideError
-from ..manifest import SlideRecord
-from ..run_folder import RunFolder
+from ..run.config import Config
+from ..run.folder import RunFolder
+from ..run.manifest import SlideRecord
 
 METRIC_COLUMNS = ("dice_cam", "iou_cam", "dice", "iou", "truth_lesion_um2")
 # CAM sources of the ensemble path: per-patch lesion-class probabilities (models with instance
@@ -71,7 +71,7 @@ class CamProvider:
     def training(self, model_dir: Path) -> dict | None:
         """What the ensemble in `model_dir` was trained on (first fold's config.json), or None."""
         from ..errors import PipelineError
-        from ..provenance import model_training_features
+        from ..features.provenance import model_training_features
         from ..training.checkpoints import fold_dirs, read_fold_meta
 
         dirs = fold_dirs(model_dir) if Path(model_dir).is_dir() else []
@@ -83,7 +83,7 @@ class CamProvider:
     def check_inputs(self, records) -> None:
         """The features of every slide whose CAMs the ensemble will compute, against the ensemble's
         training features and the manifest's file, before anything is written (ProvenanceError)."""
-        from ..provenance import check_features
+        from ..features.provenance import check_features
 
         trainings = {}
 
@@ -121,7 +121,7 @@ class CamProvider:
         from ..training.ensemble import ensemble_patch_scores
         from . import PatchCams
 
-        from ..provenance import locate_features, model_training_features
+        from ..features.provenance import locate_features, model_training_features
 
         ensemble = self.ensembles.models(model_dir)
         meta = ensemble[0][1] if isinstance(ensemble[0], (tuple, list)) else {}
@@ -176,7 +176,7 @@ def load_slide_work(record: SlideRecord, cams, cfg: Config, thresholds=None) -> 
     """The slide's working data; `thresholds` (`calibration.CamThresholds`): the run's calibrated
     cam_low / cam_high / gate, else the config's (no gate)."""
     from ..slides import open_slide
-    from ..tissue import detect_tissue
+    from ..tiling.tissue import detect_tissue
     from . import SlideGrid, cam_map, make_pseudo_labels, read_grid_image
 
     if not record.path.is_file():

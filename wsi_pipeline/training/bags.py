@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlideError
-from ..features_h5 import read_features_h5
+from ..features.features_h5 import read_features_h5
 from ..sources import COORD_DIMS
 
 

@@ -201,7 +201,7 @@ def stamp_training_run(fold_dir: str | Path, run_id: str) -> dict:
 
 
 def record_training_features(fold_dir: str | Path, training_features: dict) -> dict:
-    """Add `training_features` (what the fold's features were made from, provenance.py) to a reused
+    """Add `training_features` (what the fold's features were made from, features/provenance.py) to a reused
     fold's config.json trained before it was recorded (atomically; weights untouched)."""
     meta = {**read_fold_meta(fold_dir), "training_features": training_features}
     write_json_atomic(Path(fold_dir) / META_FILE, meta)

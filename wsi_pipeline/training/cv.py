@@ -17,12 +17,12 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from ..config import Config
 from ..errors import PipelineError, SlideError
+from ..features.provenance import features_provenance, merge_provenance
 from ..io import STORAGE_ERRNOS, describe_os_error
-from ..manifest import Manifest, SlideRecord
-from ..provenance import features_provenance, merge_provenance
-from ..run_folder import RunFolder
+from ..run.config import Config
+from ..run.folder import RunFolder
+from ..run.manifest import Manifest, SlideRecord
 
 STAGE = "train"
 FOLD_FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ def cross_validate(manifest: Manifest, cfg: Config, run: RunFolder, features_run
 def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, features_run: RunFolder) -> list[dict]:
     """Check every input of every requested cohort; returns one plan per cohort or raises."""
     from ..models.mil import create_aggregator, list_aggregators
-    from ..validation import cohort_classes, label_problems
+    from ..run.validation import cohort_classes, label_problems
     from .splits import check_cohort_size
 
     train = cfg.train.for_model(model_name)
@@ -76,7 +76,7 @@ def _preflight(manifest: Manifest, cfg: Config, model_name: str, cohorts, featur
     encoder = cfg.extract.encoder
     for cohort in wanted:
         records = sorted((r for r in manifest if r.cohort == cohort), key=lambda r: r.slide_id)
-        # The same check `wsi-pipeline train` and `run` make before writing anything (validation.py).
+        # The same check `wsi-pipeline train` and `run` make before writing anything (run/validation.py).
         cohort_labels = label_problems(manifest, cfg, model=model_name, cohorts=[cohort])
         if cohort_labels:
             problems += cohort_labels
@@ -210,9 +210,9 @@ def _train_cohort(plan: dict, cfg: Config, model_name: str, run: RunFolder, feat
     from ..models.mil import create_aggregator
     from .checkpoints import (fold_dirs, fold_is_complete, load_fold_model, read_fold_meta,
                               record_training_features, save_fold_model, stamp_training_run)
+    from .bag_source import BagSource, cache_bytes_from_config
     from .metrics import classification_metrics
     from .runs import RUN_ID_KEY
-    from .bag_source import BagSource, cache_bytes_from_config
     from .splits import load_or_make_splits
     from .standardize import InputStandardizer
     from .trainer import (deterministic_algorithms, predict_probs, resolve_device,

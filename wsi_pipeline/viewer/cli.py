@@ -33,8 +33,8 @@ def add_view_parser(sub) -> None:
 def load_run_manifest(run: Path, manifest: str | None):
     """The Manifest given, else the one run.json records, else None."""
     from ..errors import PipelineError
-    from ..manifest import load_manifest
     from ..report.collect import read_json
+    from ..run.manifest import load_manifest
 
     if manifest is None:
         recorded = read_json(run / "report" / "run.json")

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..names import is_safe_name
 from ..report.assets import polygon_rings
+from ..run.names import is_safe_name
 
 
 class OutsideRun(LookupError):
@@ -57,7 +57,7 @@ def colormap_name(files: RunFiles) -> str:
     from ..exports import list_colormaps
 
     try:
-        from ..config import load_config
+        from ..run.config import load_config
 
         name = load_config(files.path("configs", "heatmap.yaml")).heatmap.colormap
     except Exception:  # noqa: BLE001 — no or unreadable config: the default map still reads

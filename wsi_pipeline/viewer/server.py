@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ..names import is_safe_name
+from ..run.names import is_safe_name
 from .deepzoom import DeepZoom, TileRequestError
 from .overlays import OutsideRun, RunFiles, detections, heatmap_png, polygons
 

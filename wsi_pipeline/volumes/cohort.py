@@ -3,11 +3,12 @@ of one MIL aggregator (`training.cv.cross_validate`, the train stage's own) → 
 montages, CAM masks.
 
     run_volumes(manifest, cfg, run_dir, params)   the whole path for the manifest's volume rows
-    run_volume_demo(out)                           `wsi-pipeline demo-volumes OUT`: generate, then `wsi-pipeline run`
     summarise_volume_run(run_dir, manifest, model) RUN/volumes_summary.json of a workflow run
 
 Heatmap figures use, for each volume, the fold model that held it out (no volume is explained by
 a model that trained on it). Results: RUN/volumes_summary.json (CV AUC, peak-in-lesion rate, Dice).
+`wsi-pipeline demo-volumes` (generate a cohort, then run the workflow on it) is stage wiring, so it
+lives in stages/volume_demo.py: the library never calls the stages.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..config import Config, config_from_dict
 from ..errors import PipelineError
-from ..io import write_json_atomic, write_text_atomic
-from ..manifest import Manifest
-from ..run_folder import RunFolder
+from ..io import write_json_atomic
+from ..run.config import Config, config_from_dict
+from ..run.folder import RunFolder
+from ..run.manifest import Manifest
 
 
 log = logging.getLogger("wsi_pipeline")
@@ -166,36 +167,6 @@ def summarise_volume_run(run_dir: str | Path, manifest: Manifest, model: str) ->
     return summary
 
 
-def run_volume_demo(out: str | Path, n_patients: int = 40, epochs: int = 20, model: str = DEMO_MODEL,
-                    seed: int = 0, generate_only: bool = False, cores: int | None = None,
-                    hard: bool = False) -> tuple[dict | None, int] | Path:
-    """Generate the cohort (`hard`: the hard one, demo.py) under `out`, write its config
-    (out/volumes_demo.yaml) and run it through the workflow (`wsi-pipeline run`) into out/run;
-    returns (volumes summary, run exit code)."""
-    import argparse
-
-    from stages import run as workflow
-
-    from .demo import write_demo_volumes
-
-    out = Path(out)
-    manifest_path = write_demo_volumes(out, n_patients=n_patients, seed=seed, hard=hard)
-    if generate_only:
-        return manifest_path
-    config_path = out / "volumes_demo.yaml"
-    cfg = demo_config(epochs=epochs, model=model, seed=seed)
-    write_text_atomic(config_path, "# wsi-pipeline demo-volumes: the settings of this run\n"
-                      + yaml.safe_dump(_changed_sections(cfg), sort_keys=False))
-    args = argparse.Namespace(manifest=str(manifest_path), config=str(config_path), out=str(out / "run"),
-                              profile="local", model=None, cores=str(cores) if cores else None, gpu=False,
-                              no_train=False, no_heatmaps=False, segment=False, detect=False,
-                              exclude_failed=False, dry_run=False, snakemake_args=[])
-    code = workflow.cli(args)
-    summary_path = out / "run" / "volumes_summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-    return summary, code
-
-
 def instance_probe_auc(run_dir: str | Path, manifest: Manifest, encoder: str, params, folds: int = 5,
                        seed: int = 0, min_lesion_fraction: float = 0.3) -> dict:
     """How well the features alone tell lesion instances from the rest, on held-out scans: a
@@ -208,7 +179,7 @@ def instance_probe_auc(run_dir: str | Path, manifest: Manifest, encoder: str, pa
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
 
-    from ..features_h5 import read_features_h5
+    from ..features.features_h5 import read_features_h5
     from .checks import load_truth_mask
     from .instances import instance_box_sizes, prepare
     from .pipeline import read_instance_scale
@@ -250,12 +221,6 @@ def instance_probe_auc(run_dir: str | Path, manifest: Manifest, encoder: str, pa
             scores[test] = probe.decision_function(x[test])
     auc = float(roc_auc_score(y, scores)) if y.any() and not y.all() else None
     return {"auc": auc, "n_lesion_instances": int(y.sum()), "n_instances": int(len(y))}
-
-
-def _changed_sections(cfg: Config) -> dict:
-    """The config sections the demo sets (extract, train, volumes) as plain YAML data."""
-    full = cfg.to_dict()
-    return {name: full[name] for name in ("extract", "train", "volumes")}
 
 
 def format_summary(summary: dict) -> str:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..coords_h5 import write_instance_coords_h5
-from ..features_h5 import read_features_h5, write_features_h5
-from ..run_folder import RunFolder
+from ..features.features_h5 import read_features_h5, write_features_h5
+from ..run.folder import RunFolder
+from ..tiling.coords_h5 import write_instance_coords_h5
 from .checks import load_truth_mask
 from .explain import (axial_montage, cam_mask, dice, heatmap_peak_vox, instance_heatmap, smooth_heatmap, to_source_grid,
                       write_nifti)

@@ -1,7 +1,7 @@
 """What the tile, extract and heatmap stages do with a volume row (`record.is_volume`).
 
-A volume is one more kind of source: the stages (stages/tile.py, wsi_pipeline/extractor.py,
-wsi_pipeline/heatmaps.py) dispatch here per row, so the workflow's rules, run folder, failure
+A volume is one more kind of source: the stages (stages/tile.py, wsi_pipeline/features/extractor.py,
+wsi_pipeline/exports/heatmaps.py) dispatch here per row, so the workflow's rules, run folder, failure
 records and reruns are the slides' own:
 
     tile_volume       RUN/tiles/{id}.coords.h5: body mask + 2.5-D instances, coords (N, 3) with the
@@ -27,11 +27,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..coords_h5 import coords_h5_is_valid, read_coords_h5, read_slide_identity, write_instance_coords_h5
-from ..features_h5 import features_h5_is_valid, write_features_h5
+from ..features.features_h5 import features_h5_is_valid, write_features_h5
 from ..io import remove_stale_temps, write_json_atomic
-from ..run_folder import RunFolder
+from ..run.folder import RunFolder
 from ..slides.identity import SlideIdentity, file_fingerprint
+from ..tiling.coords_h5 import coords_h5_is_valid, read_coords_h5, read_slide_identity, write_instance_coords_h5
 from .volume import VolumeError
 
 log = logging.getLogger("wsi_pipeline")

@@ -4,7 +4,7 @@ Failures are one small file per (stage, slide) under RUN/failures/, written atom
 per-slide jobs (Snakemake) never race on one CSV; `RUN/failures.csv` is rebuilt from them.
 
 Every path built from a name (slide_id, encoder, model, cohort, stage) is checked: the name must
-follow the name rule (wsi_pipeline.names) and the path must stay inside RUN. Manifest and config
+follow the name rule (wsi_pipeline.run.names) and the path must stay inside RUN. Manifest and config
 validation already refuse bad names; this is the second line, for code that builds records or
 names some other way. The check is lexical (no symlink resolution), so a RUN/features that the
 user made a symlink to another disk keeps working.
@@ -17,8 +17,8 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UnsafePathError
-from .io import write_csv_atomic, write_json_atomic
+from ..errors import UnsafePathError
+from ..io import write_csv_atomic, write_json_atomic
 from .names import name_problem
 
 
@@ -108,7 +108,7 @@ class RunFolder:
         PATH', or why it could not be written (a full disk must not turn one failure into a crash)."""
         import traceback
 
-        from .io import describe_os_error
+        from ..io import describe_os_error
 
         log_path = self.root / "logs" / f"{self.name(stage, 'stage')}.log"
         try:

@@ -1,5 +1,5 @@
 """Everything a run needs checked before its first job starts: the manifest, the config, the names
-in them (wsi_pipeline.names) and the models they name (the encoder, MIL and segmenter registries).
+in them (wsi_pipeline.run.names) and the models they name (the encoder, MIL and segmenter registries).
 
 `wsi-pipeline run` and the workflow's Snakefile call `validate_run_inputs`; every problem is listed
 at once (InputsError, exit 2), and nothing is created in the run folder or handed to a shell.
@@ -15,8 +15,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from ..errors import ConfigError, InputsError, ManifestError
 from .config import Config, load_config
-from .errors import ConfigError, InputsError, ManifestError
 from .manifest import Manifest, load_manifest
 from .names import name_problem
 
@@ -131,7 +131,7 @@ def stage_problems(stage, cfg: Config, manifest: Manifest, args) -> list[str]:
 
 def detector_problems(run_dir: Path, model: str) -> list[str]:
     """A detection stage's detector: RUN/detect/{model}/model/ with weights and config.json."""
-    from .run_folder import RunFolder
+    from .folder import RunFolder
 
     folder = RunFolder(run_dir).detect_dir(model) / "model"
     return checkpoint_folder_problems(folder, f"--model {model}")
@@ -153,8 +153,8 @@ def _split(text: str | None) -> list[str] | None:
 
 def volume_model_problems(manifest: Manifest, model: str, key: str) -> list[str]:
     """A manifest with volume rows needs an aggregator that takes 3-D coords (N, 3)."""
-    from .models.mil import list_aggregators
-    from .models.mil.registry import AGGREGATORS
+    from ..models.mil import list_aggregators
+    from ..models.mil.registry import AGGREGATORS
 
     volumes = [r for r in manifest if r.is_volume]
     if not volumes or model not in list_aggregators():
@@ -172,7 +172,7 @@ def volume_encoder_problems(manifest: Manifest, cfg: Config) -> list[str]:
     """A manifest with volume rows: the instance box (volumes geometry on the target grid) must be
     at least the encoder's smallest input (`min_input_px` of its registry entry), else every scan
     would fail alone with non-finite features; the coarse scale's too."""
-    from .encoders import get_spec, list_encoders
+    from ..encoders import get_spec, list_encoders
 
     volumes = [r for r in manifest if r.is_volume]
     name = cfg.extract.encoder
@@ -197,7 +197,7 @@ def volume_encoder_problems(manifest: Manifest, cfg: Config) -> list[str]:
 
 
 def aggregator_problem(name: str, key: str = "train.model") -> str | None:
-    from .models.mil import list_aggregators
+    from ..models.mil import list_aggregators
 
     known = list_aggregators()
     if name in known:
@@ -206,7 +206,7 @@ def aggregator_problem(name: str, key: str = "train.model") -> str | None:
 
 
 def encoder_problem(name: str, key: str = "extract.encoder") -> str | None:
-    from .encoders import list_encoders
+    from ..encoders import list_encoders
 
     known = list_encoders()
     if name in known:
@@ -220,7 +220,7 @@ def encoder_problem(name: str, key: str = "extract.encoder") -> str | None:
 
 
 def segmenter_problem(name: str, key: str = "segment.model") -> str | None:
-    from .models.seg import list_segmenters
+    from ..models.seg import list_segmenters
 
     known = list_segmenters()
     if name in known:

@@ -1,7 +1,7 @@
 """One slide's features: coords.h5 → patches → encoder → RUN/features/{encoder}/{slide_id}.h5.
 
 `Extractor(cfg, run)(record)` does one slide (the extract stage, stages/extract.py, runs it over a
-manifest; torch loads in `wsi_pipeline.extraction`, only when some slide needs the encoder).
+manifest; torch loads in `wsi_pipeline.features.patches`, only when some slide needs the encoder).
 
 The encoder is built once per batch and only if some slide needs it, so a rerun over a finished
 run loads no model. A features.h5 is trusted when it is complete, its coords equal the current
@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .config import Config
-from .coords_h5 import coords_h5_is_valid, magnification_attrs, read_coords_h5
-from .errors import PipelineError, SlideError
+from ..errors import PipelineError, SlideError
+from ..run.config import Config
+from ..run.folder import RunFolder
+from ..run.manifest import SlideRecord
+from ..slides import open_slide
+from ..slides.identity import SlideIdentity, slide_identity
+from ..tiling.coords_h5 import coords_h5_is_valid, magnification_attrs, read_coords_h5
 from .features_h5 import features_h5_is_valid, write_features_h5
-from .manifest import SlideRecord
-from .run_folder import RunFolder
-from .slides import open_slide
-from .slides.identity import SlideIdentity, slide_identity
 
 log = logging.getLogger("wsi_pipeline")
 
@@ -46,7 +46,7 @@ def weights_identity(checkpoint: str | None, encoder: str | None = None) -> str:
     """What identifies the weights without loading them: file sha256, hub id, "random", or "none"
     for parameter-free encoders."""
     if encoder is not None:
-        from .encoders import get_spec, list_encoders
+        from ..encoders import get_spec, list_encoders
 
         if encoder in list_encoders() and get_spec(encoder).parameter_free:
             if checkpoint not in (None, "none"):
@@ -61,7 +61,7 @@ def weights_identity(checkpoint: str | None, encoder: str | None = None) -> str:
     path = Path(checkpoint)
     if not path.exists():
         raise PipelineError(f"extract.checkpoint: file not found: {path}")
-    from .encoders.weights import checkpoint_sha256
+    from ..encoders.weights import checkpoint_sha256
 
     # A file, or a model-hub snapshot folder (hashed as create_encoder records it in features.h5).
     try:
@@ -72,7 +72,7 @@ def weights_identity(checkpoint: str | None, encoder: str | None = None) -> str:
 
 def _encoder_version(name: str) -> int:
     """The registered spec's output version (1 for timm architectures and unknown names)."""
-    from .encoders import get_spec, list_encoders
+    from ..encoders import get_spec, list_encoders
 
     return get_spec(name).version if name in list_encoders() else 1
 
@@ -87,8 +87,8 @@ class Extractor:
         self.weights_id = weights_identity(cfg.extract.checkpoint, cfg.extract.encoder)
         self.encoder_version = _encoder_version(cfg.extract.encoder)
         self._encoder = None
-        from .devices import resolve_device
-        from .encoders.fit import LEGACY_AUTO, effective_precision
+        from ..devices import resolve_device
+        from ..encoders.fit import LEGACY_AUTO, effective_precision
 
         device_type = resolve_device(cfg.extract.device, "extract.device").type
         # The autocast patches are encoded at (extract.precision, `auto` resolved for the encoder).
@@ -102,8 +102,8 @@ class Extractor:
     @property
     def encoder(self):
         if self._encoder is None:
-            from .devices import resolve_device
-            from .encoders import create_encoder
+            from ..devices import resolve_device
+            from ..encoders import create_encoder
 
             e = self.cfg.extract
             self._encoder = create_encoder(e.encoder, e.checkpoint, device=resolve_device(e.device, "extract.device"))
@@ -124,7 +124,7 @@ class Extractor:
 
     def __call__(self, record: SlideRecord, force: bool = False) -> str:
         if record.is_volume:  # 2.5-D instances of a CT/MR scan, same encoder and features.h5 layout
-            from .volumes.stages import extract_volume
+            from ..volumes.stages import extract_volume
 
             return extract_volume(self, record, force=force)
         e = self.cfg.extract
@@ -140,7 +140,7 @@ class Extractor:
         self._warn_tiling_fit(cattrs)
         if not force and features_h5_is_valid(out, config_hash, coords):
             return "skipped"
-        from .extraction import PatchSource, extract_features, plan_reader
+        from .patches import PatchSource, extract_features, plan_reader
 
         encoder = self.encoder
         source = PatchSource(
@@ -200,7 +200,7 @@ class Extractor:
         """Warn once per distinct tiling (not per slide) that is far from the encoder's recommendation."""
         if "target_mpp" not in cattrs or cattrs.get("coord_dims", 2) != 2:
             return
-        from .encoders.fit import tiling_fit_warning
+        from ..encoders.fit import tiling_fit_warning
 
         warning = tiling_fit_warning(self.cfg.extract.encoder, float(cattrs["target_mpp"]), int(cattrs["patch_size"]))
         if warning is not None and warning not in self.fit_warnings:
@@ -213,7 +213,7 @@ def _versions() -> dict:
     import timm
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return {"wsi_pipeline": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}

@@ -7,7 +7,7 @@ RUN/heatmaps/{model}/ (`wsi_pipeline.exports`), then {slide_id}.done.json last. 
 what the outputs were made from (checkpoint sha256s, features file, heatmap config hash, slide file);
 a rerun skips a slide whose done file matches and whose outputs all exist. Features are read from
 RUN/features/{the model's encoder}/ and checked against the model's training features and the
-manifest's slide file first (`wsi_pipeline.provenance`; `check_inputs` does every slide before any
+manifest's slide file first (`wsi_pipeline.features.provenance`; `check_inputs` does every slide before any
 output is written).
 
 The training API and torch are imported only when a slide needs scores, so no-op reruns stay fast.
@@ -21,14 +21,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .config import Config
-from .errors import ConfigError, PipelineError, SlideError
-from .exports import export_heatmaps, export_paths
-from .io import remove_stale_temps, write_json_atomic
-from .manifest import SlideRecord
-from .run_folder import RunFolder
-from .slides import open_slide
-from .training.ensemble import EnsembleCache
+from ..errors import ConfigError, PipelineError, SlideError
+from ..io import remove_stale_temps, write_json_atomic
+from ..run.config import Config
+from ..run.folder import RunFolder
+from ..run.manifest import SlideRecord
+from ..slides import open_slide
+from ..training.ensemble import EnsembleCache
+from . import export_heatmaps, export_paths
 
 DONE_FORMAT_VERSION = 1
 
@@ -71,8 +71,8 @@ class HeatmapRunner:
     def training(self, model_dir: Path) -> dict | None:
         """What the model in `model_dir` was trained on (its first fold's config.json); None when
         there is no readable fold (the slide then fails with that reason)."""
-        from .provenance import model_training_features
-        from .training.checkpoints import fold_dirs, read_fold_meta
+        from ..features.provenance import model_training_features
+        from ..training.checkpoints import fold_dirs, read_fold_meta
 
         model_dir = Path(model_dir)
         if model_dir not in self._training:
@@ -91,7 +91,7 @@ class HeatmapRunner:
 
     def check_inputs(self, records) -> None:
         """Every slide's features against its model, before anything is written (ProvenanceError)."""
-        from .provenance import check_features
+        from ..features.provenance import check_features
 
         check_features("heatmap", self.run, records, lambda r: self.training(self.model_dir_for(r)))
 
@@ -161,7 +161,7 @@ class HeatmapRunner:
 
     def __call__(self, record: SlideRecord, force: bool = False) -> str:
         if record.is_volume:  # NIfTI heatmap on the scan's grid, montage, CAM mask (+ Dice)
-            from .volumes.stages import heatmap_volume
+            from ..volumes.stages import heatmap_volume
 
             return heatmap_volume(self, record, force=force)
         # The exports' file names start with the slide_id (exports.export_paths): checked here once.
@@ -170,7 +170,7 @@ class HeatmapRunner:
         features_path = self.run.features_h5(self.encoder_for(model_dir), slide_id)
         training = self.training(model_dir)
         if training is not None and features_path.is_file():
-            from .provenance import locate_features
+            from ..features.provenance import locate_features
 
             locate_features(self.run, record, training)  # the model's kind of features, of this file
         if not features_path.is_file():
@@ -186,7 +186,7 @@ class HeatmapRunner:
         self.done_path(slide_id).unlink(missing_ok=True)
         self.remove_stale_temps(slide_id)
 
-        from .training.bags import read_bag
+        from ..training.bags import read_bag
 
         # The one bag reader (training/bags.py): checked, features in their stored dtype.
         features, coords, attrs = read_bag(features_path, slide_id)

@@ -49,7 +49,7 @@ def summarise_segmentation(path: Path) -> str:
 def failed_before_training(manifest_path, failures: list[dict]) -> dict[str, list[str]]:
     """{cohort: [slide_id]} of the manifest's slides with a tile or extract failure on record: while
     they are in the manifest, their cohort cannot train (unless --exclude-failed leaves them out)."""
-    from wsi_pipeline.manifest import load_manifest
+    from wsi_pipeline.run.manifest import load_manifest
 
     failed = {r["slide_id"] for r in failures if r.get("stage") in ("tile", "extract")}
     if not failed:
@@ -70,10 +70,10 @@ EARLY_STAGES = ("tile", "extract")
 
 def excluded_failures(records, failures: list[dict]) -> list[str]:
     """The slides of `records` (manifest rows) that --exclude-failed leaves out: a tile or extract
-    failure on record that still applies to the row's file (`run_folder.failure_still_applies`).
+    failure on record that still applies to the row's file (`run.folder.failure_still_applies`).
     A slide whose file was replaced or fixed since is tried again (and its record cleared when it
     passes), never kept out with its old error."""
-    from wsi_pipeline.run_folder import failure_still_applies
+    from wsi_pipeline.run.folder import failure_still_applies
 
     by_id = {r.slide_id: r for r in records}
     return sorted({f["slide_id"] for f in failures

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MAX_NAME_LEN = 128
 # The character class without anchors is also the workflow's wildcard constraint.

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .devices import resolve_device as _resolve_device
-from .encoders import Encoder
-from .errors import SlideError
-from .slides import open_slide
+from ..devices import resolve_device as _resolve_device
+from ..encoders import Encoder
+from ..errors import SlideError
+from ..slides import open_slide
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class PatchDataset(Dataset):
 
     def _open_tiles(self):
         if self._tiles is None or self._tiles_pid != os.getpid():
-            from .slides.tile_reader import TiledLevel
+            from ..slides.tile_reader import TiledLevel
 
             s = self.source
             try:
@@ -197,7 +197,7 @@ def plan_reader(source: PatchSource, level_dimensions, level_downsamples, region
         raise ValueError(f"extract.reader must be one of {READERS}, got {requested!r}")
     if requested == "region":
         return dataclasses.replace(source, reader="region"), region_backend, "extract.reader: region"
-    from .slides.tile_reader import direct_read_problem
+    from ..slides.tile_reader import direct_read_problem
 
     level = source.patch_level
     level_wh = tuple(int(v) for v in level_dimensions[level])

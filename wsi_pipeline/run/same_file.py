@@ -22,7 +22,7 @@ def same_file_problems(rows) -> list[str]:
     two rows of one named patient always fall in the same patient-level fold, so one file under
     both cannot reach training and test and is not a problem. Missing paths are skipped (the
     manifest reports those itself), and so are empty files (no image to duplicate)."""
-    from .slides.identity import file_fingerprint
+    from ..slides.identity import file_fingerprint
 
     by_inode: dict[tuple[int, int], tuple[str, Path]] = {}
     by_size: dict[int, list[tuple[str, Path]]] = {}

@@ -27,10 +27,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .io import atomic_path
-from .sources import COORD_DIMS
-from .slides.identity import SlideIdentity
-from .tiling import TileGrid
+from ..io import atomic_path
+from ..slides.identity import SlideIdentity
+from ..sources import COORD_DIMS
+from .grid import TileGrid
 
 FORMAT_VERSION = 1
 # µm: magnification = NOMINAL_MAGNIFICATION_UM / mpp (0.25 µm/px = 40×, 0.5 µm/px = 20×).

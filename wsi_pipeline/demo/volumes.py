@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_path
-from .explain import write_nifti
+from ..volumes.explain import write_nifti
 
 # Signed axis permutations (rows: world R, A, S; columns: file axes) the cohort cycles through.
 ORIENTATIONS = {

@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .io import atomic_path, write_csv_atomic, write_json_atomic
-from .slides.tiff_writer import build_pyramid, write_aperio_tiff
+from ..io import atomic_path, write_csv_atomic, write_json_atomic
+from ..slides.tiff_writer import build_pyramid, write_aperio_tiff
 
 # Haematoxylin: Ruifrok & Johnston's optical-density vector. Eosin: fitted to the pink of stroma in
 # typical scans (their vector renders magenta without the counterstain background).

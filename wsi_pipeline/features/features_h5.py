@@ -22,9 +22,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .coords_h5 import plain_attr
-from .io import atomic_path
-from .sources import COORD_DIMS
+from ..io import atomic_path
+from ..sources import COORD_DIMS
+from ..tiling.coords_h5 import plain_attr
 
 FORMAT_VERSION = 1
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .io import HOST_TAG, pid_alive
+from ..io import HOST_TAG, pid_alive
 
 log = logging.getLogger("wsi_pipeline")
 

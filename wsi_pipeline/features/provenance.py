@@ -37,7 +37,7 @@ import math
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from .errors import PipelineError, SlideError
+from ..errors import PipelineError, SlideError
 
 FIELDS = ("encoder", "encoder_version", "weights_sha256", "target_mpp", "patch_size_px",
           "target_spacing_mm", "instance_config_hash", "coord_dims", "modality")
@@ -184,13 +184,13 @@ def source_identity(record) -> dict:
     """{"size_bytes", "fingerprint"} of the manifest row's file now (slides/identity.py; a volume's
     NIfTI file or DICOM folder through volumes.stages.volume_identity). Raises SlideError when it
     is gone."""
-    from .slides.identity import file_fingerprint
+    from ..slides.identity import file_fingerprint
 
     path = Path(record.path)
     if not path.exists():
         raise SlideError(record.slide_id, f"file not found: {path}")
     if getattr(record, "is_volume", False):
-        from .volumes.stages import volume_identity
+        from ..volumes.stages import volume_identity
 
         ident = volume_identity(path)
         return {"size_bytes": int(ident.size_bytes), "fingerprint": ident.fingerprint}
@@ -210,7 +210,7 @@ def identity_difference(recorded: Mapping, now: Mapping) -> str:
 def source_mismatch(record, attrs: Mapping, *, path) -> str | None:
     """One line when features (attrs) were made from another file than the manifest row's; None when
     the same, or when the features record no identity (files from before it)."""
-    from .slides.identity import SlideIdentity
+    from ..slides.identity import SlideIdentity
 
     recorded = SlideIdentity.from_attrs(attrs)
     if recorded is None:
